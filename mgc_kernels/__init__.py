@@ -1,0 +1,27 @@
+"""mgc_kernels: fused kernels and losses for multi-grained and dense contrastive SSL."""
+from . import backends, distributed, transforms
+from ._checks import set_value_checks
+from .losses import MGCLoss
+from .ops.correspondence import correspondence
+from .ops.geometric_info_nce import geometric_info_nce
+from .ops.info_nce import info_nce
+from .ops.multigrain_pool import multigrain_pool
+from .ops.region_boxes import region_boxes
+from .ops.sample_pairs import Pairs, sample_pairs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MGCLoss",
+    "Pairs",
+    "backends",
+    "correspondence",
+    "distributed",
+    "geometric_info_nce",
+    "info_nce",
+    "multigrain_pool",
+    "region_boxes",
+    "sample_pairs",
+    "set_value_checks",
+    "transforms",
+]

@@ -1,0 +1,133 @@
+"""Input validation shared by the ops: every message names the argument, what it got and what
+was expected.
+
+Shape, dtype and device checks are free and always run. Checks of tensor *values* (finite boxes,
+target indices in range) need one host sync per op call; they run in eager mode unless switched
+off with ``mgc_kernels.set_value_checks(False)`` or ``MGC_KERNELS_VALUE_CHECKS=0``, and are
+skipped while ``torch.compile`` traces (a traced graph cannot raise on data).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+_value_checks = os.environ.get("MGC_KERNELS_VALUE_CHECKS", "1").strip() not in ("0", "false", "False")
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Turn the data-dependent input checks (one host sync per op call) on or off."""
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
+def value_checks_enabled() -> bool:
+    return _value_checks and not torch.compiler.is_compiling()
+
+
+def describe(x: torch.Tensor) -> str:
+    return f"shape {tuple(x.shape)}, dtype {x.dtype}, device {x.device}"
+
+
+def tensor(name: str, x, *, ndim: int | None = None, dtypes=None, kind: str = "") -> torch.Tensor:
+    """``x`` is a tensor with ``ndim`` dimensions and one of ``dtypes``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions{kind}, got {describe(x)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {describe(x)}")
+    return x
+
+
+def float_tensor(name: str, x, *, ndim: int | None = None, kind: str = "") -> torch.Tensor:
+    return tensor(name, x, ndim=ndim, dtypes=FLOAT_DTYPES, kind=kind)
+
+
+def same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """All given tensors live on one device; returns it."""
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                             "all inputs must be on one device")
+    return first.device
+
+
+def on_device(name: str, x: torch.Tensor, device: torch.device) -> None:
+    if x.device != device:
+        raise ValueError(f"{name} must be on {device} like the other inputs, got {describe(x)}")
+
+
+def dim_size(name: str, x: torch.Tensor, dim: int, expected: int, what: str) -> None:
+    if x.shape[dim] != expected:
+        raise ValueError(f"{name} must have size {expected} in dimension {dim} ({what}), "
+                         f"got {describe(x)}")
+
+
+def positive(name: str, value: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def grid_cell(grid: int, cell: int) -> int:
+    """``cell`` divides ``grid``; returns the number of regions per side, ``grid // cell``."""
+    for name, v in (("grid", grid), ("cell", cell)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if grid % cell:
+        raise ValueError(f"cell must divide grid, got cell={cell} and grid={grid}")
+    return grid // cell
+
+
+def choice(name: str, value, options: tuple) -> None:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
+def boxes(name: str, b, batch: int | None = None) -> torch.Tensor:
+    """Float ``[B, 4]`` (x0, y0, x1, y1) boxes, finite, with x1 > x0 and y1 > y0."""
+    float_tensor(name, b, ndim=2, kind=" ([B, 4] boxes as x0, y0, x1, y1)")
+    dim_size(name, b, 1, 4, "x0, y0, x1, y1")
+    if batch is not None:
+        dim_size(name, b, 0, batch, "the batch size of the first view")
+    return boxes_values(name, b)
+
+
+def boxes_values(name: str, b: torch.Tensor) -> torch.Tensor:
+    """Finite (x0, y0, x1, y1) boxes with positive width and height along the last axis."""
+    if value_checks_enabled() and b.numel():
+        bad = ~(torch.isfinite(b).all(-1) & (b[..., 2] > b[..., 0]) & (b[..., 3] > b[..., 1]))
+        if bad.any():
+            i = tuple(bad.nonzero()[0].tolist())
+            raise ValueError(f"{name} must hold finite (x0, y0, x1, y1) boxes with x1 > x0 and "
+                             f"y1 > y0; {name}[{', '.join(map(str, i))}] is {b[i].tolist()}")
+    return b
+
+
+def flips(name: str, f, batch: int) -> torch.Tensor:
+    tensor(name, f, ndim=1, dtypes=(torch.bool,), kind=" ([B] bool flags)")
+    dim_size(name, f, 0, batch, "the batch size of the boxes")
+    return f
+
+
+def index_range(name: str, idx: torch.Tensor, upper: int, what: str) -> None:
+    """Every entry of ``idx`` lies in ``[0, upper)``."""
+    if value_checks_enabled() and idx.numel():
+        lo, hi = torch.aminmax(idx)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= upper:
+            raise ValueError(f"{name} must index {what} in [0, {upper}), got values in "
+                             f"[{lo}, {hi}]")
+
+
+def nonnegative_finite(name: str, x: torch.Tensor) -> None:
+    if value_checks_enabled() and x.numel():
+        if not bool((torch.isfinite(x) & (x >= 0)).all()):
+            raise ValueError(f"{name} must be finite and >= 0, got {describe(x)} with "
+                             "negative or non-finite entries")

@@ -1,0 +1,95 @@
+"""Which implementation of an op runs: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"native"``.
+
+Every op has a plain-PyTorch reference (``torch``), registered here by ``reference/``; faster
+backends register their kernels the same way. ``auto`` (the default, or ``MGC_KERNELS_BACKEND``)
+picks Triton for CUDA tensors when Triton imports and has the op, else the reference, warning once
+when a CUDA tensor falls back to the slower reference. A backend asked for by name that cannot run
+raises a ``RuntimeError`` that says why.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+from typing import Callable
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "native")
+ENV_VAR = "MGC_KERNELS_BACKEND"
+
+_IMPLS: dict[tuple[str, str], Callable] = {}
+_warned_fallback: set[str] = set()
+
+
+def register(op: str, backend: str) -> Callable[[Callable], Callable]:
+    """Decorator: ``fn`` implements ``op`` for ``backend``."""
+    if backend not in BACKENDS[1:]:
+        raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
+
+    def wrap(fn: Callable) -> Callable:
+        _IMPLS[(op, backend)] = fn
+        return fn
+
+    return wrap
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """The registered function for a resolved (concrete) backend."""
+    return _IMPLS[(op, backend)]
+
+
+@functools.lru_cache(maxsize=None)
+def backend_status(backend: str) -> tuple[bool, str]:
+    """``(loads, why)`` for a concrete backend, independent of any op or device."""
+    if backend == "torch":
+        return True, f"PyTorch {torch.__version__}"
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return False, "triton is not installed (pip install 'mgc_kernels[triton]')"
+        import triton
+
+        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            return False, (f"Triton {triton.__version__} imports but there is no CUDA device; "
+                           "set TRITON_INTERPRET=1 before importing triton to run on CPU")
+        return True, f"Triton {triton.__version__}"
+    if backend == "native":
+        return False, "the native csrc/ extension is not part of this version yet"
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def default_backend() -> str:
+    """The backend used when a call does not name one: ``MGC_KERNELS_BACKEND`` or ``auto``."""
+    name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def resolve(op: str, backend: str | None, device: torch.device) -> str:
+    """The concrete backend that runs ``op`` on ``device`` for the requested ``backend``."""
+    requested = default_backend() if backend is None else backend
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    if requested == "auto":
+        return _auto(op, device)
+    loads, why = backend_status(requested)
+    if not loads:
+        raise RuntimeError(f"{op}: backend {requested!r} is not available: {why}")
+    if (op, requested) not in _IMPLS:
+        raise RuntimeError(f"{op}: backend {requested!r} has no implementation of this op yet; "
+                           f"use backend='torch' or 'auto'")
+    return requested
+
+
+def _auto(op: str, device: torch.device) -> str:
+    if device.type != "cuda":
+        return "torch"
+    if backend_status("triton")[0] and (op, "triton") in _IMPLS:
+        return "triton"
+    if op not in _warned_fallback:
+        _warned_fallback.add(op)
+        warnings.warn(f"{op}: no Triton kernel can run here ({backend_status('triton')[1]}); "
+                      "using the slower torch reference on CUDA", RuntimeWarning, stacklevel=4)
+    return "torch"

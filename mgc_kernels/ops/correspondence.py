@@ -1,0 +1,48 @@
+"""``correspondence``: overlap weights between every region of one view and of the other."""
+from __future__ import annotations
+
+import torch
+
+from .. import _checks, backends
+from ..reference import correspondence as reference
+from .region_boxes import check_view
+
+backends.register("correspondence", "torch")(reference.correspondence)
+
+
+@torch.library.custom_op("mgc_kernels::correspondence", mutates_args=())
+def _correspondence(boxes1: torch.Tensor, flips1: torch.Tensor, boxes2: torch.Tensor,
+                    flips2: torch.Tensor, n: int, metric: str, backend: str) -> torch.Tensor:
+    impl = backends.implementation("correspondence", backend)
+    return impl(boxes1, flips1, boxes2, flips2, n, metric)
+
+
+@_correspondence.register_fake
+def _(boxes1, flips1, boxes2, flips2, n, metric, backend):
+    return boxes1.new_empty(boxes1.shape[0], n * n, n * n)
+
+
+def check_views(boxes1, flips1, boxes2, flips2) -> None:
+    """Two views of the same ``B`` images, all on one device."""
+    check_view(boxes1, flips1, "boxes1", "flips1")
+    check_view(boxes2, flips2, "boxes2", "flips2", batch=boxes1.shape[0])
+    _checks.same_device(boxes1=boxes1, boxes2=boxes2)
+    if boxes2.dtype != boxes1.dtype:
+        raise TypeError(f"boxes2 must have the dtype of boxes1 ({boxes1.dtype}), "
+                        f"got {_checks.describe(boxes2)}")
+
+
+def correspondence(boxes1: torch.Tensor, flips1: torch.Tensor, boxes2: torch.Tensor,
+                   flips2: torch.Tensor, grid: int = 14, cell: int = 1, metric: str = "mgc", *,
+                   backend: str | None = None) -> torch.Tensor:
+    """``[B, n, n]`` weights between region ``i`` of view 1 and region ``j`` of view 2.
+
+    ``n = (grid // cell)**2``; regions are ordered as in :func:`region_boxes` (flip-aware).
+    ``metric`` is ``"mgc"`` (``|a & b| / (|a| + |b|)``, MGC's weight, in [0, 0.5]), ``"iou"`` or
+    ``"ioa"`` (``|a & b| / |a|``, ``a`` the view-1 region); areas are in source pixels.
+    """
+    n = _checks.grid_cell(grid, cell)
+    _checks.choice("metric", metric, reference.METRICS)
+    check_views(boxes1, flips1, boxes2, flips2)
+    backend = backends.resolve("correspondence", backend, boxes1.device)
+    return _correspondence(boxes1, flips1, boxes2, flips2, n, metric, backend)

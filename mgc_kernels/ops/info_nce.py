@@ -1,0 +1,152 @@
+"""``info_nce``: InfoNCE with hard or sparse soft targets, row weights and a queue of negatives."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _checks, backends
+from ..reference import info_nce as reference
+
+backends.register("info_nce", "torch")(reference.info_nce)
+backends.register("info_nce_backward", "torch")(reference.info_nce_backward)
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@torch.library.custom_op("mgc_kernels::info_nce", mutates_args=())
+def _info_nce(q: torch.Tensor, k: torch.Tensor, queue: Optional[torch.Tensor],
+              target_index: torch.Tensor, target_weight: torch.Tensor, temperature: float,
+              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = backends.implementation("info_nce", backend)
+    return impl(q, k, queue, target_index, target_weight, temperature)
+
+
+@_info_nce.register_fake
+def _(q, k, queue, target_index, target_weight, temperature, backend):
+    return (q.new_empty(q.shape[0], dtype=torch.float32),) * 2
+
+
+@torch.library.custom_op("mgc_kernels::info_nce_backward", mutates_args=())
+def _info_nce_backward(grad_row_loss: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                       queue: Optional[torch.Tensor], target_index: torch.Tensor,
+                       target_weight: torch.Tensor, lse: torch.Tensor, temperature: float,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = backends.implementation("info_nce_backward", backend)
+    return impl(grad_row_loss, q, k, queue, target_index, target_weight, lse, temperature)
+
+
+@_info_nce_backward.register_fake
+def _(grad_row_loss, q, k, queue, target_index, target_weight, lse, temperature, backend):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, queue, target_index, target_weight, ctx.temperature, ctx.backend = inputs
+    ctx.save_for_backward(q, k, queue, target_index, target_weight, output[1])
+
+
+def _backward(ctx, grad_row_loss, grad_lse):
+    q, k, queue, target_index, target_weight, lse = ctx.saved_tensors
+    dq, dk = _info_nce_backward(grad_row_loss.contiguous(), q, k, queue, target_index,
+                                target_weight, lse, ctx.temperature, ctx.backend)
+    return dq, dk, None, None, None, None, None
+
+
+_info_nce.register_autograd(_backward, setup_context=_setup_context)
+
+
+def parse_targets(targets, n: int, m: int, device: torch.device):
+    """``(index [N, P] long, weight [N, P] fp32)`` with each row's weights summing to 1 or 0."""
+    if isinstance(targets, torch.Tensor):
+        _checks.tensor("targets", targets, ndim=1, dtypes=(torch.int64, torch.int32),
+                       kind=" ([N] key indices)")
+        _checks.dim_size("targets", targets, 0, n, "one target per row of q")
+        index, weight = targets.long()[:, None], torch.ones(n, 1, device=targets.device)
+    elif isinstance(targets, (tuple, list)) and len(targets) == 2:
+        index, weight = targets
+        _checks.tensor("targets[0]", index, ndim=2, dtypes=(torch.int64, torch.int32),
+                       kind=" ([N, P] key indices)")
+        _checks.float_tensor("targets[1]", weight, ndim=2, kind=" ([N, P] target weights)")
+        if index.shape != weight.shape or index.shape[0] != n:
+            raise ValueError(f"targets index and weight must both be [N={n}, P], got "
+                             f"{tuple(index.shape)} and {tuple(weight.shape)}")
+        _checks.on_device("targets[1]", weight, device)
+        _checks.nonnegative_finite("targets[1]", weight)
+        weight = weight.float()
+        total = weight.sum(1, keepdim=True)
+        index, weight = index.long(), torch.where(total > 0, weight / total, 0.0)
+    else:
+        raise TypeError("targets must be a LongTensor [N] or a tuple (index [N, P], weight [N, P]), "
+                        f"got {type(targets).__name__}")
+    _checks.on_device("targets", index, device)
+    _checks.index_range("targets", index, m, "the rows of k")
+    return index.contiguous(), weight.contiguous()
+
+
+def check_temperature(temperature) -> float:
+    return _checks.positive("temperature", temperature)
+
+
+def reduce_rows(row_loss: torch.Tensor, row_weights: torch.Tensor | None, has_target,
+                reduction: str) -> torch.Tensor:
+    """``mean`` = sum(w * CE) / sum(w) over rows with a target; ``sum``; ``none`` = w * CE."""
+    weights = has_target.float() if row_weights is None else row_weights.float() * has_target
+    weighted = weights * row_loss
+    if reduction == "none":
+        return weighted
+    if reduction == "sum":
+        return weighted.sum()
+    return weighted.sum() / weights.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def check_row_weights(row_weights, n: int, device) -> None:
+    if row_weights is None:
+        return
+    _checks.float_tensor("row_weights", row_weights, ndim=1, kind=" ([N] row weights)")
+    _checks.dim_size("row_weights", row_weights, 0, n, "one weight per row of q")
+    _checks.on_device("row_weights", row_weights, device)
+    _checks.nonnegative_finite("row_weights", row_weights)
+
+
+def check_embeddings(q, k) -> None:
+    _checks.float_tensor("q", q, ndim=2, kind=" ([N, D] queries)")
+    _checks.float_tensor("k", k, ndim=2, kind=" ([M, D] keys)")
+    _checks.dim_size("k", k, 1, q.shape[1], "the feature width D of q")
+    _checks.same_device(q=q, k=k)
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, targets, temperature: float = 0.1,
+             row_weights: torch.Tensor | None = None, queue: torch.Tensor | None = None,
+             normalize: bool = True, *, reduction: str = "mean",
+             backend: str | None = None) -> torch.Tensor:
+    """InfoNCE of queries ``q`` against keys ``k`` (and a ``queue`` of extra negatives).
+
+    Row ``i``'s logits are ``q_i . [k; queue]^T / temperature`` (after L2 normalisation when
+    ``normalize``); its loss ``CE_i`` is the cross-entropy against its target: a key index
+    (``targets`` a LongTensor ``[N]``) or a sparse distribution over keys (``targets`` a tuple
+    ``(index [N, P], weight [N, P])``, weights normalised per row; a row whose weights sum to 0
+    has no target and is left out). The queue only supplies negatives and gets no gradient.
+
+    Returns (fp32) ``sum_i w_i CE_i / sum_i w_i`` for ``reduction="mean"`` (``w`` = ``row_weights``,
+    default 1), the sum for ``"sum"``, and the ``[N]`` values ``w_i CE_i`` for ``"none"``.
+    """
+    check_embeddings(q, k)
+    temperature = check_temperature(temperature)
+    _checks.choice("reduction", reduction, REDUCTIONS)
+    if queue is not None:
+        _checks.float_tensor("queue", queue, ndim=2, kind=" ([Q, D] negative keys)")
+        _checks.dim_size("queue", queue, 1, q.shape[1], "the feature width D of q")
+        _checks.same_device(q=q, queue=queue)
+        queue = queue.detach()
+    index, weight = parse_targets(targets, len(q), len(k), q.device)
+    check_row_weights(row_weights, len(q), q.device)
+    if normalize:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        queue = None if queue is None else F.normalize(queue, dim=-1)
+    backend = backends.resolve("info_nce", backend, q.device)
+    row_loss, _ = _info_nce(q.contiguous(), k.contiguous(),
+                            None if queue is None else queue.contiguous(), index, weight,
+                            temperature, backend)
+    return reduce_rows(row_loss, row_weights, weight.sum(1) > 0, reduction)

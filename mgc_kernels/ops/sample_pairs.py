@@ -1,0 +1,108 @@
+"""``sample_pairs``: the sparse region pairs that MGC contrasts, per image and granularity."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .. import _checks, backends
+from ..reference import sample_pairs as reference
+from .correspondence import check_views
+
+backends.register("sample_pairs", "torch")(reference.sample_pairs)
+
+# The released code's stride rule per cell size (at grid 14): ((row ratio, min, max),
+# (column ratio, min, max)), stride = clip(int(IoU * ratio), min, max). Other cells visit every
+# overlapping region, as the released code does for cell 7.
+OFFICIAL_STRIDES = {1: ((12, 2, 8), (8, 2, 6)), 2: ((8, 2, 4), (4, 1, 3))}
+EVERY_REGION = ((1, 1, 1), (1, 1, 1))
+
+
+class Pairs(NamedTuple):
+    """Sampled region pairs: ``idx1``/``idx2`` ``[B, k]`` long region indices into view 1/2,
+    ``weight`` ``[B, k]`` their ``mgc`` overlap weight; padding is ``(0, 0, 0)``."""
+
+    idx1: torch.Tensor
+    idx2: torch.Tensor
+    weight: torch.Tensor
+
+    def gather(self, regions1: torch.Tensor, regions2: torch.Tensor):
+        """``(regions1[b, idx1[b]], regions2[b, idx2[b]])``: the paired rows of two
+        ``[B, n, C]`` region tensors (e.g. pooled tokens), each ``[B, k, C]``."""
+        return take(regions1, self.idx1, "regions1"), take(regions2, self.idx2, "regions2")
+
+
+def take(regions: torch.Tensor, idx: torch.Tensor, name: str) -> torch.Tensor:
+    _checks.tensor(name, regions, ndim=3, kind=" ([B, n, C] region features)")
+    _checks.dim_size(name, regions, 0, idx.shape[0], "the batch size of the pairs")
+    return regions.gather(1, idx[:, :, None].expand(-1, -1, regions.shape[2]))
+
+
+@torch.library.custom_op("mgc_kernels::sample_pairs", mutates_args=())
+def _sample_pairs(boxes1: torch.Tensor, flips1: torch.Tensor, boxes2: torch.Tensor,
+                  flips2: torch.Tensor, n: int, k: int, method: str, view_size: float,
+                  strides: list[float], backend: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor]:
+    impl = backends.implementation("sample_pairs", backend)
+    rows, cols = (strides[:3], strides[3:])
+    return impl(boxes1, flips1, boxes2, flips2, n, k, method, view_size, rows, cols)
+
+
+@_sample_pairs.register_fake
+def _(boxes1, flips1, boxes2, flips2, n, k, method, view_size, strides, backend):
+    if method == "all":
+        k = torch.library.get_ctx().new_dynamic_size()
+    b = boxes1.shape[0]
+    idx = boxes1.new_empty(b, k, dtype=torch.long)
+    return idx, torch.empty_like(idx), boxes1.new_empty(b, k)
+
+
+def check_strides(strides) -> list[float]:
+    """Flatten a ``((ratio, min, max), (ratio, min, max))`` rule for rows and columns."""
+    try:
+        (rr, rlo, rhi), (cr, clo, chi) = strides
+    except (TypeError, ValueError):
+        raise ValueError("strides must be ((row_ratio, row_min, row_max), (col_ratio, col_min, "
+                         f"col_max)), got {strides!r}") from None
+    for lo, hi in ((rlo, rhi), (clo, chi)):
+        if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+            raise ValueError(f"strides must have integer bounds 1 <= min <= max, got {strides!r}")
+    return [float(v) for v in (rr, rlo, rhi, cr, clo, chi)]
+
+
+def sample_pairs(boxes1: torch.Tensor, flips1: torch.Tensor, boxes2: torch.Tensor,
+                 flips2: torch.Tensor, grid: int = 14, cell: int = 1, k: int = 10,
+                 method: str = "mgc", *, view_size: float = 224.0, strides=None,
+                 backend: str | None = None) -> Pairs:
+    """The ``k`` best region pairs of two views of each image, as MGC samples them.
+
+    ``method="mgc"`` is the released rule: view-1 regions inside the crops' overlap, visited with a
+    row/column stride that grows with the crops' IoU, each paired with every view-2 region it
+    overlaps; the ``k`` pairs with the largest ``|a & b| / (|a| + |b|)`` are kept. ``"topk"``
+    keeps the best ``k`` of all pairs; ``"all"`` keeps every overlapping pair (``k`` becomes the
+    largest count in the batch). Pairs are sorted by weight, ties in the released visiting order;
+    missing pairs are padded with ``(0, 0, 0)``.
+
+    Args:
+        boxes1, flips1, boxes2, flips2: crop boxes ``[B, 4]`` (x0, y0, x1, y1, source pixels) and
+            flips ``[B]`` of the two views.
+        grid, cell: the token grid and the pooling block; regions are indexed as in
+            :func:`region_boxes`.
+        k: pairs per image (ignored for ``"all"``).
+        view_size: the side of a view in pixels; the released rule measures the overlap in view
+            pixels, so only the rounding of boundary cases depends on it.
+        strides: ``((row_ratio, row_min, row_max), (col_ratio, col_min, col_max))`` for ``"mgc"``;
+            default: the released rule for cells 1 and 2, every region for other cells.
+    Returns:
+        :class:`Pairs` ``(idx1, idx2, weight)``, each ``[B, k]``.
+    """
+    n = _checks.grid_cell(grid, cell)
+    _checks.choice("method", method, reference.METHODS)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive int, got {k!r}")
+    _checks.positive("view_size", view_size)
+    rule = check_strides(OFFICIAL_STRIDES.get(cell, EVERY_REGION) if strides is None else strides)
+    check_views(boxes1, flips1, boxes2, flips2)
+    backend = backends.resolve("sample_pairs", backend, boxes1.device)
+    return Pairs(*_sample_pairs(boxes1, flips1, boxes2, flips2, n, k, method, float(view_size),
+                                rule, backend))

@@ -1,0 +1,1 @@
+"""The plain-PyTorch spec of every op: readable, float64-capable, runs on any device."""

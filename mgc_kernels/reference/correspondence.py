@@ -1,0 +1,40 @@
+"""Overlap weights between the regions of two views (the executable spec)."""
+from __future__ import annotations
+
+import torch
+
+from .region_boxes import region_corners
+
+METRICS = ("mgc", "iou", "ioa")
+
+
+def box_metric(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], area_a: torch.Tensor,
+               area_b: torch.Tensor, metric: str) -> torch.Tensor:
+    """``metric`` between boxes ``a`` and ``b`` given as broadcastable (x0, y0, x1, y1) tuples.
+
+    ``mgc`` is ``|a & b| / (|a| + |b|)`` (MGC's weight, 0 .. 0.5; not IoU), ``iou`` the usual
+    intersection over union, ``ioa`` the intersection over the area of ``a``.
+    """
+    w = (torch.minimum(a[2], b[2]) - torch.maximum(a[0], b[0])).clamp_min(0)
+    h = (torch.minimum(a[3], b[3]) - torch.maximum(a[1], b[1])).clamp_min(0)
+    inter = w * h
+    if metric == "mgc":
+        return inter / (area_a + area_b)
+    if metric == "iou":
+        return inter / (area_a + area_b - inter)
+    return inter / area_a.expand_as(inter)
+
+
+def cell_area(boxes: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B]`` float64 area of one of the ``n x n`` regions of each view (all are equal)."""
+    b = boxes.double()
+    return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) / (n * n)
+
+
+def correspondence(boxes1, flips1, boxes2, flips2, n: int, metric: str) -> torch.Tensor:
+    """``[B, n*n, n*n]``: ``metric`` between every region of view 1 and every region of view 2."""
+    r1 = [t.unsqueeze(2) for t in region_corners(boxes1, flips1, n)]
+    r2 = [t.unsqueeze(1) for t in region_corners(boxes2, flips2, n)]
+    a1 = cell_area(boxes1, n)[:, None, None]
+    a2 = cell_area(boxes2, n)[:, None, None]
+    return box_metric(r1, r2, a1, a2, metric).to(boxes1.dtype)
