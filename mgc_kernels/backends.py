@@ -41,22 +41,37 @@ def implementation(op: str, backend: str) -> Callable:
 
 
 @functools.lru_cache(maxsize=None)
+def _triton_version() -> tuple[str | None, str]:
+    """Triton's version, or ``None`` and why it does not import (checked once per process)."""
+    if importlib.util.find_spec("triton") is None:
+        return None, "triton is not installed (pip install 'mgc_kernels[triton]')"
+    try:
+        import triton
+    except Exception as err:  # a broken install must not break the reference backend
+        return None, f"triton is installed but fails to import: {type(err).__name__}: {err}"
+    return triton.__version__, ""
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run on CPU tensors through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def backend_status(backend: str) -> tuple[bool, str]:
     """``(loads, why)`` for a concrete backend, independent of any op or device."""
     if backend == "torch":
         return True, f"PyTorch {torch.__version__}"
     if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return False, "triton is not installed (pip install 'mgc_kernels[triton]')"
-        import triton
-
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            return False, (f"Triton {triton.__version__} imports but there is no CUDA device; "
+        version, why = _triton_version()
+        if version is None:
+            return False, why
+        if not torch.cuda.is_available() and not interpreting():
+            return False, (f"Triton {version} imports but there is no CUDA device; "
                            "set TRITON_INTERPRET=1 before importing triton to run on CPU")
-        return True, f"Triton {triton.__version__}"
+        return True, f"Triton {version}"
     if backend == "native":
         return False, "the native csrc/ extension is not part of this version yet"
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    raise ValueError(f"backend must be one of the concrete backends {BACKENDS[1:]}, got {backend!r}")
 
 
 def default_backend() -> str:
@@ -80,16 +95,21 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
     if (op, requested) not in _IMPLS:
         raise RuntimeError(f"{op}: backend {requested!r} has no implementation of this op yet; "
                            f"use backend='torch' or 'auto'")
+    if requested == "triton" and device.type != "cuda" and not interpreting():
+        raise RuntimeError(f"{op}: backend 'triton' needs CUDA tensors, got tensors on {device} "
+                           "(set TRITON_INTERPRET=1 before importing triton to run on CPU)")
     return requested
 
 
 def _auto(op: str, device: torch.device) -> str:
     if device.type != "cuda":
         return "torch"
-    if backend_status("triton")[0] and (op, "triton") in _IMPLS:
+    loads, why = backend_status("triton")
+    if loads and (op, "triton") in _IMPLS:
         return "triton"
     if op not in _warned_fallback:
         _warned_fallback.add(op)
-        warnings.warn(f"{op}: no Triton kernel can run here ({backend_status('triton')[1]}); "
+        reason = why if not loads else "this op has no Triton kernel yet"
+        warnings.warn(f"{op}: no Triton kernel can run here ({reason}); "
                       "using the slower torch reference on CUDA", RuntimeWarning, stacklevel=4)
     return "torch"

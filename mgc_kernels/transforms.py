@@ -360,6 +360,11 @@ class TwoViewTransform:
 
     def __call__(self, img: Any) -> dict[str, Any]:
         height, width = _image_size(img)
+        if self._pipelines is not None and isinstance(img, Tensor) and img.shape[0] != 3:
+            raise ValueError(
+                f"img must have 3 (RGB) channels for the photometric augmentations, got shape "
+                f"{tuple(img.shape)}; pass photometric=False for other channel counts"
+            )
         box1, box2 = _draw_view_boxes(
             height, width, self.scale, self.ratio, self.min_iou, self.max_tries, self.generator
         )

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -218,8 +219,10 @@ def test_photometric_pipeline_or_clear_import_error():
     # A black image stays black under jitter, grayscale, blur and solarize (0 < threshold), so
     # every view is exactly -mean / std per channel after normalisation.
     expected = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD))[:, None, None].expand(3, 16, 16)
+    from PIL import Image  # installed with torchvision
+
     transform = TwoViewTransform(size=16)
-    for img in (torch.zeros(3, 40, 50, dtype=torch.uint8), torch.zeros(3, 40, 50)):
+    for img in (torch.zeros(3, 40, 50, dtype=torch.uint8), torch.zeros(3, 40, 50), Image.new("RGB", (50, 40))):
         for _ in range(5):
             out = transform(img)
             for view in ("view1", "view2"):
@@ -227,6 +230,17 @@ def test_photometric_pipeline_or_clear_import_error():
                 torch.testing.assert_close(out[view], expected)
     noisy = transform(torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8))
     assert noisy["view1"].shape == (3, 16, 16) and torch.isfinite(noisy["view2"]).all()
+    with pytest.raises(ValueError, match="3 .RGB. channels"):
+        transform(torch.zeros(1, 40, 50))
+    # Geometry on PIL images matches the tensor path pixel for pixel.
+    pixels = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
+    pil_out, tensor_out = (
+        TwoViewTransform(size=16, photometric=False, generator=seeded(5))(img)
+        for img in (Image.fromarray(pixels.permute(1, 2, 0).numpy()), pixels)
+    )
+    assert torch.equal(pil_out["box2"], tensor_out["box2"]) and pil_out["flip2"] == tensor_out["flip2"]
+    pil_view = torch.from_numpy(np.asarray(pil_out["view2"]).copy()).permute(2, 0, 1).int()
+    assert (pil_view - tensor_out["view2"].int()).abs().max() <= 1
 
 
 def test_missing_torchvision_gives_clear_import_error(monkeypatch):

@@ -1,0 +1,130 @@
+"""Environment report: ``python -m mgc_kernels.env``.
+
+Prints versions, CUDA devices, which backends load (and why not) and which backend ``auto`` picks
+for each op on CPU and CUDA tensors. Paste its output into bug reports. It never raises: anything
+that goes wrong while probing is reported in place of the value.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import sys
+import warnings
+from typing import Callable
+
+import torch
+
+import mgc_kernels
+from mgc_kernels import backends
+
+
+def _try(fn: Callable[[], str]) -> str:
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - a report must never crash
+        return f"error: {type(e).__name__}: {e}"
+
+
+def _try_rows(fn: Callable[[], list[tuple[str, str]]]) -> list[tuple[str, str]]:
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        return [("error", f"{type(e).__name__}: {e}")]
+
+
+def _table(rows: list[tuple[str, str]], indent: str = "") -> list[str]:
+    width = max((len(k) for k, _ in rows), default=0)
+    return [f"{indent}{k:<{width}}  {v}" for k, v in rows]
+
+
+def _cuda_build() -> str:
+    return torch.version.cuda or ("hip " + torch.version.hip if torch.version.hip else "cpu build")
+
+
+def _triton_version() -> str:
+    if importlib.util.find_spec("triton") is None:
+        return "not installed"
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return "installed (version unknown)"
+
+
+def _devices() -> list[tuple[str, str]]:
+    rows = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        rows.append((f"  cuda:{i}", f"{p.name}, sm_{p.major}{p.minor}, "
+                                    f"{p.total_memory / 2**30:.1f} GiB"))
+    return rows
+
+
+def _default_backend() -> str:
+    source = f"from {backends.ENV_VAR}" if os.environ.get(backends.ENV_VAR) else "default"
+    try:
+        name = backends.default_backend()
+    except ValueError as e:
+        return f"INVALID {backends.ENV_VAR}={os.environ.get(backends.ENV_VAR)!r}: {e}"
+    if name != "auto" and not backends.backend_status(name)[0]:
+        return f"{name} ({source}); calls without backend= will raise: not available"
+    return f"{name} ({source})"
+
+
+def _backend_status(name: str) -> str:
+    loads, why = backends.backend_status(name)
+    return f"{'yes' if loads else 'no '}  {why}"
+
+
+def _auto_picks() -> list[tuple[str, str]]:
+    # Backward ops run on the backend their forward op resolved to, so only forward ops are shown.
+    ops = sorted({op for op, _ in backends._IMPLS if not op.endswith("_backward")})
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    rows = [("op", "cpu     cuda")]
+    for op in ops:
+        picks = [_try(lambda d=d: backends.resolve(op, "auto", d)) for d in (cpu, cuda)]
+        rows.append((op, f"{picks[0]:<7} {picks[1]}"))
+    return rows
+
+
+def report() -> str:
+    """The environment report as text."""
+    cuda_ok = _try(lambda: str(torch.cuda.is_available()))
+    rows = [
+        ("mgc_kernels", _try(lambda: mgc_kernels.__version__)),
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("platform", _try(platform.platform)),
+        ("torch", f"{torch.__version__} (CUDA: {_try(_cuda_build)})"),
+        ("cuda available", cuda_ok),
+    ]
+    if cuda_ok == "True":
+        rows += _try_rows(_devices)
+    rows += [
+        ("triton", _try(_triton_version)),
+        ("default backend", _try(_default_backend)),
+    ]
+    lines = _table(rows)
+    lines.append("backends (loads, why):")
+    lines += _table([(b, _try(lambda b=b: _backend_status(b))) for b in backends.BACKENDS[1:]],
+                    "  ")
+    lines.append("auto picks:")
+    # resolve() warns once per op when CUDA falls back to torch; keep the report silent and leave
+    # those one-time warnings for the caller's real calls.
+    seen = set(backends._warned_fallback)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lines += _table(_try_rows(_auto_picks), "  ")
+    finally:
+        backends._warned_fallback.clear()
+        backends._warned_fallback.update(seen)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Tests of mgc_kernels.backends (backend choice, errors, the CUDA fallback warning) and of the
+``python -m mgc_kernels.env`` report."""
+
+import importlib.util
+import itertools
+import os
+import re
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import mgc_kernels as mk
+from mgc_kernels import backends, env
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
+CONCRETE = ("torch", "triton", "native")
+_fresh = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def no_backend_env(monkeypatch):
+    """Every test starts from the default backend, whatever the caller's shell sets."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+
+
+def fresh_op():
+    return f"test_backends_op_{next(_fresh)}"
+
+
+def views(b=2):
+    boxes = torch.tensor([[0.0, 0.0, 100.0, 100.0], [10.0, 20.0, 90.0, 120.0]])[:b]
+    flips = torch.tensor([False, True])[:b]
+    return boxes, flips, boxes.flip(0).contiguous(), flips.flip(0).contiguous()
+
+
+def embeddings(n=4, d=8):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, d, generator=g), torch.randn(n, d, generator=g), torch.arange(n)
+
+
+# ---------------------------------------------------------------- resolve on CPU
+
+
+@pytest.mark.parametrize("op", ["correspondence", "info_nce", "multigrain_pool", "region_boxes",
+                                "sample_pairs", "geometric_info_nce"])
+def test_auto_picks_torch_on_cpu(op):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning for CPU tensors
+        assert backends.resolve(op, "auto", CPU) == "torch"
+        assert backends.resolve(op, None, CPU) == "torch"
+
+
+def test_explicit_torch_runs():
+    assert backends.resolve("info_nce", "torch", CPU) == "torch"
+    q, k, t = embeddings()
+    loss = mk.info_nce(q, k, t, backend="torch")
+    assert torch.equal(loss, mk.info_nce(q, k, t))
+    w = mk.correspondence(*views(), grid=4, backend="torch")
+    assert w.shape == (2, 16, 16)
+
+
+def test_explicit_torch_without_implementation_says_so():
+    op = fresh_op()
+    with pytest.raises(RuntimeError, match=f"{op}.*no implementation"):
+        backends.resolve(op, "torch", CPU)
+
+
+def test_explicit_triton_raises_when_it_cannot_load():
+    loads, why = backends.backend_status("triton")
+    if loads:
+        pytest.skip("triton loads here")
+    if importlib.util.find_spec("triton") is None:
+        assert "triton is not installed" in why
+    with pytest.raises(RuntimeError, match=f"info_nce.*'triton'.*{re.escape(why)}"):
+        backends.resolve("info_nce", "triton", CPU)
+    q, k, t = embeddings()
+    with pytest.raises(RuntimeError, match=f"info_nce.*{re.escape(why)}"):
+        mk.info_nce(q, k, t, backend="triton")
+    with pytest.raises(RuntimeError, match=f"correspondence.*{re.escape(why)}"):
+        mk.correspondence(*views(), grid=4, backend="triton")
+
+
+def test_explicit_native_raises_not_part_of_this_version():
+    with pytest.raises(RuntimeError, match="correspondence.*'native'.*not part of this version"):
+        mk.correspondence(*views(), grid=4, backend="native")
+    q, k, t = embeddings()
+    with pytest.raises(RuntimeError, match="info_nce.*not part of this version"):
+        mk.info_nce(q, k, t, backend="native")
+
+
+def _names_valid(message):
+    return all(repr(b) in message for b in backends.BACKENDS)
+
+
+@pytest.mark.parametrize("call", [
+    lambda: mk.correspondence(*views(), grid=4, backend="cuda"),
+    lambda: mk.info_nce(*embeddings(), backend="bogus"),
+    lambda: mk.region_boxes(*views()[:2], grid=4, backend="gpu"),
+    lambda: backends.resolve("info_nce", "", CPU),
+], ids=["correspondence-cuda", "info_nce-bogus", "region_boxes-gpu", "resolve-empty"])
+def test_unknown_backend_per_call(call):
+    with pytest.raises(ValueError, match="backend must be one of") as e:
+        call()
+    assert _names_valid(str(e.value))
+
+
+@pytest.mark.parametrize("value", ["bogus", "cuda"])
+def test_unknown_backend_from_env(monkeypatch, value):
+    monkeypatch.setenv(backends.ENV_VAR, value)
+    with pytest.raises(ValueError, match=f"{backends.ENV_VAR}.*{value}") as e:
+        mk.info_nce(*embeddings())
+    assert _names_valid(str(e.value))
+    with pytest.raises(ValueError, match=backends.ENV_VAR):
+        mk.correspondence(*views(), grid=4)
+    # an explicit per-call backend does not read the environment
+    assert backends.resolve("info_nce", "torch", CPU) == "torch"
+
+
+def test_env_backend_is_honoured(monkeypatch):
+    monkeypatch.setenv(backends.ENV_VAR, "torch")
+    assert backends.default_backend() == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # explicit torch on CUDA: no fallback warning
+        assert backends.resolve("info_nce", None, CUDA) == "torch"
+    q, k, t = embeddings()
+    assert torch.equal(mk.info_nce(q, k, t), mk.info_nce(q, k, t, backend="torch"))
+
+    monkeypatch.setenv(backends.ENV_VAR, " Native ")  # trimmed, case-insensitive
+    assert backends.default_backend() == "native"
+    with pytest.raises(RuntimeError, match="info_nce.*not part of this version"):
+        mk.info_nce(q, k, t)
+    assert mk.info_nce(q, k, t, backend="auto").isfinite()  # per call overrides the env
+
+    monkeypatch.setenv(backends.ENV_VAR, "")
+    assert backends.default_backend() == "auto"
+
+
+@pytest.mark.parametrize("name", ["auto", "cuda", "bogus", "TORCH"])
+def test_register_rejects_unknown_backend(name):
+    op = fresh_op()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backends.register(op, name)
+    assert not any(key[0] == op for key in backends._IMPLS)
+
+
+def test_backend_status():
+    assert backends.backend_status("torch") == (True, f"PyTorch {torch.__version__}")
+    assert backends.backend_status("native")[0] is False
+    loads, why = backends.backend_status("triton")
+    if importlib.util.find_spec("triton") is None:
+        assert not loads and "not installed" in why
+    with pytest.raises(ValueError):
+        backends.backend_status("bogus")
+
+
+# ---------------------------------------------------------------- CUDA fallback without a GPU
+
+
+def test_cuda_fallback_warns_once(monkeypatch):
+    monkeypatch.setattr(backends, "_warned_fallback", set())
+    op = fresh_op()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert backends._auto(op, CUDA) == "torch"
+        assert backends._auto(op, CUDA) == "torch"
+    fallback = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(fallback) == 1, [str(w.message) for w in caught]
+    assert op in str(fallback[0].message) and "torch reference" in str(fallback[0].message)
+
+    other = fresh_op()  # the warning is once per op, not once per process
+    with pytest.warns(RuntimeWarning, match=other):
+        assert backends._auto(other, CUDA) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends._auto(other, CPU) == "torch"
+
+
+def test_cuda_fallback_through_resolve(monkeypatch):
+    monkeypatch.setattr(backends, "_warned_fallback", set())
+    with pytest.warns(RuntimeWarning, match="info_nce"):
+        assert backends.resolve("info_nce", "auto", CUDA) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.resolve("info_nce", None, CUDA) == "torch"
+
+
+# ---------------------------------------------------------------- python -m mgc_kernels.env
+
+
+def test_report_in_process_is_silent_and_keeps_fallback_warnings(monkeypatch):
+    monkeypatch.setattr(backends, "_warned_fallback", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text = env.report()
+    assert backends._warned_fallback == set()  # the user's first CUDA call still warns
+    for op in ("info_nce", "correspondence", "multigrain_pool"):
+        assert op in text
+    assert "info_nce_backward" not in text
+    monkeypatch.setenv(backends.ENV_VAR, "bogus")
+    assert "bogus" in env.report()
+
+
+def run_env(**extra):
+    proc_env = {k: v for k, v in os.environ.items() if k != backends.ENV_VAR}
+    proc_env.update(extra)
+    return subprocess.run([sys.executable, "-m", "mgc_kernels.env"], capture_output=True,
+                          text=True, env=proc_env, timeout=120)
+
+
+def test_env_module_runs():
+    proc = run_env()
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert torch.__version__ in out and mk.__version__ in out
+    assert "triton" in out and "auto" in out
+    for name in CONCRETE:
+        assert name in out
+    assert backends.backend_status("native")[1] in out
+    assert backends.backend_status("triton")[1] in out
+    assert "Traceback" not in proc.stderr
+
+
+def test_env_module_reports_bad_env_var():
+    proc = run_env(**{backends.ENV_VAR: "bogus"})
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("default backend"))
+    assert "bogus" in line and backends.ENV_VAR in line and "must be one of" in line
