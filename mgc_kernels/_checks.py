@@ -63,6 +63,11 @@ def on_device(name: str, x: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} must be on {device} like the other inputs, got {describe(x)}")
 
 
+def same_dtype(name: str, x: torch.Tensor, dtype: torch.dtype) -> None:
+    if x.dtype != dtype:
+        raise TypeError(f"{name} must have the dtype of q ({dtype}), got {describe(x)}")
+
+
 def dim_size(name: str, x: torch.Tensor, dim: int, expected: int, what: str) -> None:
     if x.shape[dim] != expected:
         raise ValueError(f"{name} must have size {expected} in dimension {dim} ({what}), "

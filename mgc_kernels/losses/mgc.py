@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .. import _checks, distributed
+from .._dtypes import accumulate
 from ..ops.correspondence import correspondence
 from ..ops.geometric_info_nce import geometric_info_nce
 from ..ops.info_nce import info_nce
@@ -15,7 +16,7 @@ from ..ops.sample_pairs import Pairs, sample_pairs
 from ..reference.correspondence import METRICS
 from ..reference.sample_pairs import METHODS
 
-TINY = torch.finfo(torch.float32).tiny
+TINY = torch.finfo(torch.float32).tiny  # a sum of weights below this is no weight at all
 
 
 class MGCLoss(nn.Module):
@@ -125,8 +126,8 @@ class MGCLoss(nn.Module):
         shape = tuple(pairs.weight.shape)
         for name, x in (("q1", q1), ("q2", q2), ("k1", k1), ("k2", k2)):
             _check_rows(f"{name}[{i}]", x, shape, f"[B, K] = {shape} like pairs[{i}]")
-        w = pairs.weight.reshape(-1).float()
-        row_weights = w if self.weighting == "overlap" else (w > 0).float()
+        w = pairs.weight.reshape(-1).to(accumulate(q1.dtype))
+        row_weights = w if self.weighting == "overlap" else (w > 0).to(w.dtype)
         return (self._contrast(q1, k2, row_weights) + self._contrast(q2, k1, row_weights))
 
     def _contrast(self, q: torch.Tensor, k: torch.Tensor, row_weights: torch.Tensor):
@@ -148,10 +149,11 @@ class MGCLoss(nn.Module):
         r2 = region_boxes(boxes2, flips2, self.grid, c, backend=self.backend).reshape(-1, 4)
         offset = distributed.rank() * len(boxes1) if self.gather_distributed else 0
         image = torch.arange(len(boxes1), device=boxes1.device).repeat_interleave(regions) + offset
+        acc = accumulate(q1.dtype)
         rho12 = correspondence(boxes1, flips1, boxes2, flips2, self.grid, c, self.metric,
-                               backend=self.backend).float().sum()
+                               backend=self.backend).to(acc).sum()
         rho21 = correspondence(boxes2, flips2, boxes1, flips1, self.grid, c, self.metric,
-                               backend=self.backend).float().sum()
+                               backend=self.backend).to(acc).sum()
         return (self._dense_contrast(q1, k2, r1, r2, image, rho12)
                 + self._dense_contrast(q2, k1, r2, r1, image, rho21))
 
@@ -169,7 +171,7 @@ class MGCLoss(nn.Module):
         """``total / sum of weights`` over the whole gathered batch (see the class docstring)."""
         if not self.gather_distributed:
             return total / weight_sum.clamp_min(TINY)
-        global_sum = distributed.all_reduce_sum(weight_sum.float())
+        global_sum = distributed.all_reduce_sum(weight_sum)
         return distributed.world_size() * total / global_sum.clamp_min(TINY)
 
 

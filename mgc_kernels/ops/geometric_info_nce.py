@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks, backends
+from .._dtypes import accumulate
 from ..reference import correspondence as geometry
 from ..reference import geometric_info_nce as reference
 from .info_nce import REDUCTIONS, check_embeddings, check_temperature, reduce_rows
@@ -24,7 +25,7 @@ def _geometric_info_nce(q: torch.Tensor, k: torch.Tensor, q_regions: torch.Tenso
 
 @_geometric_info_nce.register_fake
 def _(q, k, q_regions, k_regions, q_image, k_image, temperature, metric, backend):
-    return (q.new_empty(q.shape[0], dtype=torch.float32),) * 3
+    return tuple(q.new_empty(q.shape[0], dtype=accumulate(q.dtype)) for _ in range(3))
 
 
 @torch.library.custom_op("mgc_kernels::geometric_info_nce_backward", mutates_args=())

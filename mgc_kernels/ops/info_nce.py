@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks, backends
+from .._dtypes import accumulate
 from ..reference import info_nce as reference
 
 backends.register("info_nce", "torch")(reference.info_nce)
@@ -25,7 +26,7 @@ def _info_nce(q: torch.Tensor, k: torch.Tensor, queue: Optional[torch.Tensor],
 
 @_info_nce.register_fake
 def _(q, k, queue, target_index, target_weight, temperature, backend):
-    return (q.new_empty(q.shape[0], dtype=torch.float32),) * 2
+    return tuple(q.new_empty(q.shape[0], dtype=accumulate(q.dtype)) for _ in range(2))
 
 
 @torch.library.custom_op("mgc_kernels::info_nce_backward", mutates_args=())
@@ -57,13 +58,13 @@ def _backward(ctx, grad_row_loss, grad_lse):
 _info_nce.register_autograd(_backward, setup_context=_setup_context)
 
 
-def parse_targets(targets, n: int, m: int, device: torch.device):
-    """``(index [N, P] long, weight [N, P] fp32)`` with each row's weights summing to 1 or 0."""
+def parse_targets(targets, n: int, m: int, device: torch.device, dtype: torch.dtype):
+    """``(index [N, P] long, weight [N, P] dtype)`` with each row's weights summing to 1 or 0."""
     if isinstance(targets, torch.Tensor):
         _checks.tensor("targets", targets, ndim=1, dtypes=(torch.int64, torch.int32),
                        kind=" ([N] key indices)")
         _checks.dim_size("targets", targets, 0, n, "one target per row of q")
-        index, weight = targets.long()[:, None], torch.ones(n, 1, device=targets.device)
+        index, weight = targets.long()[:, None], torch.ones(n, 1, device=targets.device, dtype=dtype)
     elif isinstance(targets, (tuple, list)) and len(targets) == 2:
         index, weight = targets
         _checks.tensor("targets[0]", index, ndim=2, dtypes=(torch.int64, torch.int32),
@@ -74,7 +75,7 @@ def parse_targets(targets, n: int, m: int, device: torch.device):
                              f"{tuple(index.shape)} and {tuple(weight.shape)}")
         _checks.on_device("targets[1]", weight, device)
         _checks.nonnegative_finite("targets[1]", weight)
-        weight = weight.float()
+        weight = weight.to(dtype)
         total = weight.sum(1, keepdim=True)
         index, weight = index.long(), torch.where(total > 0, weight / total, 0.0)
     else:
@@ -92,13 +93,15 @@ def check_temperature(temperature) -> float:
 def reduce_rows(row_loss: torch.Tensor, row_weights: torch.Tensor | None, has_target,
                 reduction: str) -> torch.Tensor:
     """``mean`` = sum(w * CE) / sum(w) over rows with a target; ``sum``; ``none`` = w * CE."""
-    weights = has_target.float() if row_weights is None else row_weights.float() * has_target
+    weights = has_target.to(row_loss.dtype)
+    if row_weights is not None:
+        weights = weights * row_weights.to(row_loss.dtype)
     weighted = weights * row_loss
     if reduction == "none":
         return weighted
     if reduction == "sum":
         return weighted.sum()
-    return weighted.sum() / weights.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    return weighted.sum() / weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)
 
 
 def check_row_weights(row_weights, n: int, device) -> None:
@@ -114,6 +117,7 @@ def check_embeddings(q, k) -> None:
     _checks.float_tensor("q", q, ndim=2, kind=" ([N, D] queries)")
     _checks.float_tensor("k", k, ndim=2, kind=" ([M, D] keys)")
     _checks.dim_size("k", k, 1, q.shape[1], "the feature width D of q")
+    _checks.same_dtype("k", k, q.dtype)
     _checks.same_device(q=q, k=k)
 
 
@@ -138,9 +142,10 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, targets, temperature: float = 0.1
     if queue is not None:
         _checks.float_tensor("queue", queue, ndim=2, kind=" ([Q, D] negative keys)")
         _checks.dim_size("queue", queue, 1, q.shape[1], "the feature width D of q")
+        _checks.same_dtype("queue", queue, q.dtype)
         _checks.same_device(q=q, queue=queue)
         queue = queue.detach()
-    index, weight = parse_targets(targets, len(q), len(k), q.device)
+    index, weight = parse_targets(targets, len(q), len(k), q.device, accumulate(q.dtype))
     check_row_weights(row_weights, len(q), q.device)
     if normalize:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .._dtypes import accumulate
+
 from .correspondence import box_metric
 
 CHUNK_ELEMENTS = 1 << 24
@@ -24,51 +26,55 @@ def area(boxes: torch.Tensor) -> torch.Tensor:
     return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
 
 
-def geometric_targets(q_regions, k_regions, q_image, k_image, metric: str, rows: slice):
-    """``[rows, M]`` fp32 overlap weights ``w`` of the chunk's query rows against every key."""
+def geometric_targets(q_regions, k_regions, q_image, k_image, metric: str, rows: slice,
+                      dtype: torch.dtype):
+    """``[rows, M]`` overlap weights ``w`` of the chunk's query rows against every key."""
     qr, kr = q_regions[rows].double(), k_regions.double()
     a = [qr[:, i, None] for i in range(4)]
     b = [kr[None, :, i] for i in range(4)]
     w = box_metric(a, b, area(qr)[:, None], area(kr)[None, :], metric)
-    return (w * (q_image[rows, None] == k_image[None, :])).float()
+    return (w * (q_image[rows, None] == k_image[None, :])).to(dtype)
 
 
 def chunk_logits(q, k, temperature: float, rows: slice) -> torch.Tensor:
-    return q[rows].float() @ k.float().T / temperature
+    acc = accumulate(q.dtype)
+    return q[rows].to(acc) @ k.to(acc).T / temperature
 
 
 def chunk_softmax_minus_target(q, k, w, lse_rows, temperature, rows):
     """``(softmax - target)`` of a chunk's rows (zero for rows without any overlap)."""
     logits = chunk_logits(q, k, temperature, rows)
     rho = w.sum(1, keepdim=True)
-    has_target = (rho > 0).float()
+    has_target = (rho > 0).to(rho.dtype)
     return torch.exp(logits - lse_rows[:, None]) * has_target - w / rho.clamp_min(1e-30)
 
 
 def geometric_info_nce(q, k, q_regions, k_regions, q_image, k_image, temperature: float,
                        metric: str):
-    """``(row_loss, lse, rho)``, fp32 ``[N]`` each; ``row_loss`` is 0 where ``rho`` is 0."""
-    n = len(q)
-    row_loss, lse, rho = (torch.zeros(n, device=q.device) for _ in range(3))
+    """``(row_loss, lse, rho)``, ``[N]`` each in the accumulation dtype; ``row_loss`` is 0 where
+    ``rho`` is 0."""
+    n, acc = len(q), accumulate(q.dtype)
+    row_loss, lse, rho = (torch.zeros(n, device=q.device, dtype=acc) for _ in range(3))
     for rows in row_chunks(n, len(k)):
-        w = geometric_targets(q_regions, k_regions, q_image, k_image, metric, rows)
+        w = geometric_targets(q_regions, k_regions, q_image, k_image, metric, rows, acc)
         logits = chunk_logits(q, k, temperature, rows)
         lse[rows] = torch.logsumexp(logits, dim=1)
         rho[rows] = w.sum(1)
         t = w / rho[rows].clamp_min(1e-30)[:, None]
-        row_loss[rows] = (rho[rows] > 0).float() * lse[rows] - (t * logits).sum(1)
+        row_loss[rows] = (rho[rows] > 0).to(acc) * lse[rows] - (t * logits).sum(1)
     return row_loss, lse, rho
 
 
 def geometric_info_nce_backward(grad_row_loss, q, k, q_regions, k_regions, q_image, k_image,
                                 lse, temperature: float, metric: str):
     """``(dq, dk)`` in the dtypes of ``q`` and ``k``, recomputing each chunk's logits."""
-    dq = torch.empty(q.shape, device=q.device, dtype=torch.float32)
-    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+    acc = accumulate(q.dtype)
+    dq = torch.empty(q.shape, device=q.device, dtype=acc)
+    dk = torch.zeros(k.shape, device=k.device, dtype=acc)
     for rows in row_chunks(len(q), len(k)):
-        w = geometric_targets(q_regions, k_regions, q_image, k_image, metric, rows)
+        w = geometric_targets(q_regions, k_regions, q_image, k_image, metric, rows, acc)
         g = chunk_softmax_minus_target(q, k, w, lse[rows], temperature, rows)
         g = g * grad_row_loss[rows, None] / temperature
-        dq[rows] = g @ k.float()
-        dk += g.T @ q[rows].float()
+        dq[rows] = g @ k.to(acc)
+        dk += g.T @ q[rows].to(acc)
     return dq.to(q.dtype), dk.to(k.dtype)

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import torch
 
+from .._dtypes import accumulate
+
 
 def all_keys(k: torch.Tensor, queue: torch.Tensor | None) -> torch.Tensor:
     return k if queue is None else torch.cat([k, queue.to(k.dtype)])
 
 
 def info_nce(q, k, queue, target_index, target_weight, temperature: float):
-    """``(row_loss, lse)``, both fp32 ``[N]``."""
-    logits = q.float() @ all_keys(k, queue).float().T / temperature
+    """``(row_loss, lse)``, both ``[N]`` in the accumulation dtype (fp32, or fp64 for fp64)."""
+    acc = accumulate(q.dtype)
+    logits = q.to(acc) @ all_keys(k, queue).to(acc).T / temperature
     lse = torch.logsumexp(logits, dim=1)
     picked = logits.gather(1, target_index)
+    target_weight = target_weight.to(acc)
     row_loss = target_weight.sum(1) * lse - (target_weight * picked).sum(1)
     return row_loss, lse
 
@@ -27,10 +31,12 @@ def info_nce(q, k, queue, target_index, target_weight, temperature: float):
 def info_nce_backward(grad_row_loss, q, k, queue, target_index, target_weight, lse,
                       temperature: float):
     """``(dq, dk)`` in the dtypes of ``q`` and ``k``; the queue gets no gradient."""
-    keys = all_keys(k, queue).float()
-    logits = q.float() @ keys.T / temperature
+    acc = accumulate(q.dtype)
+    keys = all_keys(k, queue).to(acc)
+    logits = q.to(acc) @ keys.T / temperature
+    target_weight = target_weight.to(acc)
     g = torch.exp(logits - lse[:, None]) * (grad_row_loss * target_weight.sum(1))[:, None]
     g = g.scatter_add(1, target_index, -target_weight * grad_row_loss[:, None]) / temperature
     dq = g @ keys
-    dk = g[:, : len(k)].T @ q.float()
+    dk = g[:, : len(k)].T @ q.to(acc)
     return dq.to(q.dtype), dk.to(k.dtype)
