@@ -95,13 +95,13 @@ def choice(name: str, value, options: tuple) -> None:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
 
 
-def boxes(name: str, b, batch: int | None = None) -> torch.Tensor:
-    """Float ``[B, 4]`` (x0, y0, x1, y1) boxes, finite, with x1 > x0 and y1 > y0."""
+def boxes_shape(name: str, b, batch: int | None = None) -> torch.Tensor:
+    """Float ``[B, 4]`` (x0, y0, x1, y1) boxes; their values are checked by ``boxes_values``."""
     float_tensor(name, b, ndim=2, kind=" ([B, 4] boxes as x0, y0, x1, y1)")
     dim_size(name, b, 1, 4, "x0, y0, x1, y1")
     if batch is not None:
         dim_size(name, b, 0, batch, "the batch size of the first view")
-    return boxes_values(name, b)
+    return b
 
 
 def boxes_values(name: str, b: torch.Tensor) -> torch.Tensor:

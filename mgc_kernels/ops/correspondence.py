@@ -25,8 +25,7 @@ def _(boxes1, flips1, boxes2, flips2, n, metric, backend):
 def check_views(boxes1, flips1, boxes2, flips2) -> None:
     """Two views of the same ``B`` images, all on one device."""
     check_view(boxes1, flips1, "boxes1", "flips1")
-    check_view(boxes2, flips2, "boxes2", "flips2", batch=boxes1.shape[0])
-    _checks.same_device(boxes1=boxes1, boxes2=boxes2)
+    check_view(boxes2, flips2, "boxes2", "flips2", batch=boxes1.shape[0], device=boxes1.device)
     if boxes2.dtype != boxes1.dtype:
         raise TypeError(f"boxes2 must have the dtype of boxes1 ({boxes1.dtype}), "
                         f"got {_checks.describe(boxes2)}")

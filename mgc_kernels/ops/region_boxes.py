@@ -20,11 +20,14 @@ def _(boxes, flips, n, backend):
 
 
 def check_view(boxes, flips, boxes_name: str = "boxes", flips_name: str = "flips",
-               batch: int | None = None) -> None:
-    """One view's ``[B, 4]`` boxes and ``[B]`` flips, on one device."""
-    _checks.boxes(boxes_name, boxes, batch)
+               batch: int | None = None, device: torch.device | None = None) -> None:
+    """One view's ``[B, 4]`` boxes and ``[B]`` flips, on one device (``device`` if given)."""
+    _checks.boxes_shape(boxes_name, boxes, batch)
     _checks.flips(flips_name, flips, boxes.shape[0])
-    _checks.same_device(**{boxes_name: boxes, flips_name: flips})
+    device = boxes.device if device is None else device
+    _checks.on_device(boxes_name, boxes, device)
+    _checks.on_device(flips_name, flips, device)
+    _checks.boxes_values(boxes_name, boxes)
 
 
 def region_boxes(boxes: torch.Tensor, flips: torch.Tensor, grid: int = 14, cell: int = 1, *,
