@@ -35,6 +35,11 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     return wrap
 
 
+def registered_ops() -> list[str]:
+    """Names of the public ops (backward ops run where their forward op was resolved)."""
+    return sorted({op for op, _ in _IMPLS if not op.endswith("_backward")})
+
+
 def implementation(op: str, backend: str) -> Callable:
     """The registered function for a resolved (concrete) backend."""
     return _IMPLS[(op, backend)]

@@ -78,8 +78,7 @@ def _backend_status(name: str) -> str:
 
 
 def _auto_picks() -> list[tuple[str, str]]:
-    # Backward ops run on the backend their forward op resolved to, so only forward ops are shown.
-    ops = sorted({op for op, _ in backends._IMPLS if not op.endswith("_backward")})
+    ops = backends.registered_ops()
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     rows = [("op", "cpu     cuda")]
     for op in ops:

@@ -14,22 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mgc_kernels as mk
+
+try:
+    from ._helpers import FP32_TOL, FP64_TOL, assert_compile_matches_eager, l2n, leaf, rand
+except ImportError:
+    from _helpers import FP32_TOL, FP64_TOL, assert_compile_matches_eager, l2n, leaf, rand
 import mgc_kernels.reference.geometric_info_nce as geometric_reference
 
-FP32_TOL = dict(rtol=1e-5, atol=1e-5)  # fp32 accumulation vs fp64-exact
-FP64_TOL = dict(rtol=1e-9, atol=1e-10)  # fp64 inputs are computed in fp64 (gradcheck-able)
 METRICS = ["mgc", "iou", "ioa"]
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def l2n(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True)
-
-
-def leaf(x: torch.Tensor, dtype=None) -> torch.Tensor:
-    return x.detach().to(dtype or x.dtype).clone().requires_grad_(True)
 
 
 def overlap(a, b, metric: str) -> float:
@@ -81,10 +73,6 @@ def expected_loss(q, k, q_regions, k_regions, q_image, k_image, temperature=0.1,
     if reduction == "sum":
         return weighted.sum()
     return weighted.sum() / rho.sum()
-
-
-def rand(gen, *shape, dtype=torch.float64, scale=1.0):
-    return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
 
 
 def random_boxes(gen, n, dtype=torch.float32, span=8):
@@ -511,16 +499,7 @@ def test_torch_compile_fullgraph_matches_eager():
     def f(q, k):
         return mk.geometric_info_nce(q, k, qr, kr, qi, ki, metric="iou")
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    qa, ka = leaf(q0), leaf(k0)
-    got = compiled(qa, ka)
-    got.backward()
-    qb, kb = leaf(q0), leaf(k0)
-    exp = f(qb, kb)
-    exp.backward()
-    torch.testing.assert_close(got, exp, **FP64_TOL)
-    torch.testing.assert_close(qa.grad, qb.grad, **FP64_TOL)
-    torch.testing.assert_close(ka.grad, kb.grad, **FP64_TOL)
+    assert_compile_matches_eager(f, q0, k0)
 
 
 def test_non_contiguous_inputs():
@@ -533,3 +512,46 @@ def test_non_contiguous_inputs():
     got = mk.geometric_info_nce(qn, kn, qrn, krn, qin, ki, metric="ioa")
     exp = expected_loss(q0, k0, qr, kr, qi, ki, metric="ioa")
     torch.testing.assert_close(got, exp, **FP64_TOL)
+
+
+def test_large_logits_stay_finite():
+    """temperature 0.01 without normalisation: logits up to ~1e5 (exp overflows in fp32)."""
+    gen = torch.Generator().manual_seed(14)
+    n, m, d = 7, 6, 4
+    qr, kr = random_boxes(gen, n, span=4), random_boxes(gen, m, span=4)
+    qi, ki = torch.randint(0, 2, (n,), generator=gen), torch.randint(0, 2, (m,), generator=gen)
+    kr[0], ki[0] = qr[0], qi[0]
+    # small integers: every dot product is exact in fp32
+    q0 = torch.randint(-20, 21, (n, d), generator=gen).float()
+    k0 = torch.randint(-20, 21, (m, d), generator=gen).float()
+    q, k = leaf(q0), leaf(k0)
+    loss = mk.geometric_info_nce(q, k, qr, kr, qi, ki, temperature=0.01, normalize=False)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    qe, ke = leaf(q0, torch.float64), leaf(k0, torch.float64)
+    exp = expected_loss(qe, ke, qr, kr, qi, ki, 0.01, normalize=False)
+    edq, edk = torch.autograd.grad(exp, (qe, ke))
+    scale = (q0 @ k0.T).abs().max().item() / 0.01
+    assert scale > 1e4
+    torch.testing.assert_close(loss.double(), exp.detach(), rtol=1e-5, atol=1e-6 * scale)
+    torch.testing.assert_close(q.grad.double(), edq, rtol=1e-4,
+                               atol=1e-4 * edq.abs().max().item())
+    torch.testing.assert_close(k.grad.double(), edk, rtol=1e-4,
+                               atol=1e-4 * edk.abs().max().item())
+
+
+def test_fp16_inputs_with_large_norms():
+    """fp16 values ~2e4 are finite, but their L2 norm (~8e4) is not representable in fp16: the
+    normalisation must accumulate in fp32 (DESIGN: every op accumulates in fp32), else the
+    normalised rows are 0 (or NaN) and the loss is log(M) or NaN instead of the right value."""
+    gen = torch.Generator().manual_seed(15)
+    _, _, qr, kr, qi, ki = _small_case(torch.float32, gen)
+    q = leaf(rand(gen, 4, 16, scale=2e4), torch.float16)
+    k = leaf(rand(gen, 5, 16, scale=2e4), torch.float16)
+    assert torch.isfinite(q).all() and torch.isfinite(k).all()
+    loss = mk.geometric_info_nce(q, k, qr, kr, qi, ki)
+    loss.backward()
+    exp = expected_loss(q.detach().double(), k.detach().double(), qr, kr, qi, ki)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), exp, rtol=2e-2, atol=2e-2)
+    assert torch.isfinite(q.grad.float()).all() and torch.isfinite(k.grad.float()).all()

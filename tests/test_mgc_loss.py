@@ -126,7 +126,8 @@ def test_dense_equals_direct_soft_target_formula():
     assert torch.allclose(loss, expected, rtol=1e-12)
 
 
-def test_compile_fullgraph_training_step():
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_fullgraph_training_step(compiler):
     crit = mk.MGCLoss()
     gen = torch.Generator().manual_seed(4)
     b1, f1, b2, f2 = random_views(2, gen)
@@ -147,7 +148,7 @@ def test_compile_fullgraph_training_step():
     eager = step(t1, t2)
     eager_grads = torch.autograd.grad(eager, (t1, t2))
     torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(t1, t2)
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)(t1, t2)
     assert torch.allclose(compiled, eager, rtol=1e-5)
     for g, e in zip(torch.autograd.grad(compiled, (t1, t2)), eager_grads):
         assert torch.allclose(g, e, rtol=1e-4, atol=1e-7)

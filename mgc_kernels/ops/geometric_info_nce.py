@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import _checks, backends
 from .._dtypes import accumulate
 from ..reference import correspondence as geometry
 from ..reference import geometric_info_nce as reference
-from .info_nce import REDUCTIONS, check_embeddings, check_temperature, reduce_rows
+from .info_nce import (REDUCTIONS, check_embeddings, check_temperature, l2_normalize,
+                       reduce_rows)
 
 backends.register("geometric_info_nce", "torch")(reference.geometric_info_nce)
 backends.register("geometric_info_nce_backward", "torch")(reference.geometric_info_nce_backward)
@@ -96,7 +96,7 @@ def geometric_info_nce(q: torch.Tensor, k: torch.Tensor, q_regions: torch.Tensor
     check_image_ids("q_image", q_image, len(q), q.device)
     check_image_ids("k_image", k_image, len(k), q.device)
     if normalize:
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        q, k = l2_normalize(q), l2_normalize(k)
     backend = backends.resolve("geometric_info_nce", backend, q.device)
     row_loss, _, rho = _geometric_info_nce(q.contiguous(), k.contiguous(), q_regions.contiguous(),
                                            k_regions.contiguous(), q_image.contiguous(),

@@ -75,7 +75,10 @@ def parse_targets(targets, n: int, m: int, device: torch.device, dtype: torch.dt
                              f"{tuple(index.shape)} and {tuple(weight.shape)}")
         _checks.on_device("targets[1]", weight, device)
         _checks.nonnegative_finite("targets[1]", weight)
+        # scale by the row maximum first so that a sum of huge finite weights cannot overflow
         weight = weight.to(dtype)
+        peak = weight.amax(1, keepdim=True)
+        weight = torch.where(peak > 0, weight / peak, 0.0)
         total = weight.sum(1, keepdim=True)
         index, weight = index.long(), torch.where(total > 0, weight / total, 0.0)
     else:
@@ -88,6 +91,11 @@ def parse_targets(targets, n: int, m: int, device: torch.device, dtype: torch.dt
 
 def check_temperature(temperature) -> float:
     return _checks.positive("temperature", temperature)
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """Unit rows, computed in the accumulation dtype (an fp16 norm overflows at |x| ~ 256)."""
+    return F.normalize(x.to(accumulate(x.dtype)), dim=-1).to(x.dtype)
 
 
 def reduce_rows(row_loss: torch.Tensor, row_weights: torch.Tensor | None, has_target,
@@ -148,8 +156,8 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, targets, temperature: float = 0.1
     index, weight = parse_targets(targets, len(q), len(k), q.device, accumulate(q.dtype))
     check_row_weights(row_weights, len(q), q.device)
     if normalize:
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        queue = None if queue is None else F.normalize(queue, dim=-1)
+        q, k = l2_normalize(q), l2_normalize(k)
+        queue = None if queue is None else l2_normalize(queue)
     backend = backends.resolve("info_nce", backend, q.device)
     row_loss, _ = _info_nce(q.contiguous(), k.contiguous(),
                             None if queue is None else queue.contiguous(), index, weight,
