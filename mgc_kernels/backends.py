@@ -9,6 +9,7 @@ raises a ``RuntimeError`` that says why.
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import os
 import warnings
@@ -19,7 +20,7 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "native")
 ENV_VAR = "MGC_KERNELS_BACKEND"
 
-_IMPLS: dict[tuple[str, str], Callable] = {}
+_IMPLS: dict[tuple[str, str], Callable | str] = {}
 _warned_fallback: set[str] = set()
 
 
@@ -35,6 +36,12 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     return wrap
 
 
+def register_lazy(op: str, backend: str, target: str) -> None:
+    """``op`` for ``backend`` is ``"module:function"``, imported on first use (so that importing
+    the library never imports Triton)."""
+    register(op, backend)(target)
+
+
 def registered_ops() -> list[str]:
     """Names of the public ops (backward ops run where their forward op was resolved)."""
     return sorted({op for op, _ in _IMPLS if not op.endswith("_backward")})
@@ -42,7 +49,31 @@ def registered_ops() -> list[str]:
 
 def implementation(op: str, backend: str) -> Callable:
     """The registered function for a resolved (concrete) backend."""
-    return _IMPLS[(op, backend)]
+    impl = _IMPLS[(op, backend)]
+    if isinstance(impl, str):
+        module, name = impl.split(":")
+        impl = _IMPLS[(op, backend)] = getattr(importlib.import_module(module), name)
+    return impl
+
+
+def call(op: str, backend: str, *args):
+    """Run ``op`` on ``backend``. A Triton failure to compile or launch becomes a RuntimeError
+    that names the op, the tensor shapes and dtypes, the GPU and the Triton version."""
+    impl = implementation(op, backend)
+    if backend != "triton":
+        return impl(*args)
+    try:
+        return impl(*args)
+    except Exception as err:
+        if not type(err).__module__.startswith("triton"):
+            raise
+        tensors = ", ".join(f"{tuple(a.shape)} {a.dtype}".replace("torch.", "")
+                            for a in args if isinstance(a, torch.Tensor))
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        gpu = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" \
+            else "CPU (Triton interpreter)"
+        raise RuntimeError(f"{op}: the Triton kernel failed for inputs [{tensors}] on {gpu} with "
+                           f"Triton {_triton_version()[0]}: {type(err).__name__}: {err}") from err
 
 
 @functools.lru_cache(maxsize=None)

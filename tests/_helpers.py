@@ -1,5 +1,12 @@
-"""Small helpers shared by the op tests: tolerances, fresh leaves, and a compile check."""
+"""Small helpers shared by the op tests: tolerances, fresh leaves, a compile check, and the
+comparison rule for fast backends."""
+import pytest
 import torch
+
+from mgc_kernels import backends
+
+TRITON_LOADS, TRITON_WHY = backends.backend_status("triton")
+requires_triton = pytest.mark.skipif(not TRITON_LOADS, reason=TRITON_WHY)
 
 FP32_TOL = dict(rtol=1e-5, atol=1e-5)  # fp32 accumulation vs fp64-exact
 FP64_TOL = dict(rtol=1e-9, atol=1e-10)  # fp64 inputs are computed in fp64 (gradcheck-able)
@@ -29,3 +36,11 @@ def assert_compile_matches_eager(f, *inputs, tol=FP64_TOL):
     torch.testing.assert_close(got, exp, **tol)
     for a, b in zip(compiled_leaves, eager_leaves):
         torch.testing.assert_close(a.grad, b.grad, **tol)
+
+
+def assert_close_to_exact(fast, reference, exact, tol):
+    """Cut Cross-Entropy's rule: ``|fast - exact| <= |reference - exact| + tol`` elementwise,
+    with ``exact`` computed in fp64 and ``reference`` the torch backend in the fast one's dtype."""
+    fast, reference, exact = fast.double(), reference.double(), exact.double()
+    excess = (fast - exact).abs() - ((reference - exact).abs() + tol)
+    assert excess.max() <= 0, f"fast backend off by {excess.max().item():.3g} beyond the rule"

@@ -1,8 +1,18 @@
-"""Hypothesis profiles: ``ci`` (the default; bounded examples so the suite fits a 2-core machine)
-and ``thorough`` (select with ``HYPOTHESIS_PROFILE=thorough``)."""
+"""Test-session set-up.
+
+Without a GPU, Triton kernels run through Triton's interpreter: ``TRITON_INTERPRET=1`` must be
+set before anything imports triton, so it is set here, first. Hypothesis profiles: ``ci`` (the
+default; bounded examples so the suite fits a 2-core machine) and ``thorough``
+(``HYPOTHESIS_PROFILE=thorough``).
+"""
 import os
 
-from hypothesis import HealthCheck, settings
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])

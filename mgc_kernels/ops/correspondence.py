@@ -13,8 +13,7 @@ backends.register("correspondence", "torch")(reference.correspondence)
 @torch.library.custom_op("mgc_kernels::correspondence", mutates_args=())
 def _correspondence(boxes1: torch.Tensor, flips1: torch.Tensor, boxes2: torch.Tensor,
                     flips2: torch.Tensor, n: int, metric: str, backend: str) -> torch.Tensor:
-    impl = backends.implementation("correspondence", backend)
-    return impl(boxes1, flips1, boxes2, flips2, n, metric)
+    return backends.call("correspondence", backend, boxes1, flips1, boxes2, flips2, n, metric)
 
 
 @_correspondence.register_fake

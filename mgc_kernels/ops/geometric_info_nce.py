@@ -19,8 +19,8 @@ def _geometric_info_nce(q: torch.Tensor, k: torch.Tensor, q_regions: torch.Tenso
                         k_regions: torch.Tensor, q_image: torch.Tensor, k_image: torch.Tensor,
                         temperature: float, metric: str,
                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = backends.implementation("geometric_info_nce", backend)
-    return impl(q, k, q_regions, k_regions, q_image, k_image, temperature, metric)
+    return backends.call("geometric_info_nce", backend, q, k, q_regions, k_regions, q_image,
+                         k_image, temperature, metric)
 
 
 @_geometric_info_nce.register_fake
@@ -34,9 +34,8 @@ def _geometric_info_nce_backward(grad_row_loss: torch.Tensor, q: torch.Tensor, k
                                  q_image: torch.Tensor, k_image: torch.Tensor, lse: torch.Tensor,
                                  temperature: float, metric: str,
                                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = backends.implementation("geometric_info_nce_backward", backend)
-    return impl(grad_row_loss, q, k, q_regions, k_regions, q_image, k_image, lse, temperature,
-                metric)
+    return backends.call("geometric_info_nce_backward", backend, grad_row_loss, q, k, q_regions,
+                         k_regions, q_image, k_image, lse, temperature, metric)
 
 
 @_geometric_info_nce_backward.register_fake

@@ -20,8 +20,8 @@ REDUCTIONS = ("mean", "sum", "none")
 def _info_nce(q: torch.Tensor, k: torch.Tensor, queue: Optional[torch.Tensor],
               target_index: torch.Tensor, target_weight: torch.Tensor, temperature: float,
               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = backends.implementation("info_nce", backend)
-    return impl(q, k, queue, target_index, target_weight, temperature)
+    return backends.call("info_nce", backend, q, k, queue, target_index, target_weight,
+                         temperature)
 
 
 @_info_nce.register_fake
@@ -34,8 +34,8 @@ def _info_nce_backward(grad_row_loss: torch.Tensor, q: torch.Tensor, k: torch.Te
                        queue: Optional[torch.Tensor], target_index: torch.Tensor,
                        target_weight: torch.Tensor, lse: torch.Tensor, temperature: float,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = backends.implementation("info_nce_backward", backend)
-    return impl(grad_row_loss, q, k, queue, target_index, target_weight, lse, temperature)
+    return backends.call("info_nce_backward", backend, grad_row_loss, q, k, queue, target_index,
+                         target_weight, lse, temperature)
 
 
 @_info_nce_backward.register_fake

@@ -15,7 +15,7 @@ backends.register("multigrain_pool_backward", "torch")(reference.multigrain_pool
 @torch.library.custom_op("mgc_kernels::multigrain_pool", mutates_args=())
 def _multigrain_pool(tokens: torch.Tensor, grid: int, cells: list[int],
                      backend: str) -> list[torch.Tensor]:
-    return backends.implementation("multigrain_pool", backend)(tokens, grid, cells)
+    return backends.call("multigrain_pool", backend, tokens, grid, cells)
 
 
 @_multigrain_pool.register_fake
@@ -26,7 +26,7 @@ def _(tokens, grid, cells, backend):
 @torch.library.custom_op("mgc_kernels::multigrain_pool_backward", mutates_args=())
 def _multigrain_pool_backward(grads: list[torch.Tensor], grid: int, cells: list[int],
                               backend: str) -> torch.Tensor:
-    return backends.implementation("multigrain_pool_backward", backend)(grads, grid, cells)
+    return backends.call("multigrain_pool_backward", backend, grads, grid, cells)
 
 
 @_multigrain_pool_backward.register_fake

@@ -11,7 +11,7 @@ backends.register("region_boxes", "torch")(reference.region_boxes)
 
 @torch.library.custom_op("mgc_kernels::region_boxes", mutates_args=())
 def _region_boxes(boxes: torch.Tensor, flips: torch.Tensor, n: int, backend: str) -> torch.Tensor:
-    return backends.implementation("region_boxes", backend)(boxes, flips, n)
+    return backends.call("region_boxes", backend, boxes, flips, n)
 
 
 @_region_boxes.register_fake

@@ -43,9 +43,8 @@ def _sample_pairs(boxes1: torch.Tensor, flips1: torch.Tensor, boxes2: torch.Tens
                   flips2: torch.Tensor, n: int, k: int, method: str, view_size: float,
                   strides: list[float], backend: str) -> tuple[torch.Tensor, torch.Tensor,
                                                                  torch.Tensor]:
-    impl = backends.implementation("sample_pairs", backend)
-    rows, cols = (strides[:3], strides[3:])
-    return impl(boxes1, flips1, boxes2, flips2, n, k, method, view_size, rows, cols)
+    return backends.call("sample_pairs", backend, boxes1, flips1, boxes2, flips2, n, k, method,
+                         view_size, strides[:3], strides[3:])
 
 
 @_sample_pairs.register_fake

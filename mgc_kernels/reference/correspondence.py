@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+
 from .region_boxes import region_corners
 
 METRICS = ("mgc", "iou", "ioa")
@@ -21,20 +22,17 @@ def box_metric(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], area_a:
     if metric == "mgc":
         return inter / (area_a + area_b)
     if metric == "iou":
-        return inter / (area_a + area_b - inter)
+        return inter / ((area_a + area_b) - inter)
     return inter / area_a.expand_as(inter)
 
 
-def cell_area(boxes: torch.Tensor, n: int) -> torch.Tensor:
-    """``[B]`` float64 area of one of the ``n x n`` regions of each view (all are equal)."""
-    b = boxes.double()
-    return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) / (n * n)
+def area(box: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    return (box[2] - box[0]) * (box[3] - box[1])
 
 
 def correspondence(boxes1, flips1, boxes2, flips2, n: int, metric: str) -> torch.Tensor:
-    """``[B, n*n, n*n]``: ``metric`` between every region of view 1 and every region of view 2."""
+    """``[B, n*n, n*n]``: ``metric`` between every region of view 1 and every region of view 2,
+    computed from the region boxes alone (so it equals the dense-mode targets bit for bit)."""
     r1 = [t.unsqueeze(2) for t in region_corners(boxes1, flips1, n)]
     r2 = [t.unsqueeze(1) for t in region_corners(boxes2, flips2, n)]
-    a1 = cell_area(boxes1, n)[:, None, None]
-    a2 = cell_area(boxes2, n)[:, None, None]
-    return box_metric(r1, r2, a1, a2, metric).to(boxes1.dtype)
+    return box_metric(r1, r2, area(r1), area(r2), metric).to(boxes1.dtype)

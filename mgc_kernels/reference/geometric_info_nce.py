@@ -10,7 +10,7 @@ import torch
 
 from .._dtypes import accumulate
 
-from .correspondence import box_metric
+from .correspondence import area, box_metric
 
 CHUNK_ELEMENTS = 1 << 24
 
@@ -21,18 +21,14 @@ def row_chunks(n: int, m: int):
         yield slice(start, min(n, start + step))
 
 
-def area(boxes: torch.Tensor) -> torch.Tensor:
-    b = boxes.double()
-    return (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-
-
 def geometric_targets(q_regions, k_regions, q_image, k_image, metric: str, rows: slice,
                       dtype: torch.dtype):
     """``[rows, M]`` overlap weights ``w`` of the chunk's query rows against every key."""
-    qr, kr = q_regions[rows].double(), k_regions.double()
+    geometry = accumulate(torch.promote_types(q_regions.dtype, k_regions.dtype))
+    qr, kr = q_regions[rows].to(geometry), k_regions.to(geometry)
     a = [qr[:, i, None] for i in range(4)]
     b = [kr[None, :, i] for i in range(4)]
-    w = box_metric(a, b, area(qr)[:, None], area(kr)[None, :], metric)
+    w = box_metric(a, b, area(a), area(b), metric)
     return (w * (q_image[rows, None] == k_image[None, :])).to(dtype)
 
 

@@ -3,16 +3,20 @@ from __future__ import annotations
 
 import torch
 
+from .._dtypes import accumulate
+
 
 def region_edges(lo: torch.Tensor, hi: torch.Tensor, n: int) -> torch.Tensor:
-    """``n + 1`` cell edges from ``lo`` to ``hi`` along the last axis, in float64.
+    """``n + 1`` cell edges from ``lo`` to ``hi`` along the last axis, in the accumulation dtype.
 
-    Edge k is computed as ``(lo * (n - k) + hi * k) / n``: for integer-valued boxes the numerator
-    is exact, so two views whose cell edges coincide in exact arithmetic get bit-identical edges
-    and their intersection is exactly 0 (no spurious slivers of rounding error).
+    Edge k is computed as ``(lo * (n - k) + hi * k) / n``: for integer-valued boxes (below 2**24
+    / n pixels) the numerator is exact, so two views whose cell edges coincide in exact arithmetic
+    get bit-identical edges, their intersection is exactly 0 (no slivers of rounding error), and
+    every backend that divides correctly rounded gets the same bits.
     """
-    k = torch.arange(n + 1, device=lo.device, dtype=torch.float64)
-    lo, hi = lo.double().unsqueeze(-1), hi.double().unsqueeze(-1)
+    dtype = accumulate(lo.dtype)
+    k = torch.arange(n + 1, device=lo.device, dtype=dtype)
+    lo, hi = lo.to(dtype).unsqueeze(-1), hi.to(dtype).unsqueeze(-1)
     return (lo * (n - k) + hi * k) / n
 
 
@@ -26,7 +30,7 @@ def cell_columns(flips: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def region_corners(boxes: torch.Tensor, flips: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-    """``(x0, y0, x1, y1)``, each float64 ``[B, n*n]``, of the regions in token (row-major) order."""
+    """``(x0, y0, x1, y1)``, each ``[B, n*n]``, of the regions in token (row-major) order."""
     xe = region_edges(boxes[:, 0], boxes[:, 2], n)
     ye = region_edges(boxes[:, 1], boxes[:, 3], n)
     cols = cell_columns(flips, n)

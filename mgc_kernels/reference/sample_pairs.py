@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .._dtypes import accumulate
 from .correspondence import correspondence
 from .region_boxes import cell_columns
 
@@ -92,7 +93,7 @@ def sample_pairs(boxes1, flips1, boxes2, flips2, n: int, k: int, method: str,
     ``mgc`` weight, best first; missing pairs are padded with ``(0, 0, 0)``."""
     batch, regions = len(boxes1), n * n
     order1, order2 = unflipped_order(flips1, n), unflipped_order(flips2, n)
-    w = correspondence(boxes1, flips1, boxes2, flips2, n, "mgc").double()
+    w = correspondence(boxes1, flips1, boxes2, flips2, n, "mgc").to(accumulate(boxes1.dtype))
     w = w.gather(1, order1[:, :, None].expand(-1, -1, regions))
     w = w.gather(2, order2[:, None, :].expand(-1, regions, -1))      # unflipped x unflipped
     if method == "mgc":
