@@ -118,13 +118,20 @@ def default_backend() -> str:
     return name
 
 
-def resolve(op: str, backend: str | None, device: torch.device) -> str:
-    """The concrete backend that runs ``op`` on ``device`` for the requested ``backend``."""
+def resolve(op: str, backend: str | None, device: torch.device,
+            dtype: torch.dtype | None = None) -> str:
+    """The concrete backend that runs ``op`` on ``device`` for the requested ``backend``.
+
+    Triton kernels compute in fp32 at most: float64 inputs go to the reference under ``auto``
+    and are refused by an explicit ``"triton"``."""
     requested = default_backend() if backend is None else backend
     if requested not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "auto":
-        return _auto(op, device)
+        return "torch" if dtype == torch.float64 else _auto(op, device)
+    if requested == "triton" and dtype == torch.float64:
+        raise RuntimeError(f"{op}: backend 'triton' computes in fp32 at most, got float64 inputs; "
+                           "use backend='torch' for float64")
     loads, why = backend_status(requested)
     if not loads:
         raise RuntimeError(f"{op}: backend {requested!r} is not available: {why}")

@@ -42,5 +42,5 @@ def correspondence(boxes1: torch.Tensor, flips1: torch.Tensor, boxes2: torch.Ten
     n = _checks.grid_cell(grid, cell)
     _checks.choice("metric", metric, reference.METRICS)
     check_views(boxes1, flips1, boxes2, flips2)
-    backend = backends.resolve("correspondence", backend, boxes1.device)
+    backend = backends.resolve("correspondence", backend, boxes1.device, boxes1.dtype)
     return _correspondence(boxes1, flips1, boxes2, flips2, n, metric, backend)

@@ -96,7 +96,7 @@ def geometric_info_nce(q: torch.Tensor, k: torch.Tensor, q_regions: torch.Tensor
     check_image_ids("k_image", k_image, len(k), q.device)
     if normalize:
         q, k = l2_normalize(q), l2_normalize(k)
-    backend = backends.resolve("geometric_info_nce", backend, q.device)
+    backend = backends.resolve("geometric_info_nce", backend, q.device, q.dtype)
     row_loss, _, rho = _geometric_info_nce(q.contiguous(), k.contiguous(), q_regions.contiguous(),
                                            k_regions.contiguous(), q_image.contiguous(),
                                            k_image.contiguous(), temperature, metric, backend)

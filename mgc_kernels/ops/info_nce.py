@@ -158,7 +158,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, targets, temperature: float = 0.1
     if normalize:
         q, k = l2_normalize(q), l2_normalize(k)
         queue = None if queue is None else l2_normalize(queue)
-    backend = backends.resolve("info_nce", backend, q.device)
+    backend = backends.resolve("info_nce", backend, q.device, q.dtype)
     row_loss, _ = _info_nce(q.contiguous(), k.contiguous(),
                             None if queue is None else queue.contiguous(), index, weight,
                             temperature, backend)

@@ -60,5 +60,5 @@ def multigrain_pool(tokens: torch.Tensor, grid: int = 14, cells: Sequence[int] =
     for c in cells:
         _checks.grid_cell(grid, c)
     _checks.dim_size("tokens", tokens, 1, grid * grid, f"grid*grid tokens for grid={grid}")
-    backend = backends.resolve("multigrain_pool", backend, tokens.device)
+    backend = backends.resolve("multigrain_pool", backend, tokens.device, tokens.dtype)
     return _multigrain_pool(tokens.contiguous(), grid, list(cells), backend)

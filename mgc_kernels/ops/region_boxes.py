@@ -45,4 +45,5 @@ def region_boxes(boxes: torch.Tensor, flips: torch.Tensor, grid: int = 14, cell:
     """
     n = _checks.grid_cell(grid, cell)
     check_view(boxes, flips)
-    return _region_boxes(boxes, flips, n, backends.resolve("region_boxes", backend, boxes.device))
+    backend = backends.resolve("region_boxes", backend, boxes.device, boxes.dtype)
+    return _region_boxes(boxes, flips, n, backend)

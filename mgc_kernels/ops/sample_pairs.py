@@ -102,6 +102,6 @@ def sample_pairs(boxes1: torch.Tensor, flips1: torch.Tensor, boxes2: torch.Tenso
     _checks.positive("view_size", view_size)
     rule = check_strides(OFFICIAL_STRIDES.get(cell, EVERY_REGION) if strides is None else strides)
     check_views(boxes1, flips1, boxes2, flips2)
-    backend = backends.resolve("sample_pairs", backend, boxes1.device)
+    backend = backends.resolve("sample_pairs", backend, boxes1.device, boxes1.dtype)
     return Pairs(*_sample_pairs(boxes1, flips1, boxes2, flips2, n, k, method, float(view_size),
                                 rule, backend))
