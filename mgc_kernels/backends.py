@@ -8,7 +8,6 @@ raises a ``RuntimeError`` that says why.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -76,9 +75,17 @@ def call(op: str, backend: str, *args):
                            f"Triton {_triton_version()[0]}: {type(err).__name__}: {err}") from err
 
 
-@functools.lru_cache(maxsize=None)
+_triton: list[tuple[str | None, str]] = []   # filled once; a plain cache that torch.compile traces
+
+
 def _triton_version() -> tuple[str | None, str]:
     """Triton's version, or ``None`` and why it does not import (checked once per process)."""
+    if not _triton:
+        _triton.append(_import_triton())
+    return _triton[0]
+
+
+def _import_triton() -> tuple[str | None, str]:
     if importlib.util.find_spec("triton") is None:
         return None, "triton is not installed (pip install 'mgc_kernels[triton]')"
     try:

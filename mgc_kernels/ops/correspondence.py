@@ -8,6 +8,7 @@ from ..reference import correspondence as reference
 from .region_boxes import check_view
 
 backends.register("correspondence", "torch")(reference.correspondence)
+backends.register_lazy("correspondence", "triton", "mgc_kernels.triton.correspondence:correspondence")
 
 
 @torch.library.custom_op("mgc_kernels::correspondence", mutates_args=())

@@ -7,6 +7,7 @@ from .. import _checks, backends
 from ..reference import region_boxes as reference
 
 backends.register("region_boxes", "torch")(reference.region_boxes)
+backends.register_lazy("region_boxes", "triton", "mgc_kernels.triton.region_boxes:region_boxes")
 
 
 @torch.library.custom_op("mgc_kernels::region_boxes", mutates_args=())

@@ -10,6 +10,7 @@ from ..reference import sample_pairs as reference
 from .correspondence import check_views
 
 backends.register("sample_pairs", "torch")(reference.sample_pairs)
+backends.register_lazy("sample_pairs", "triton", "mgc_kernels.triton.sample_pairs:sample_pairs")
 
 # The released code's stride rule per cell size (at grid 14): ((row ratio, min, max),
 # (column ratio, min, max)), stride = clip(int(IoU * ratio), min, max). Other cells visit every
@@ -103,5 +104,7 @@ def sample_pairs(boxes1: torch.Tensor, flips1: torch.Tensor, boxes2: torch.Tenso
     rule = check_strides(OFFICIAL_STRIDES.get(cell, EVERY_REGION) if strides is None else strides)
     check_views(boxes1, flips1, boxes2, flips2)
     backend = backends.resolve("sample_pairs", backend, boxes1.device, boxes1.dtype)
-    return Pairs(*_sample_pairs(boxes1, flips1, boxes2, flips2, n, k, method, float(view_size),
-                                rule, backend))
+    # the released code holds the view size in float32 tensors; every backend uses that value
+    view_size = float(torch.tensor(view_size, dtype=torch.float32))
+    return Pairs(*_sample_pairs(boxes1, flips1, boxes2, flips2, n, k, method, view_size, rule,
+                                backend))

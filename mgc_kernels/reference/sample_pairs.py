@@ -41,7 +41,7 @@ def overlap_span(lo1, hi1, lo2, hi2, view_size: float, n: int):
     start, end = start.double(), end.double()
     first = torch.floor(start / cell)
     last = torch.floor(end / cell)
-    on_edge = (torch.fmod(end, cell) == 0) | (end > view_size)
+    on_edge = (last * cell == end) | (end > view_size)
     return first.long(), (last - on_edge.double()).long()
 
 
@@ -87,30 +87,42 @@ def unflipped_order(flips: torch.Tensor, n: int) -> torch.Tensor:
     return (rows + cell_columns(flips, n)[:, None, :]).reshape(len(flips), n * n)
 
 
-def sample_pairs(boxes1, flips1, boxes2, flips2, n: int, k: int, method: str,
-                 view_size: float, row_rule, col_rule):
-    """``(idx1, idx2, weight)``, each ``[B, k]``: token indices of paired regions and their
-    ``mgc`` weight, best first; missing pairs are padded with ``(0, 0, 0)``."""
-    batch, regions = len(boxes1), n * n
+def unflipped_scores(weights: torch.Tensor, flips1, flips2, n: int) -> torch.Tensor:
+    """``[B, n*n, n*n]`` token-order weights permuted to unflipped (visiting) order."""
+    regions = n * n
     order1, order2 = unflipped_order(flips1, n), unflipped_order(flips2, n)
-    w = correspondence(boxes1, flips1, boxes2, flips2, n, "mgc").to(accumulate(boxes1.dtype))
-    w = w.gather(1, order1[:, :, None].expand(-1, -1, regions))
-    w = w.gather(2, order2[:, None, :].expand(-1, regions, -1))      # unflipped x unflipped
-    if method == "mgc":
-        visited = mgc_visited(boxes1, boxes2, n, view_size, row_rule, col_rule)
-        w = w.masked_fill(~visited.reshape(batch, regions, 1), 0)
-    scores = w.reshape(batch, regions * regions)
-    if method == "all":
+    w = weights.gather(1, order1[:, :, None].expand(-1, -1, regions))
+    return w.gather(2, order2[:, None, :].expand(-1, regions, -1))
+
+
+def select_pairs(scores: torch.Tensor, flips1, flips2, n: int, k: int | None, dtype):
+    """The ``k`` best positive entries of each row of ``scores`` ``[B, n*n, n*n]`` (unflipped
+    order), ties in visiting order, as token indices; ``k=None`` keeps every positive one."""
+    batch, regions = len(scores), n * n
+    scores = scores.reshape(batch, regions * regions)
+    if k is None:
         k = int((scores > 0).sum(1).max()) if batch else 0
     k_kept = min(k, regions * regions)
     top, pos = torch.sort(scores, dim=1, descending=True, stable=True)
     top, pos = top[:, :k_kept], pos[:, :k_kept]
     keep = top > 0
-    idx1 = order1.gather(1, pos // regions).masked_fill(~keep, 0)
-    idx2 = order2.gather(1, pos % regions).masked_fill(~keep, 0)
-    weight = top.masked_fill(~keep, 0).to(boxes1.dtype)
+    idx1 = unflipped_order(flips1, n).gather(1, pos // regions).masked_fill(~keep, 0)
+    idx2 = unflipped_order(flips2, n).gather(1, pos % regions).masked_fill(~keep, 0)
+    weight = top.masked_fill(~keep, 0).to(dtype)
     pad = k - k_kept
     if pad:
         idx1, idx2 = (torch.nn.functional.pad(t, (0, pad)) for t in (idx1, idx2))
         weight = torch.nn.functional.pad(weight, (0, pad))
     return idx1, idx2, weight
+
+
+def sample_pairs(boxes1, flips1, boxes2, flips2, n: int, k: int, method: str,
+                 view_size: float, row_rule, col_rule):
+    """``(idx1, idx2, weight)``, each ``[B, k]``: token indices of paired regions and their
+    ``mgc`` weight, best first; missing pairs are padded with ``(0, 0, 0)``."""
+    w = correspondence(boxes1, flips1, boxes2, flips2, n, "mgc").to(accumulate(boxes1.dtype))
+    scores = unflipped_scores(w, flips1, flips2, n)
+    if method == "mgc":
+        visited = mgc_visited(boxes1, boxes2, n, view_size, row_rule, col_rule)
+        scores = scores.masked_fill(~visited.reshape(len(boxes1), n * n, 1), 0)
+    return select_pairs(scores, flips1, flips2, n, None if method == "all" else k, boxes1.dtype)

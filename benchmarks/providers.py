@@ -1,0 +1,45 @@
+"""Which implementation runs a case: a callable, or the reason it cannot run here.
+
+- ``torch``: the library op with ``backend="torch"`` (the reference).
+- ``triton``: the library op with ``backend="triton"``; CUDA only (the CPU interpreter is a
+  correctness tool, not a speed measure).
+- ``torch_compile``: ``torch.compile`` of the case's plain-PyTorch formula.
+- ``naive``: the same formula, eager.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Union
+
+import torch
+
+import mgc_kernels as mk
+
+from .cases import Case, Problem
+
+PROVIDERS = ("torch", "triton", "torch_compile", "naive")
+QUICK_PROVIDERS = ("torch", "naive")
+
+
+def make(provider: str, case: Case, problem: Problem, device: torch.device) -> Union[Callable, str]:
+    """The zero-argument callable that runs ``problem`` with ``provider``, or a skip reason."""
+    if provider in ("torch", "triton"):
+        return _library(provider, case, problem, device)
+    if provider not in ("torch_compile", "naive"):
+        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    if problem.formula is None:
+        return problem.no_formula
+    if provider == "naive":
+        return problem.formula
+    torch.compiler.reset()  # fresh caches: a sweep over sizes would hit the recompile limit
+    return torch.compile(problem.formula, dynamic=False)
+
+
+def _library(backend: str, case: Case, problem: Problem, device: torch.device):
+    if backend == "triton" and device.type != "cuda":
+        return "triton is benchmarked on CUDA only (the CPU interpreter is no speed measure)"
+    try:
+        mk.backends.resolve(case.op_name, backend, device, problem.dtype)
+    except RuntimeError as err:
+        return str(err)
+    return partial(problem.op, backend)

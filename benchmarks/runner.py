@@ -1,0 +1,87 @@
+"""Runs one case at one size through every mode and provider, yielding result rows.
+
+A provider that cannot run is a ``skipped`` row, running out of memory an ``OOM`` row (memory
+is freed and the sweep goes on), any other failure an ``error`` row.
+"""
+from __future__ import annotations
+
+import gc
+from typing import Iterator
+
+import torch
+
+from . import providers
+from .cases import FWD_BWD, Case, Problem
+from .device import Target
+from .measure import Budget, measure
+from .results import make_row
+
+
+def run(case: Case, size: dict, modes, provider_names, dtype: torch.dtype, target: Target,
+        budget: Budget) -> Iterator[dict]:
+    modes = [m for m in case.modes if m in modes]
+    try:
+        problem = case.build(**size, dtype=dtype, device=target.device)
+    except torch.OutOfMemoryError:
+        problem = None
+    if problem is None:  # out of memory for the inputs alone
+        _free_memory()
+        shapes = {"B": size.get("batch"), **size}
+        for mode in modes:
+            for provider in provider_names:
+                yield make_row(case.name, shapes, mode, provider, dtype, target, "OOM")
+        return
+    for mode in modes:
+        for provider in provider_names:
+            yield _run_one(case, problem, mode, provider, target, budget)
+    del problem
+    _free_memory()
+
+
+def _run_one(case: Case, problem: Problem, mode: str, provider: str, target: Target,
+             budget: Budget) -> dict:
+    def row(status, timing=None):
+        return make_row(case.name, problem.shapes, mode, provider, problem.dtype, target, status,
+                        timing, flops=(problem.flops or {}).get(mode),
+                        traffic=(problem.bytes or {}).get(mode))
+
+    for tensor in problem.grad_inputs:
+        tensor.requires_grad_(mode == FWD_BWD)
+    fn = providers.make(provider, case, problem, target.device)
+    if isinstance(fn, str):
+        return row(f"skipped: {fn}")
+    step, prepare = _step(fn, problem, mode), _drop_grads(problem)
+    status, timing = "ok", None
+    try:
+        timing = measure(step, prepare, target.device, budget)
+    except torch.OutOfMemoryError:
+        status = "OOM"
+    except Exception as err:  # one broken provider must not end a long sweep
+        status = f"error: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+    prepare()
+    if status != "ok":
+        _free_memory()
+    return row(status, timing)
+
+
+def _step(fn, problem: Problem, mode: str):
+    def step() -> None:
+        out = fn()
+        if mode == FWD_BWD:
+            problem.backward(out)
+
+    return step
+
+
+def _drop_grads(problem: Problem):
+    def prepare() -> None:
+        for tensor in problem.grad_inputs:
+            tensor.grad = None
+
+    return prepare
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
