@@ -229,3 +229,32 @@ def test_env_module_reports_bad_env_var():
     assert "Traceback" not in proc.stderr
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("default backend"))
     assert "bogus" in line and backends.ENV_VAR in line and "must be one of" in line
+
+
+class _FakeTritonError(Exception):
+    pass
+
+
+_FakeTritonError.__module__ = "triton.compiler.errors"
+
+
+def test_triton_failure_names_op_shapes_device_and_version(monkeypatch):
+    def broken(x, n):
+        raise _FakeTritonError("out of shared memory")
+
+    op = fresh_op()
+    backends.register(op, "triton")(broken)
+    x = torch.zeros(3, 4, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=rf"{op}: the Triton kernel failed for inputs "
+                                           r"\[\(3, 4\) float16\] on .*Triton .*out of shared"):
+        backends.call(op, "triton", x, 5)
+
+
+def test_non_triton_errors_pass_through():
+    def broken(x):
+        raise KeyError("a bug of ours")
+
+    op = fresh_op()
+    backends.register(op, "triton")(broken)
+    with pytest.raises(KeyError):
+        backends.call(op, "triton", torch.zeros(1))
