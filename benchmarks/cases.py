@@ -16,9 +16,10 @@ Work counted (the math, not the algorithm: a kernel's recomputation in backward 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -40,12 +41,12 @@ class Problem:
 
     shapes: dict[str, Any]
     op: Callable[[str], Any]  # the library op, given the backend name
-    formula: Optional[Callable[[], Any]]  # plain PyTorch baseline, or None
+    formula: Callable[[], Any] | None  # plain PyTorch baseline, or None
     dtype: torch.dtype  # dtype of the floating-point inputs as run
     grad_inputs: tuple[torch.Tensor, ...] = ()  # leaves that get gradients in fwd+bwd
-    out_grads: Optional[list[torch.Tensor]] = None  # upstream gradients (None: scalar output)
-    flops: Optional[dict[str, float]] = None  # per mode
-    bytes: Optional[dict[str, float]] = None  # per mode
+    out_grads: list[torch.Tensor] | None = None  # upstream gradients (None: scalar output)
+    flops: dict[str, float] | None = None  # per mode
+    traffic: dict[str, float] | None = None  # bytes per mode
     no_formula: str = "no plain-PyTorch formula for this case"
 
     def backward(self, out) -> None:
@@ -90,7 +91,8 @@ def view_boxes(batch: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     pairs = [mk.transforms.sample_view_boxes(*SOURCE_SIZE, generator=gen) for _ in range(batch)]
     flips = torch.rand(2, batch, generator=gen) < 0.5
-    return torch.stack([p[0] for p in pairs]), flips[0], torch.stack([p[1] for p in pairs]), flips[1]
+    boxes1, boxes2 = (torch.stack(views) for views in zip(*pairs))
+    return boxes1, flips[0], boxes2, flips[1]
 
 
 def matmul_flops(rows: int, cols: int, dim: int, grad_cols: int) -> dict[str, float]:
@@ -164,7 +166,7 @@ def multigrain_pool(batch: int, dtype, device, channels: int = 384,
         shapes={"B": batch, "grid": GRID, "C": channels, "cells": list(cells)},
         op=op, formula=partial(formulas.multigrain_pool, tokens, GRID, cells), dtype=dtype,
         grad_inputs=(tokens,), out_grads=out_grads,
-        bytes={FWD: float(traffic), FWD_BWD: 2.0 * traffic})
+        traffic={FWD: float(traffic), FWD_BWD: 2.0 * traffic})
 
 
 @case("sample_pairs", op_name="sample_pairs", sizes=[{"batch": 256}], quick_sizes=[{"batch": 2}],

@@ -24,11 +24,14 @@ from .providers import PROVIDERS, QUICK_PROVIDERS
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0],
+    summary, examples = __doc__.split("\n", 1)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=summary,
+                                     epilog=examples,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="CPU, tiny sizes, providers torch and naive, fp32 (for CI)")
-    parser.add_argument("--case", nargs="+", choices=sorted(CASES), help="cases to run (default: all)")
+    parser.add_argument("--case", nargs="+", choices=sorted(CASES),
+                        help="cases to run (default: all)")
     parser.add_argument("--provider", nargs="+", choices=PROVIDERS,
                         help=f"providers (default: all; with --quick {' '.join(QUICK_PROVIDERS)})")
     parser.add_argument("--mode", nargs="+", choices=(FWD, FWD_BWD), default=(FWD, FWD_BWD))
@@ -36,9 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(results.DTYPES),
                         help="input dtype (default: bf16 on CUDA, fp32 on CPU and with --quick)")
     parser.add_argument("--threads", type=int,
-                        help="CPU threads for torch (default: 1 with --quick, else torch's default)")
+                        help="torch's CPU threads (default: 1 with --quick, else torch's choice)")
     parser.add_argument("--out", type=Path,
-                        help="JSON-lines file to append to (default: benchmarks/results/<device>.jsonl)")
+                        help="JSON-lines file to append to "
+                             "(default: benchmarks/results/<device>.jsonl)")
     return parser.parse_args(argv)
 
 

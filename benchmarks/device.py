@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import platform
 import re
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -21,7 +21,7 @@ class Target(NamedTuple):
     name: str
 
     @property
-    def threads(self) -> Optional[int]:
+    def threads(self) -> int | None:
         """CPU threads torch uses (CPU timings depend on it); ``None`` on CUDA."""
         return torch.get_num_threads() if self.device.type == "cpu" else None
 
@@ -54,18 +54,18 @@ def name(device: torch.device) -> str:
 
 
 def slug(device_name: str) -> str:
-    """A file-name-safe form of a device name: ``"NVIDIA H100 80GB HBM3"`` -> ``nvidia-h100-80gb-hbm3``."""
+    """A file-name-safe device name: ``"NVIDIA H100 80GB HBM3"`` -> ``nvidia-h100-80gb-hbm3``."""
     return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-") or "unknown"
 
 
-def peak(device_name: str) -> Optional[Peak]:
+def peak(device_name: str) -> Peak | None:
     for pattern, value in PEAKS:
         if re.search(pattern, device_name):
             return value
     return None
 
 
-def matmul_fraction(tflops: Optional[float], device_name: str, dtype: torch.dtype) -> Optional[float]:
+def matmul_fraction(tflops: float | None, device_name: str, dtype: torch.dtype) -> float | None:
     """Achieved / peak tensor-core TFLOP/s, or ``None`` (unknown device, fp32, no figure)."""
     known = peak(device_name)
     if tflops is None or known is None or dtype not in HALF_DTYPES:
@@ -73,7 +73,7 @@ def matmul_fraction(tflops: Optional[float], device_name: str, dtype: torch.dtyp
     return tflops / known.matmul_tflops
 
 
-def memory_fraction(gbps: Optional[float], device_name: str) -> Optional[float]:
+def memory_fraction(gbps: float | None, device_name: str) -> float | None:
     """Achieved / peak memory bandwidth, or ``None`` (unknown device, no figure)."""
     known = peak(device_name)
     if gbps is None or known is None:

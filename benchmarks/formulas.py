@@ -21,11 +21,11 @@ def info_nce_queue(q, k, queue, targets, temperature: float):
 
 def mgc_weights(q_regions, k_regions, q_image, k_image):
     """``[N, M]`` MGC overlap weights ``|a & b| / (|a| + |b|)``, 0 across images."""
-    a, b = q_regions[:, None, :], k_regions[None, :, :]
-    width = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp_min(0)
-    height = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp_min(0)
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    ax0, ay0, ax1, ay1 = q_regions[:, None, :].unbind(-1)
+    bx0, by0, bx1, by1 = k_regions[None, :, :].unbind(-1)
+    width = (torch.minimum(ax1, bx1) - torch.maximum(ax0, bx0)).clamp_min(0)
+    height = (torch.minimum(ay1, by1) - torch.maximum(ay0, by0)).clamp_min(0)
+    area_a, area_b = (ax1 - ax0) * (ay1 - ay0), (bx1 - bx0) * (by1 - by0)
     same_image = q_image[:, None] == k_image[None, :]
     return width * height / (area_a + area_b) * same_image
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import functools
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -40,7 +40,7 @@ class Timing:
     median_ms: float
     p20_ms: float
     p80_ms: float
-    peak_extra_mb: Optional[float]  # MiB; None where not measured (CPU)
+    peak_extra_mb: float | None  # MiB; None where not measured (CPU)
 
 
 def measure(step: Callable[[], None], prepare: Callable[[], None], device: torch.device,
@@ -107,6 +107,6 @@ def _cpu_times(step, prepare, reps: int) -> list[float]:
     return times
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
     return torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)

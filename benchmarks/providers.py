@@ -8,8 +8,8 @@
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable, Union
 
 import torch
 
@@ -21,7 +21,7 @@ PROVIDERS = ("torch", "triton", "torch_compile", "naive")
 QUICK_PROVIDERS = ("torch", "naive")
 
 
-def make(provider: str, case: Case, problem: Problem, device: torch.device) -> Union[Callable, str]:
+def make(provider: str, case: Case, problem: Problem, device: torch.device) -> Callable | str:
     """The zero-argument callable that runs ``problem`` with ``provider``, or a skip reason."""
     if provider in ("torch", "triton"):
         return _library(provider, case, problem, device)

@@ -1,11 +1,11 @@
 """Result rows: their fields, the JSON-lines file and the printed table.
 
-One row per (case, size, mode, provider, dtype). ``threads`` is torch's CPU thread count on CPU
-(null on CUDA). ``status`` is ``"ok"``, ``"OOM"``,
+One row per (case, size, mode, provider, dtype). ``status`` is ``"ok"``, ``"OOM"``,
 ``"skipped: <why>"`` or ``"error: <what>"``; timings are in ms, ``peak_extra_mb`` in MiB (null on
 CPU, where memory is not measured), ``tflops``/``gbps`` the achieved matmul TFLOP/s or memory
 GB/s (see ``cases``) and ``fraction_of_peak`` their share of the device's published peak (null
-where the device or dtype has none in ``device.PEAKS``).
+where the device or dtype has none in ``device.PEAKS``). ``threads`` is torch's CPU thread
+count on CPU (null on CUDA); ``commit`` ends in ``-dirty`` when tracked files had changes.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import importlib.metadata
 import json
 import subprocess
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -38,7 +37,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return next(name for name, value in DTYPES.items() if value == dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def versions() -> dict:
     """Library versions and the git commit (``-dirty`` when tracked files differ from it)."""
     try:
@@ -63,8 +62,8 @@ def _git_commit() -> str:
 
 
 def make_row(case: str, shapes: dict, mode: str, provider: str, dtype: torch.dtype,
-             target: devices.Target, status: str, timing: Optional[Timing] = None,
-             flops: Optional[float] = None, traffic: Optional[float] = None) -> dict:
+             target: devices.Target, status: str, timing: Timing | None = None,
+             flops: float | None = None, traffic: float | None = None) -> dict:
     """A result row; throughput only for ``ok`` rows of cases that count FLOPs or bytes."""
     seconds = timing.median_ms * 1e-3 if timing else None
     tflops = flops / seconds / 1e12 if seconds and flops else None
@@ -116,7 +115,7 @@ def table_line(row: dict) -> str:
              row["dtype"], _num(row["median_ms"]), spread, _num(row["peak_extra_mb"]),
              _num(row["tflops"]), _num(row["gbps"]),
              "-" if fraction is None else f"{100 * fraction:.0f}%")
-    return " ".join(f"{str(c):<{w}}" for c, (_, w) in zip(cells, COLUMNS)) + " " + row["status"]
+    return " ".join(f"{c!s:<{w}}" for c, (_, w) in zip(cells, COLUMNS)) + " " + row["status"]
 
 
 def _num(value) -> str:

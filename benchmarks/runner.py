@@ -6,7 +6,7 @@ is freed and the sweep goes on), any other failure an ``error`` row.
 from __future__ import annotations
 
 import gc
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -24,9 +24,9 @@ def run(case: Case, size: dict, modes, provider_names, dtype: torch.dtype, targe
         problem = case.build(**size, dtype=dtype, device=target.device)
     except torch.OutOfMemoryError:
         problem = None
-    if problem is None:  # out of memory for the inputs alone
+    if problem is None:  # the inputs alone do not fit
         _free_memory()
-        shapes = {"B": size.get("batch"), **size}
+        shapes = {"B": size["batch"], **{k: v for k, v in size.items() if k != "batch"}}
         for mode in modes:
             for provider in provider_names:
                 yield make_row(case.name, shapes, mode, provider, dtype, target, "OOM")
@@ -43,7 +43,7 @@ def _run_one(case: Case, problem: Problem, mode: str, provider: str, target: Tar
     def row(status, timing=None):
         return make_row(case.name, problem.shapes, mode, provider, problem.dtype, target, status,
                         timing, flops=(problem.flops or {}).get(mode),
-                        traffic=(problem.bytes or {}).get(mode))
+                        traffic=(problem.traffic or {}).get(mode))
 
     for tensor in problem.grad_inputs:
         tensor.requires_grad_(mode == FWD_BWD)
@@ -54,10 +54,8 @@ def _run_one(case: Case, problem: Problem, mode: str, provider: str, target: Tar
     status, timing = "ok", None
     try:
         timing = measure(step, prepare, target.device, budget)
-    except torch.OutOfMemoryError:
-        status = "OOM"
     except Exception as err:  # one broken provider must not end a long sweep
-        status = f"error: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        status = "OOM" if _out_of_memory(err) else f"error: {_describe(err)}"
     prepare()
     if status != "ok":
         _free_memory()
@@ -79,6 +77,20 @@ def _drop_grads(problem: Problem):
             tensor.grad = None
 
     return prepare
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """An OOM, also when wrapped (torch.compile re-raises errors inside its own)."""
+    while err is not None:
+        if isinstance(err, torch.OutOfMemoryError):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _describe(err: BaseException) -> str:
+    """The error's type and the first line of its message."""
+    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
 
 
 def _free_memory() -> None:

@@ -179,12 +179,13 @@ def test_cuda_fallback_warns_once(monkeypatch):
 
 
 def test_cuda_fallback_through_resolve(monkeypatch):
-    monkeypatch.setattr(backends, "_warned_fallback", set())
-    with pytest.warns(RuntimeWarning, match="info_nce"):
-        assert backends.resolve("info_nce", "auto", CUDA) == "torch"
+    op = fresh_op()                                   # an op with a reference but no Triton kernel
+    backends.register(op, "torch")(lambda: None)
+    with pytest.warns(RuntimeWarning, match=op):
+        assert backends.resolve(op, "auto", CUDA) == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert backends.resolve("info_nce", None, CUDA) == "torch"
+        assert backends.resolve(op, None, CUDA) == "torch"
 
 
 # ---------------------------------------------------------------- python -m mgc_kernels.env

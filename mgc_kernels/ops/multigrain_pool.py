@@ -10,7 +10,8 @@ from ..reference import multigrain_pool as reference
 
 backends.register("multigrain_pool", "torch")(reference.multigrain_pool)
 backends.register("multigrain_pool_backward", "torch")(reference.multigrain_pool_backward)
-backends.register_lazy("multigrain_pool", "triton", "mgc_kernels.triton.multigrain_pool:multigrain_pool")
+backends.register_lazy("multigrain_pool", "triton",
+                       "mgc_kernels.triton.multigrain_pool:multigrain_pool")
 backends.register_lazy("multigrain_pool_backward", "triton",
                        "mgc_kernels.triton.multigrain_pool:multigrain_pool_backward")
 

@@ -30,6 +30,10 @@ Granularities per launch: up to ``MAX_CELLS_PER_LAUNCH`` (4) constexpr slots. Mo
 launch per group of four: the forward then reads the tokens once per group, and the backward
 accumulates the groups in an fp32 buffer that is cast to the gradients' dtype at the end.
 
+Cost (not yet measured on a GPU): bf16/fp16 tiles go through tensor cores, where the one-hot
+products cost little next to the memory traffic; the fp32 ieee ``tl.dot`` runs on FMA units
+(64 x 256 multiply-adds per channel for cell 2 of grid 14) and may be compute-bound.
+
 Offsets: the per-image base offset is int64 (``B * grid*grid * C`` may pass 2**31); offsets inside
 one image (``grid*grid * C`` elements) are int32.
 """
@@ -42,7 +46,7 @@ import triton.language as tl
 MAX_CELLS_PER_LAUNCH = 4
 ONE_TILE_MAX_TOKENS = 256   # padded tokens held by one forward program (grid <= 16)
 SMALL_REGIONS = tl.constexpr(4)  # cells with at most this many regions: masked sums, not tl.dot
-_MAX_P_ELEMENTS = 16384     # one-hot pooling matrix entries per tl.dot (register budget)
+_MAX_REGION_BLOCK = 64      # regions per tl.dot (rows of the one-hot pooling matrix)
 
 
 # ----------------------------------------------------------------------------------- forward --
@@ -208,11 +212,18 @@ def _slots(values: list, fill):
     return list(values) + [fill] * (MAX_CELLS_PER_LAUNCH - len(values))
 
 
-def _region_block(regions: int, t_block: int) -> int:
-    """Regions per tl.dot: a power of two >= 16 (tl.dot's minimum), the one-hot matrix
-    ``[BLOCK_R, t_block]`` kept within ``_MAX_P_ELEMENTS``."""
-    cap = max(16, _MAX_P_ELEMENTS // t_block)
-    return max(16, min(triton.next_power_of_2(regions), cap))
+def _region_block(regions: int) -> int:
+    """Regions per tl.dot: a power of two, at least 16 (tl.dot's minimum), at most
+    ``_MAX_REGION_BLOCK``, so the one-hot matrix ``P`` stays within 64 x 256 entries and the fp32
+    accumulator within 64 x BLOCK_C."""
+    return max(16, min(triton.next_power_of_2(regions), _MAX_REGION_BLOCK))
+
+
+def _named(cells: list[int], blocks: list[int]) -> dict:
+    """Constexpr slot arguments ``C0..C3`` (cell sizes, 0 = unused) and ``R0..R3``."""
+    cells, blocks = _slots(cells, 0), _slots(blocks, 16)
+    return {**{f"C{i}": c for i, c in enumerate(cells)},
+            **{f"R{i}": r for i, r in enumerate(blocks)}}
 
 
 def multigrain_pool(tokens: torch.Tensor, grid: int, cells: list[int]) -> list[torch.Tensor]:
@@ -232,7 +243,7 @@ def multigrain_pool(tokens: torch.Tensor, grid: int, cells: list[int]) -> list[t
     num_warps = 8 if block_t * block_c >= 8192 else 4
     for group in _groups(list(zip(cells, outs))):
         group_cells = [c for c, _ in group]
-        blocks = [_region_block((grid // c) ** 2, block_t) for c in group_cells]
+        blocks = [_region_block((grid // c) ** 2) for c in group_cells]
         _pool_fwd_kernel[(b, triton.cdiv(ch, block_c))](
             tokens, *_slots([o for _, o in group], group[0][1]), ch,
             GRID=grid, **_named(group_cells, blocks),
@@ -241,14 +252,8 @@ def multigrain_pool(tokens: torch.Tensor, grid: int, cells: list[int]) -> list[t
     return outs
 
 
-def _named(cells: list[int], blocks: list[int]) -> dict:
-    """Constexpr slot arguments ``C0..C3`` (cell sizes, 0 = unused) and ``R0..R3``."""
-    cells, blocks = _slots(cells, 0), _slots(blocks, 16)
-    return {**{f"C{i}": c for i, c in enumerate(cells)},
-            **{f"R{i}": r for i, r in enumerate(blocks)}}
-
-
-def multigrain_pool_backward(grads: list[torch.Tensor], grid: int, cells: list[int]) -> torch.Tensor:
+def multigrain_pool_backward(grads: list[torch.Tensor], grid: int,
+                             cells: list[int]) -> torch.Tensor:
     """Gradient w.r.t. the tokens: each block's gradient spread evenly over its ``c x c`` tokens,
     summed over granularities (in fp32, each token written once per launch)."""
     grads = [g.contiguous() for g in grads]
