@@ -12,6 +12,10 @@ from .info_nce import (REDUCTIONS, check_embeddings, check_temperature, l2_norma
 
 backends.register("geometric_info_nce", "torch")(reference.geometric_info_nce)
 backends.register("geometric_info_nce_backward", "torch")(reference.geometric_info_nce_backward)
+backends.register_lazy("geometric_info_nce", "triton",
+                       "mgc_kernels.triton.geometric_info_nce:geometric_info_nce")
+backends.register_lazy("geometric_info_nce_backward", "triton",
+                       "mgc_kernels.triton.geometric_info_nce:geometric_info_nce_backward")
 
 
 @torch.library.custom_op("mgc_kernels::geometric_info_nce", mutates_args=())

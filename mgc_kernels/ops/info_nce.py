@@ -12,6 +12,9 @@ from ..reference import info_nce as reference
 
 backends.register("info_nce", "torch")(reference.info_nce)
 backends.register("info_nce_backward", "torch")(reference.info_nce_backward)
+backends.register_lazy("info_nce", "triton", "mgc_kernels.triton.info_nce:info_nce")
+backends.register_lazy("info_nce_backward", "triton",
+                       "mgc_kernels.triton.info_nce:info_nce_backward")
 
 REDUCTIONS = ("mean", "sum", "none")
 

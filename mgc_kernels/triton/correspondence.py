@@ -8,7 +8,6 @@ import triton.language as tl
 
 from .region_boxes import box_metric, geometry_inputs, region_corners
 
-METRIC_IDS = {"mgc": 0, "iou": 1, "ioa": 2}
 BLOCK = 32
 
 
@@ -33,6 +32,6 @@ def correspondence(boxes1, flips1, boxes2, flips2, n: int, metric: str) -> torch
     out = torch.empty(len(b1), regions, regions, device=b1.device, dtype=torch.float32)
     if out.numel():
         grid = (len(b1), triton.cdiv(regions, BLOCK), triton.cdiv(regions, BLOCK))
-        correspondence_kernel[grid](b1, f1, b2, f2, out, n, METRIC=METRIC_IDS[metric],
+        correspondence_kernel[grid](b1, f1, b2, f2, out, n, METRIC=metric,
                                     BLOCK=BLOCK, enable_fp_fusion=False)
     return out.to(boxes1.dtype)

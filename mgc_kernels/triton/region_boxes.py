@@ -38,18 +38,19 @@ def region_corners(box_ptr, flip_ptr, image, region, n):
 
 @triton.jit
 def box_metric(ax0, ay0, ax1, ay1, bx0, by0, bx1, by1, METRIC: tl.constexpr):
-    """``mgc`` (0): |a&b| / (|a|+|b|); ``iou`` (1); ``ioa`` (2): |a&b| / |a|."""
+    """``"mgc"``: |a&b| / (|a|+|b|); ``"iou"``; ``"ioa"``: |a&b| / |a|, for boxes that broadcast
+    against each other (``reference/correspondence.py::box_metric``, divisions correctly
+    rounded)."""
     w = tl.maximum(tl.minimum(ax1, bx1) - tl.maximum(ax0, bx0), 0.0)
     h = tl.maximum(tl.minimum(ay1, by1) - tl.maximum(ay0, by0), 0.0)
     inter = w * h
     area_a = (ax1 - ax0) * (ay1 - ay0)
-    area_b = (bx1 - bx0) * (by1 - by0)
-    if METRIC == 0:
-        return tl.math.div_rn(inter, area_a + area_b)
-    elif METRIC == 1:
-        return tl.math.div_rn(inter, (area_a + area_b) - inter)
-    else:
-        return tl.math.div_rn(inter, area_a)
+    if METRIC == "ioa":
+        return tl.math.div_rn(inter, tl.broadcast_to(area_a, inter.shape))
+    areas = area_a + (bx1 - bx0) * (by1 - by0)
+    if METRIC == "iou":
+        areas = areas - inter
+    return tl.math.div_rn(inter, areas)
 
 
 @triton.jit(do_not_specialize=["n"])

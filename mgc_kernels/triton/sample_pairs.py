@@ -91,7 +91,7 @@ def sample_pairs_kernel(box1_ptr, flip1_ptr, box2_ptr, flip2_ptr, idx1_ptr, idx2
             w = box_metric(cell_edge(ax0, ax1, j, n), cell_edge(ay0, ay1, i, n),
                            cell_edge(ax0, ax1, j + 1, n), cell_edge(ay0, ay1, i + 1, n),
                            cell_edge(bx0, bx1, q, n), cell_edge(by0, by1, p, n),
-                           cell_edge(bx0, bx1, q + 1, n), cell_edge(by0, by1, p + 1, n), 0)
+                           cell_edge(bx0, bx1, q + 1, n), cell_edge(by0, by1, p + 1, n), "mgc")
             valid = (visit < candidates) & (w > 0)
             if METHOD == 0:
                 valid &= on_stride(i, row_first, row_last, row_step)
