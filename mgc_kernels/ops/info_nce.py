@@ -36,14 +36,16 @@ def _(q, k, queue, target_index, target_weight, temperature, backend):
 def _info_nce_backward(grad_row_loss: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        queue: Optional[torch.Tensor], target_index: torch.Tensor,
                        target_weight: torch.Tensor, lse: torch.Tensor, temperature: float,
+                       grad_lse: Optional[torch.Tensor], need_dk: bool,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return backends.call("info_nce_backward", backend, grad_row_loss, q, k, queue, target_index,
-                         target_weight, lse, temperature)
+                         target_weight, lse, temperature, grad_lse, need_dk)
 
 
 @_info_nce_backward.register_fake
-def _(grad_row_loss, q, k, queue, target_index, target_weight, lse, temperature, backend):
-    return torch.empty_like(q), torch.empty_like(k)
+def _(grad_row_loss, q, k, queue, target_index, target_weight, lse, temperature, grad_lse,
+      need_dk, backend):
+    return torch.empty_like(q), torch.empty_like(k) if need_dk else k.new_empty(0, k.shape[1])
 
 
 def _setup_context(ctx, inputs, output):
@@ -53,9 +55,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_row_loss, grad_lse):
     q, k, queue, target_index, target_weight, lse = ctx.saved_tensors
+    if grad_row_loss is None:
+        grad_row_loss = torch.zeros_like(lse)
+    need_dk = ctx.needs_input_grad[1]
     dq, dk = _info_nce_backward(grad_row_loss.contiguous(), q, k, queue, target_index,
-                                target_weight, lse, ctx.temperature, ctx.backend)
-    return dq, dk, None, None, None, None, None
+                                target_weight, lse, ctx.temperature,
+                                None if grad_lse is None else grad_lse.contiguous(), need_dk,
+                                ctx.backend)
+    return dq, dk if need_dk else None, None, None, None, None, None
 
 
 _info_nce.register_autograd(_backward, setup_context=_setup_context)
@@ -85,8 +92,10 @@ def parse_targets(targets, n: int, m: int, device: torch.device, dtype: torch.dt
         total = weight.sum(1, keepdim=True)
         index, weight = index.long(), torch.where(total > 0, weight / total, 0.0)
     else:
-        raise TypeError("targets must be a LongTensor [N] or a tuple (index [N, P], weight [N, P]), "
-                        f"got {type(targets).__name__}")
+        raise TypeError("targets must be a LongTensor [N], a tuple (index [N, P], weight [N, P]) "
+                        f"or 'paired', got {targets!r}" if isinstance(targets, str) else
+                        "targets must be a LongTensor [N], a tuple (index [N, P], weight [N, P]) "
+                        f"or 'paired', got {type(targets).__name__}")
     _checks.on_device("targets", index, device)
     _checks.index_range("targets", index, m, "the rows of k")
     return index.contiguous(), weight.contiguous()
@@ -142,7 +151,10 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, targets, temperature: float = 0.1
     ``normalize``); its loss ``CE_i`` is the cross-entropy against its target: a key index
     (``targets`` a LongTensor ``[N]``) or a sparse distribution over keys (``targets`` a tuple
     ``(index [N, P], weight [N, P])``, weights normalised per row; a row whose weights sum to 0
-    has no target and is left out). The queue only supplies negatives and gets no gradient.
+    has no target and is left out). ``targets="paired"`` is MoCo's form: ``k`` holds one positive
+    per row (``[N, D]``), the other rows of ``k`` are not negatives, and the negatives are the
+    queue's (``logits_i = [q_i . k_i, q_i . queue^T] / temperature``, target 0). The queue only
+    supplies negatives and gets no gradient.
 
     Returns (fp32) ``sum_i w_i CE_i / sum_i w_i`` for ``reduction="mean"`` (``w`` = ``row_weights``,
     default 1), the sum for ``"sum"``, and the ``[N]`` values ``w_i CE_i`` for ``"none"``.
@@ -156,13 +168,37 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, targets, temperature: float = 0.1
         _checks.same_dtype("queue", queue, q.dtype)
         _checks.same_device(q=q, queue=queue)
         queue = queue.detach()
-    index, weight = parse_targets(targets, len(q), len(k), q.device, accumulate(q.dtype))
+    paired = isinstance(targets, str) and targets == "paired"
+    if paired:
+        check_paired(k, queue, len(q))
+    else:
+        index, weight = parse_targets(targets, len(q), len(k), q.device, accumulate(q.dtype))
     check_row_weights(row_weights, len(q), q.device)
     if normalize:
         q, k = l2_normalize(q), l2_normalize(k)
         queue = None if queue is None else l2_normalize(queue)
     backend = backends.resolve("info_nce", backend, q.device, q.dtype)
+    if paired:
+        row_loss = paired_rows(q.contiguous(), k, queue.contiguous(), temperature, backend)
+        return reduce_rows(row_loss, row_weights, torch.ones_like(row_loss), reduction)
     row_loss, _ = _info_nce(q.contiguous(), k.contiguous(),
                             None if queue is None else queue.contiguous(), index, weight,
                             temperature, backend)
     return reduce_rows(row_loss, row_weights, weight.sum(1) > 0, reduction)
+
+
+def check_paired(k: torch.Tensor, queue: torch.Tensor | None, n: int) -> None:
+    _checks.dim_size("k", k, 0, n, "one positive key per row of q for targets='paired'")
+    if queue is None:
+        raise ValueError("targets='paired' takes its negatives from the queue, but queue is None")
+
+
+def paired_rows(q, k, queue, temperature: float, backend: str) -> torch.Tensor:
+    """MoCo rows: ``logaddexp(l_pos, lse over the queue) - l_pos``; the fused op supplies the
+    queue's log-sum-exp (and its gradient, the softmax) without storing the N x Q logits."""
+    acc = accumulate(q.dtype)
+    positive = (q.to(acc) * k.to(acc)).sum(-1) / temperature
+    no_target = torch.zeros(len(q), 0, device=q.device, dtype=torch.long)
+    _, lse_negatives = _info_nce(q, queue, None, no_target, no_target.to(acc), temperature,
+                                 backend)
+    return torch.logaddexp(positive, lse_negatives) - positive

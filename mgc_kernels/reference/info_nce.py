@@ -29,14 +29,19 @@ def info_nce(q, k, queue, target_index, target_weight, temperature: float):
 
 
 def info_nce_backward(grad_row_loss, q, k, queue, target_index, target_weight, lse,
-                      temperature: float):
-    """``(dq, dk)`` in the dtypes of ``q`` and ``k``; the queue gets no gradient."""
+                      temperature: float, grad_lse=None, need_dk: bool = True):
+    """``(dq, dk)`` in the dtypes of ``q`` and ``k``; the queue gets no gradient. ``grad_lse``
+    (the gradient of the returned LSE, whose derivative is the softmax) may be ``None``; without
+    ``need_dk``, ``dk`` is an empty ``[0, D]`` tensor."""
     acc = accumulate(q.dtype)
     keys = all_keys(k, queue).to(acc)
     logits = q.to(acc) @ keys.T / temperature
     target_weight = target_weight.to(acc)
-    g = torch.exp(logits - lse[:, None]) * (grad_row_loss * target_weight.sum(1))[:, None]
+    softmax_coef = grad_row_loss * target_weight.sum(1)
+    if grad_lse is not None:
+        softmax_coef = softmax_coef + grad_lse
+    g = torch.exp(logits - lse[:, None]) * softmax_coef[:, None]
     g = g.scatter_add(1, target_index, -target_weight * grad_row_loss[:, None]) / temperature
     dq = g @ keys
-    dk = g[:, : len(k)].T @ q.to(acc)
+    dk = g[:, : len(k)].T @ q.to(acc) if need_dk else k.new_empty(0, k.shape[1])
     return dq.to(q.dtype), dk.to(k.dtype)

@@ -275,7 +275,7 @@ def forward(q, k, queue, targets, boxes, temperature: float, metric: str = "mgc"
 
 
 def backward(grad_row_loss, q, k, queue, targets, boxes, lse, a, b, temperature: float,
-             metric: str = "mgc"):
+             metric: str = "mgc", need_dk: bool = True):
     """``(dq, dk)`` of ``sum_i grad_i * row_loss_i``, where ``dlogit_ij = a_i * softmax_ij -
     b_i * w_ij`` (geometric ``w`` from ``boxes``) minus the sparse ``targets``, all over tau."""
     q, k = q.contiguous(), k.contiguous()
@@ -295,6 +295,8 @@ def backward(grad_row_loss, q, k, queue, targets, boxes, lse, a, b, temperature:
         q, k, queue, index, weight, qbox, qimg, kbox, kimg, lse, g, a, b, dq, dk_t,
         n, m, len(queue), 0 if targets is None else index.shape[1], d, 1.0 / temperature,
         **flags, **cfg)
+    if not need_dk:
+        return dq, k.new_empty(0, d)
     cfg = config(m, n, d, q.dtype)
     _dk_kernel[(triton.cdiv(m, cfg["BLOCK_R"]),)](
         q, k, qbox, qimg, kbox, kimg, lse, g, a, b, dk_t, dk, n, m, d, 1.0 / temperature,
@@ -313,8 +315,21 @@ def info_nce(q, k, queue, target_index, target_weight, temperature: float):
 
 
 def info_nce_backward(grad_row_loss, q, k, queue, target_index, target_weight, lse,
-                      temperature: float):
-    """``(dq, dk)`` in the dtypes of ``q`` and ``k``; the queue gets no gradient."""
+                      temperature: float, grad_lse=None, need_dk: bool = True):
+    """``(dq, dk)`` in the dtypes of ``q`` and ``k``; the queue gets no gradient (see
+    ``reference/info_nce.py::info_nce_backward`` for ``grad_lse`` and ``need_dk``).
+
+    The kernels compute ``dlogit = g_i * (a_i * softmax - t_i)``. With an LSE gradient ``c_i``
+    the softmax coefficient is ``g_i * s_i + c_i``, so rows are rescaled to ``g'_i = |g_i| + |c_i|``
+    with ``a'_i = (g_i * s_i + c_i) / g'_i`` and ``t'_i = t_i * g_i / g'_i``: the same products,
+    and every factor stays O(1) for the kernels' fp16 underflow guard."""
     weight = target_weight.float()
-    return backward(grad_row_loss, q, k, queue, (target_index, weight), None, lse,
-                    weight.sum(1), None, temperature)
+    g = grad_row_loss.float()
+    a = weight.sum(1)
+    if grad_lse is not None:
+        c = grad_lse.float()
+        scale = g.abs() + c.abs()
+        safe = torch.where(scale > 0, scale, 1.0)
+        a, weight, g = (g * a + c) / safe, weight * (g / safe)[:, None], scale
+    return backward(g, q, k, queue, (target_index, weight), None, lse, a, None, temperature,
+                    need_dk=need_dk)
