@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["random_resized_crop_box", "box_iou", "sample_view_boxes", "TwoViewTransform"]
+__all__ = ["random_resized_crop_box", "box_iou", "sample_view_boxes", "TwoViewTransform", "montage"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -389,3 +389,59 @@ class TwoViewTransform:
             f"min_iou={self.min_iou}, max_tries={self.max_tries}, "
             f"photometric={self._pipelines is not None})"
         )
+
+
+# --- montage (MCL) ---------------------------------------------------------------------------
+
+
+def montage(images: Tensor, ratio: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """MCL's montage pretext: tile ``ratio x ratio`` downsampled images of the batch into one image.
+
+    Every image of ``images`` ``[B, C, H, W]`` (a batch of augmented views, uint8 or floating) is
+    downsampled once by ``ratio`` to ``H // ratio x W // ratio`` (``F.interpolate``, bilinear with
+    ``antialias=True`` and ``align_corners=False``: the pixel-area-correct resize that
+    :class:`TwoViewTransform` uses too), and montage ``b`` shows in slot ``s`` (row-major: slot
+    ``s`` is tile row ``s // ratio``, column ``s % ratio``) the image ``sources[b, s]``.
+
+    How images are drawn: one independent random permutation of the batch per slot, so each
+    image appears exactly once in every slot position across the batch (``ratio**2`` times in
+    all). Every image is then a positive equally often and at every position; a montage can still
+    hold one image twice (in two slots) when two permutations agree. ``ratio=1`` returns a copy of
+    ``images`` and ``sources = arange(B)[:, None]``.
+
+    Args:
+        images: ``[B, C, H, W]`` with ``H`` and ``W`` divisible by ``ratio``.
+        ratio: tiles per side (a positive int).
+        generator: a CPU ``torch.Generator`` for reproducible draws (None: torch's global RNG).
+
+    Returns ``(montage [B, C, H, W]`` in the dtype of ``images``, ``sources [B, ratio**2]`` long,
+    on the device of ``images``). uint8 tiles are rounded and clamped to [0, 255].
+    """
+    if not isinstance(images, Tensor):
+        raise TypeError(f"images must be a [B, C, H, W] torch.Tensor, got {type(images).__name__}")
+    if images.ndim != 4 or images.numel() == 0:
+        raise ValueError(f"images must be a non-empty [B, C, H, W] tensor, got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise TypeError(f"images must be a uint8 or floating tensor, got dtype {images.dtype}")
+    ratio = _positive_int("ratio", ratio)
+    batch, channels, height, width = images.shape
+    if height % ratio or width % ratio:
+        raise ValueError(
+            f"ratio must divide the image height and width, got ratio={ratio} for images of "
+            f"shape {tuple(images.shape)} (H={height}, W={width})"
+        )
+    generator = _cpu_generator(generator)
+    if ratio == 1:
+        return images.clone(), torch.arange(batch, device=images.device)[:, None]
+    slots = ratio * ratio
+    sources = torch.stack([torch.randperm(batch, generator=generator) for _ in range(slots)], 1)
+    sources = sources.to(images.device)
+    h, w = height // ratio, width // ratio
+    work = images.double() if images.dtype == torch.float64 else images.float()
+    small = F.interpolate(work, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    if images.dtype == torch.uint8:
+        small = small.round_().clamp_(0, 255)
+    small = small.to(images.dtype)
+    tiles = small[sources.reshape(-1)].reshape(batch, ratio, ratio, channels, h, w)
+    tiled = tiles.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, height, width)
+    return tiled, sources
