@@ -1,7 +1,8 @@
 """mgc_kernels: fused kernels and losses for multi-grained and dense contrastive SSL."""
 from . import backends, distributed, transforms
 from ._checks import set_value_checks
-from .losses import MGCLoss
+from .losses import (DenseCLLoss, MCLLoss, MGCLoss, SMoGGroups, SMoGLoss, dense_argmax_match,
+                     spherical_kmeans)
 from .ops.correspondence import correspondence
 from .ops.geometric_info_nce import geometric_info_nce
 from .ops.info_nce import info_nce
@@ -12,10 +13,15 @@ from .ops.sample_pairs import Pairs, sample_pairs
 __version__ = "0.1.0"
 
 __all__ = [
+    "DenseCLLoss",
+    "MCLLoss",
     "MGCLoss",
     "Pairs",
+    "SMoGGroups",
+    "SMoGLoss",
     "backends",
     "correspondence",
+    "dense_argmax_match",
     "distributed",
     "geometric_info_nce",
     "info_nce",
@@ -23,5 +29,6 @@ __all__ = [
     "region_boxes",
     "sample_pairs",
     "set_value_checks",
+    "spherical_kmeans",
     "transforms",
 ]
