@@ -8,7 +8,9 @@ skipped while ``torch.compile`` traces (a traced graph cannot raise on data).
 """
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Sequence
 
 import torch
 
@@ -78,6 +80,41 @@ def positive(name: str, value: float) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     return float(value)
+
+
+def int_at_least(name: str, value, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def per_item(name: str, values, count: int, what: str) -> list:
+    """A list or tuple with one entry per ``what`` (``count`` of them)."""
+    if isinstance(values, torch.Tensor) or not isinstance(values, Sequence) or len(values) != count:
+        length = f" of length {len(values)}" if isinstance(values, Sequence) else ""
+        raise ValueError(f"{name} must be a list with one entry per {what} ({count}), got "
+                         f"{type(values).__name__}{length}")
+    return list(values)
+
+
+def positive_ints(name: str, values) -> tuple[int, ...]:
+    """A non-empty sequence of positive ints."""
+    if isinstance(values, int) or not isinstance(values, Sequence) or not values or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {values!r}")
+    return tuple(values)
+
+
+def mixing_weights(name: str, weights, count: int, what: str) -> tuple[float, ...]:
+    """One finite non-negative number per ``what`` with a positive sum."""
+    if (isinstance(weights, (int, float)) or not isinstance(weights, Sequence)
+            or len(weights) != count
+            or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                       and math.isfinite(w) and w >= 0 for w in weights)
+            or not sum(weights) > 0):
+        raise ValueError(f"{name} must hold one finite non-negative number per {what} ({count}) "
+                         f"with a positive sum, got {weights!r}")
+    return tuple(float(w) for w in weights)
 
 
 def grid_cell(grid: int, cell: int) -> int:

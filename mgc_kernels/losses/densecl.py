@@ -117,8 +117,8 @@ class DenseCLLoss(nn.Module):
                  loss_lambda: float = 0.5, gather_distributed: bool = False,
                  backend: str | None = None):
         super().__init__()
-        self.dim = _positive_int("dim", dim)
-        self.queue_size = _positive_int("queue_size", queue_size)
+        self.dim = _checks.int_at_least("dim", dim)
+        self.queue_size = _checks.int_at_least("queue_size", queue_size)
         self.temperature = _checks.positive("temperature", temperature)
         if (not isinstance(loss_lambda, (int, float)) or isinstance(loss_lambda, bool)
                 or not 0 <= loss_lambda <= 1):
@@ -209,12 +209,6 @@ class DenseCLLoss(nn.Module):
         index = (ptr + skip + torch.arange(count - skip, device=queue.device)) % size
         queue.index_copy_(0, index, keys[skip:].to(queue.dtype))
         ptr.copy_((ptr + count) % size)
-
-
-def _positive_int(name: str, value) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 __all__ = ["DenseCLLoss", "dense_argmax_match"]

@@ -3,7 +3,6 @@ Dense Prediction Task", arXiv:2304.02010)."""
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 
 import torch
@@ -85,7 +84,10 @@ class MCLLoss(nn.Module):
             raise ValueError(f"grid must be a positive int, got {grid!r}")
         self.grid = grid
         self.ratios = _ratios(ratios, grid)
-        self.level_weights = _level_weights(level_weights, len(self.ratios))
+        self.level_weights = (
+            default_level_weights(len(self.ratios)) if level_weights is None else
+            _checks.mixing_weights("level_weights", level_weights, len(self.ratios),
+                                   "level of ratios"))
         self.temperature = _checks.positive("temperature", temperature)
         self.gather_distributed = bool(gather_distributed)
         self.backend = backend
@@ -115,9 +117,9 @@ class MCLLoss(nn.Module):
                 indices into this rank's batch.
         """
         levels = len(self.ratios)
-        q1, q2 = _per_level("q1", q1, levels), _per_level("q2", q2, levels)
-        sources1 = _per_level("sources1", sources1, levels)
-        sources2 = _per_level("sources2", sources2, levels)
+        q1, q2 = _checks.per_item("q1", q1, levels, "level of ratios"), _checks.per_item("q2", q2, levels, "level of ratios")
+        sources1 = _checks.per_item("sources1", sources1, levels, "level of ratios")
+        sources2 = _checks.per_item("sources2", sources2, levels, "level of ratios")
         for name, k in (("k1", k1), ("k2", k2)):
             _checks.float_tensor(name, k, ndim=2, kind=" ([B, D] momentum embeddings)")
         if k2.shape != k1.shape:
@@ -155,27 +157,6 @@ def _ratios(ratios, grid: int) -> tuple[int, ...]:
         raise ValueError(f"ratios must each divide grid={grid} (a sub-image must be a whole "
                          f"cell of tokens), got {ratios!r}; {bad} do not")
     return tuple(ratios)
-
-
-def _level_weights(weights, levels: int) -> tuple[float, ...]:
-    if weights is None:
-        return default_level_weights(levels)
-    if (isinstance(weights, (int, float)) or not isinstance(weights, Sequence)
-            or len(weights) != levels
-            or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
-                       and math.isfinite(w) and w >= 0 for w in weights)
-            or not sum(weights) > 0):
-        raise ValueError(f"level_weights must hold one finite non-negative number per level of "
-                         f"ratios ({levels}) with a positive sum, got {weights!r}")
-    return tuple(float(w) for w in weights)
-
-
-def _per_level(name: str, values, levels: int) -> list:
-    if isinstance(values, torch.Tensor) or not isinstance(values, Sequence) or len(values) != levels:
-        raise ValueError(f"{name} must be a list with one tensor per level of ratios ({levels}), "
-                         f"got {type(values).__name__}"
-                         + (f" of length {len(values)}" if isinstance(values, Sequence) else ""))
-    return list(values)
 
 
 def _check_queries(name: str, q, rows: tuple[int, int], dim: int, ratio: int,

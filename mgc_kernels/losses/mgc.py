@@ -66,10 +66,11 @@ class MGCLoss(nn.Module):
                  granularity_weights: Sequence[float] | None = None, sample_method: str = "mgc",
                  gather_distributed: bool = False, backend: str | None = None):
         super().__init__()
-        self.cells = tuple(_int_sequence("cells", cells))
+        self.cells = _checks.positive_ints("cells", cells)
         for c in self.cells:
             _checks.grid_cell(grid, c)
-        self.num_pairs = tuple(_int_sequence("num_pairs", num_pairs, len(self.cells)))
+        self.num_pairs = _checks.positive_ints("num_pairs", num_pairs)
+        _checks.per_item("num_pairs", num_pairs, len(self.cells), "cell")
         self.temperature = _checks.positive("temperature", temperature)
         self.grid = grid
         _checks.choice("mode", mode, ("sparse", "dense"))
@@ -77,7 +78,10 @@ class MGCLoss(nn.Module):
         self.weighting = _weighting(mode, weighting)
         _checks.choice("metric", metric, METRICS)
         self.metric = metric
-        self.granularity_weights = _granularity_weights(granularity_weights, self.num_pairs)
+        self.granularity_weights = (
+            tuple(float(k) for k in self.num_pairs) if granularity_weights is None else
+            _checks.mixing_weights("granularity_weights", granularity_weights, len(self.cells),
+                                   "cell"))
         _checks.choice("sample_method", sample_method, METHODS)
         self.sample_method = sample_method
         self.gather_distributed = bool(gather_distributed)
@@ -108,12 +112,12 @@ class MGCLoss(nn.Module):
             pairs: sparse mode: the output of :meth:`sample_pairs`.
             boxes: dense mode: ``(boxes1, flips1, boxes2, flips2)`` of the two views.
         """
-        features = [_per_cell(name, x, len(self.cells)) for name, x in
+        features = [_checks.per_item(name, x, len(self.cells), "cell") for name, x in
                     (("q1", q1), ("q2", q2), ("k1", k1), ("k2", k2))]
         if self.mode == "sparse":
             if pairs is None:
                 raise ValueError("pairs is required in sparse mode: pass criterion.sample_pairs(...)")
-            pairs = _per_cell("pairs", pairs, len(self.cells))
+            pairs = _checks.per_item("pairs", pairs, len(self.cells), "cell")
             terms = [self._sparse(i, *f, pairs[i]) for i, f in enumerate(zip(*features))]
         else:
             if boxes is None or len(boxes) != 4:
@@ -175,15 +179,6 @@ class MGCLoss(nn.Module):
         return distributed.world_size() * total / global_sum.clamp_min(TINY)
 
 
-def _int_sequence(name: str, values, length: int | None = None) -> list[int]:
-    if isinstance(values, int) or not isinstance(values, Sequence) or not values or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
-        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {values!r}")
-    if length is not None and len(values) != length:
-        raise ValueError(f"{name} must have one entry per cell ({length}), got {values!r}")
-    return list(values)
-
-
 def _weighting(mode: str, weighting: str | None) -> str:
     if mode == "dense":
         if weighting not in (None, "overlap"):
@@ -193,24 +188,6 @@ def _weighting(mode: str, weighting: str | None) -> str:
     weighting = "uniform" if weighting is None else weighting
     _checks.choice("weighting", weighting, ("uniform", "overlap"))
     return weighting
-
-
-def _granularity_weights(weights, num_pairs) -> tuple[float, ...]:
-    if weights is None:
-        return tuple(float(k) for k in num_pairs)
-    if len(weights) != len(num_pairs) or not all(
-            isinstance(w, (int, float)) and w >= 0 for w in weights) or not sum(weights) > 0:
-        raise ValueError("granularity_weights must hold one non-negative number per cell with a "
-                         f"positive sum, got {weights!r}")
-    return tuple(float(w) for w in weights)
-
-
-def _per_cell(name: str, values, cells: int) -> list:
-    if isinstance(values, torch.Tensor) or not isinstance(values, Sequence) or len(values) != cells:
-        raise ValueError(f"{name} must be a list with one entry per cell ({cells}), got "
-                         f"{type(values).__name__}"
-                         + (f" of length {len(values)}" if isinstance(values, Sequence) else ""))
-    return list(values)
 
 
 def _check_rows(name: str, x, shape: tuple, expected: str) -> None:

@@ -33,12 +33,6 @@ _CHUNK_ELEMENTS = 1 << 24  # similarity entries per chunk when matching many fea
 
 # ----------------------------------------------------------------------------- validation
 
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def _beta(value) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
         raise ValueError(f"beta must be a number in [0, 1), got {value!r}")
@@ -119,8 +113,8 @@ def spherical_kmeans(features: torch.Tensor, num_clusters: int, iters: int = 10,
     ``2**24`` entries. Returns ``(centres [K, D], assignments [N])`` (centres unit-norm).
     """
     _checks.float_tensor("features", features, ndim=2, kind=" ([N, D] features to cluster)")
-    num_clusters = _positive_int("num_clusters", num_clusters)
-    iters = _positive_int("iters", iters, 0)
+    num_clusters = _checks.int_at_least("num_clusters", num_clusters)
+    iters = _checks.int_at_least("iters", iters, 0)
     if len(features) < num_clusters:
         raise ValueError(f"k-means into num_clusters={num_clusters} groups needs at least that "
                          f"many features, got {_checks.describe(features)}")
@@ -178,8 +172,8 @@ class SMoGGroups(nn.Module):
     def __init__(self, num_groups: int = 3000, dim: int = 128, beta: float = 0.99,
                  gather_distributed: bool = False, seed: int = 0):
         super().__init__()
-        self.num_groups = _positive_int("num_groups", num_groups)
-        self.dim = _positive_int("dim", dim)
+        self.num_groups = _checks.int_at_least("num_groups", num_groups)
+        self.dim = _checks.int_at_least("dim", dim)
         self.beta = _beta(beta)
         self.gather_distributed = bool(gather_distributed)
         if not isinstance(seed, int) or isinstance(seed, bool):
@@ -259,8 +253,8 @@ class FeatureBank(nn.Module):
 
     def __init__(self, size: int, dim: int):
         super().__init__()
-        self.size = _positive_int("bank_size", size)
-        self.dim = _positive_int("dim", dim)
+        self.size = _checks.int_at_least("bank_size", size)
+        self.dim = _checks.int_at_least("dim", dim)
         self.register_buffer("features", torch.zeros(size, dim))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
@@ -349,11 +343,11 @@ class SMoGLoss(nn.Module):
                  gather_distributed: bool = False, seed: int = 0,
                  backend: str | None = None):
         super().__init__()
-        num_groups = _positive_int("num_groups", num_groups)
+        num_groups = _checks.int_at_least("num_groups", num_groups)
         self.temperature = _checks.positive("temperature", temperature)
-        self.reset_every = _positive_int("reset_every", reset_every, 0)
-        self.kmeans_iters = _positive_int("kmeans_iters", kmeans_iters)
-        bank_size = _positive_int("bank_size", bank_size, 0)
+        self.reset_every = _checks.int_at_least("reset_every", reset_every, 0)
+        self.kmeans_iters = _checks.int_at_least("kmeans_iters", kmeans_iters)
+        bank_size = _checks.int_at_least("bank_size", bank_size, 0)
         if self.reset_every and bank_size < num_groups:
             raise ValueError(f"bank_size must be at least num_groups={num_groups} to re-cluster "
                              f"every reset_every={reset_every} iterations, got {bank_size!r}")
