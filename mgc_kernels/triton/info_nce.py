@@ -38,7 +38,7 @@ MAX_ROWS, MAX_COLS = 128, 64
 
 
 @triton.jit
-def _load_rows(X, idx, mask, D, offs_d):
+def load_rows(X, idx, mask, D, offs_d):
     """``[len(idx), BLOCK_D]`` rows ``idx`` of the row-major ``[*, D]`` matrix ``X`` (0 where
     masked or past ``D``)."""
     ptrs = X + idx.to(tl.int64)[:, None] * D + offs_d[None, :]
@@ -95,7 +95,7 @@ def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, LOSS, RHO,
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q, rows, rmask, D, offs_d)
+    q = load_rows(Q, rows, rmask, D, offs_d)
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     rho = tl.zeros([BLOCK_R], tl.float32)
@@ -105,7 +105,7 @@ def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, LOSS, RHO,
     for start in range(0, M, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         cmask = cols < M
-        kt = _load_rows(K, cols, cmask, D, offs_d)
+        kt = load_rows(K, cols, cmask, D, offs_d)
         s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * inv_tau
         m_i, l_i = _online_lse(s, cmask, m_i, l_i)
         if GEOMETRIC:
@@ -118,7 +118,7 @@ def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, LOSS, RHO,
             w_logit += tl.sum(w * s, 1)
     for start in range(0, NU, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
-        ut = _load_rows(U, cols, cols < NU, D, offs_d)
+        ut = load_rows(U, cols, cols < NU, D, offs_d)
         s = tl.dot(q, tl.trans(ut), input_precision=PRECISION) * inv_tau
         m_i, l_i = _online_lse(s, cols < NU, m_i, l_i)
     lse = m_i + tl.log(l_i)
@@ -133,7 +133,7 @@ def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, LOSS, RHO,
         q32 = q.to(tl.float32)
         for p in range(P):
             idx, t, tmask = _target(TI, TW, rows, rmask, p, P)
-            k_row = _load_rows(K, idx, tmask, D, offs_d).to(tl.float32)
+            k_row = load_rows(K, idx, tmask, D, offs_d).to(tl.float32)
             total += t
             picked += t * tl.sum(q32 * k_row, 1)
         loss = total * lse - picked * inv_tau
@@ -149,7 +149,7 @@ def _dq_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, G, A, B, DQ, DK_T,
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q, rows, rmask, D, offs_d)
+    q = load_rows(Q, rows, rmask, D, offs_d)
     lse = tl.load(LSE + rows, mask=rmask, other=0.0)
     a = tl.load(A + rows, mask=rmask, other=0.0)  # softmax coefficient: s_i or [rho_i > 0]
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
@@ -160,7 +160,7 @@ def _dq_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, G, A, B, DQ, DK_T,
     for start in range(0, M, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         cmask = cols < M
-        kt = _load_rows(K, cols, cmask, D, offs_d)
+        kt = load_rows(K, cols, cmask, D, offs_d)
         s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * inv_tau
         ds = tl.exp(s - lse[:, None]) * a[:, None]
         if GEOMETRIC:
@@ -173,7 +173,7 @@ def _dq_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, G, A, B, DQ, DK_T,
         acc = tl.dot(ds.to(kt.dtype), kt, acc, input_precision=PRECISION)
     for start in range(0, NU, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
-        ut = _load_rows(U, cols, cols < NU, D, offs_d)
+        ut = load_rows(U, cols, cols < NU, D, offs_d)
         s = tl.dot(q, tl.trans(ut), input_precision=PRECISION) * inv_tau
         ds = tl.exp(s - lse[:, None]) * a[:, None]
         acc = tl.dot(ds.to(ut.dtype), ut, acc, input_precision=PRECISION)
@@ -182,7 +182,7 @@ def _dq_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, G, A, B, DQ, DK_T,
         q32 = q.to(tl.float32)
         for p in range(P):
             idx, t, tmask = _target(TI, TW, rows, rmask, p, P)
-            acc -= t[:, None] * _load_rows(K, idx, tmask, D, offs_d).to(tl.float32)
+            acc -= t[:, None] * load_rows(K, idx, tmask, D, offs_d).to(tl.float32)
             # this pair's share of dk (times 1/tau in _dk_kernel)
             dk_ptrs = DK_T + idx.to(tl.int64)[:, None] * D + offs_d[None, :]
             tl.atomic_add(dk_ptrs, -(g * t)[:, None] * q32,
@@ -201,7 +201,7 @@ def _dk_kernel(Q, K, QBOX, QIMG, KBOX, KIMG, LSE, G, A, B, DK_T, DK,
     kmask = keys < M
     offs_d = tl.arange(0, BLOCK_D)
     dmask = kmask[:, None] & (offs_d < D)[None, :]
-    kt = _load_rows(K, keys, kmask, D, offs_d)
+    kt = load_rows(K, keys, kmask, D, offs_d)
     if GEOMETRIC:
         acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         kx0, ky0, kx1, ky1, k_img = _load_boxes(KBOX, KIMG, keys, kmask)
@@ -212,7 +212,7 @@ def _dk_kernel(Q, K, QBOX, QIMG, KBOX, KIMG, LSE, G, A, B, DK_T, DK,
     for start in range(0, N, BLOCK_C):
         rows = start + tl.arange(0, BLOCK_C)
         rmask = rows < N
-        q = _load_rows(Q, rows, rmask, D, offs_d)
+        q = load_rows(Q, rows, rmask, D, offs_d)
         lse = tl.load(LSE + rows, mask=rmask, other=0.0)
         a = tl.load(A + rows, mask=rmask, other=0.0)
         s = tl.dot(kt, tl.trans(q), input_precision=PRECISION) * inv_tau  # [keys, queries]

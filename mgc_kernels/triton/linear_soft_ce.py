@@ -35,17 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .info_nce import load_rows
+
 # the largest tiles at D <= 128: a program's own rows, and the rows of the tiles it loops over
 MAX_ROWS, MAX_COLS = 128, 64
 MAX_PROGRAMS = 1024  # forward programs (bounds the [programs, K] teacher column-sum buffer)
-
-
-@triton.jit
-def _load_rows(X, idx, mask, D, offs_d):
-    """``[len(idx), BLOCK_D]`` rows ``idx`` of the row-major ``[*, D]`` matrix ``X`` (0 where
-    masked or past ``D``)."""
-    ptrs = X + idx.to(tl.int64)[:, None] * D + offs_d[None, :]
-    return tl.load(ptrs, mask=mask[:, None] & (offs_d < D)[None, :], other=0.0)
 
 
 @triton.jit
@@ -56,7 +50,7 @@ def _teacher_tile(T, VT, y, rows, rmask, cols, cmask, K, DT, offs_dt,
         ptrs = T + rows.to(tl.int64)[:, None] * K + cols[None, :]
         raw = tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
     else:
-        v = _load_rows(VT, cols, cmask, DT, offs_dt)
+        v = load_rows(VT, cols, cmask, DT, offs_dt)
         raw = tl.dot(y, tl.trans(v), input_precision=T_PRECISION)
     return raw
 
@@ -69,7 +63,7 @@ def _teacher_tile_t(T, VT, v, rows, rmask, cols, cmask, K, DT, offs_dt,
         ptrs = T + rows.to(tl.int64)[None, :] * K + cols[:, None]
         raw = tl.load(ptrs, mask=cmask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
     else:
-        y = _load_rows(T, rows, rmask, DT, offs_dt)
+        y = load_rows(T, rows, rmask, DT, offs_dt)
         raw = tl.dot(v, tl.trans(y), input_precision=T_PRECISION)
     return raw
 
@@ -89,8 +83,8 @@ def _forward_kernel(X, W, T, VT, C, LOSS, LSE, TLSE, PART,
     for it in range(ITERS):
         rows = (pid + it * programs) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < N
-        x = _load_rows(X, rows, rmask, D, offs_d)
-        y = _load_rows(T, rows, rmask, DT, offs_dt)
+        x = load_rows(X, rows, rmask, D, offs_d)
+        y = load_rows(T, rows, rmask, DT, offs_dt)
         m_s = tl.full([BLOCK_R], float("-inf"), tl.float32)
         l_s = tl.zeros([BLOCK_R], tl.float32)
         m_t = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -99,7 +93,7 @@ def _forward_kernel(X, W, T, VT, C, LOSS, LSE, TLSE, PART,
         for start in range(0, K, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
             cmask = cols < K
-            w = _load_rows(W, cols, cmask, D, offs_d)
+            w = load_rows(W, cols, cmask, D, offs_d)
             s = tl.dot(x, tl.trans(w), input_precision=PRECISION) * inv_tau_s
             raw = _teacher_tile(T, VT, y, rows, rmask, cols, cmask, K, DT, offs_dt,
                                 LOGITS_GIVEN, T_PRECISION)
@@ -140,8 +134,8 @@ def _dx_kernel(X, W, T, VT, C, LSE, TLSE, G, DX,
     rmask = rows < N
     offs_d = tl.arange(0, BLOCK_D)
     offs_dt = tl.arange(0, BLOCK_DT)
-    x = _load_rows(X, rows, rmask, D, offs_d)
-    y = _load_rows(T, rows, rmask, DT, offs_dt)
+    x = load_rows(X, rows, rmask, D, offs_d)
+    y = load_rows(T, rows, rmask, DT, offs_dt)
     lse = tl.load(LSE + rows, mask=rmask, other=0.0)
     tlse = tl.load(TLSE + rows, mask=rmask, other=0.0)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
@@ -149,7 +143,7 @@ def _dx_kernel(X, W, T, VT, C, LSE, TLSE, G, DX,
     for start in range(0, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         cmask = cols < K
-        w = _load_rows(W, cols, cmask, D, offs_d)
+        w = load_rows(W, cols, cmask, D, offs_d)
         s = tl.dot(x, tl.trans(w), input_precision=PRECISION) * inv_tau_s
         raw = _teacher_tile(T, VT, y, rows, rmask, cols, cmask, K, DT, offs_dt,
                             LOGITS_GIVEN, T_PRECISION)
@@ -175,8 +169,8 @@ def _dw_kernel(X, W, T, VT, C, LSE, TLSE, G, DW,
     cmask = cols < K
     offs_d = tl.arange(0, BLOCK_D)
     offs_dt = tl.arange(0, BLOCK_DT)
-    w = _load_rows(W, cols, cmask, D, offs_d)
-    v = _load_rows(VT, cols, cmask, DT, offs_dt)
+    w = load_rows(W, cols, cmask, D, offs_d)
+    v = load_rows(VT, cols, cmask, DT, offs_dt)
     c = tl.zeros([BLOCK_K], tl.float32)
     if HAS_CENTER:
         c = tl.load(C + cols, mask=cmask, other=0.0)
@@ -185,7 +179,7 @@ def _dw_kernel(X, W, T, VT, C, LSE, TLSE, G, DW,
     for start in range(0, N, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         rmask = rows < N
-        x = _load_rows(X, rows, rmask, D, offs_d)
+        x = load_rows(X, rows, rmask, D, offs_d)
         lse = tl.load(LSE + rows, mask=rmask, other=0.0)
         tlse = tl.load(TLSE + rows, mask=rmask, other=0.0)
         s = tl.dot(w, tl.trans(x), input_precision=PRECISION) * inv_tau_s  # [prototypes, rows]
