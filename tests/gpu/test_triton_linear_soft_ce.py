@@ -24,14 +24,14 @@ import torch
 from mgc_kernels.ops.linear_soft_ce import linear_soft_ce
 from mgc_kernels.reference import linear_soft_ce as reference
 
+from ._tolerances import assert_grads, representable, unit_rows
+
 try:
     from .._helpers import assert_close_to_exact, leaf
 except ImportError:
     from _helpers import assert_close_to_exact, leaf
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-GRAD_SLACK = {torch.float32: 2.0**-14, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-9}
 N, D, K = 5632, 256, 65536
 TAU_S, TAU_T = 0.1, 0.04
 
@@ -42,20 +42,11 @@ def kernels():
     return ops
 
 
-def representable(x: torch.Tensor) -> torch.Tensor:
-    x = x.to(torch.bfloat16).float()
-    return torch.where(x.abs() < 2.0**-14, 0.0, x).cuda()
-
-
-def unit_rows(gen, n, d=D):
-    return representable(torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1))
-
-
 @functools.cache
 def adclr_case(given_logits: bool):
     """Inputs, and the reference's (fp32) and exact (fp64) outputs and gradients."""
     gen = torch.Generator().manual_seed(0)
-    x, w, y, v = unit_rows(gen, N), unit_rows(gen, K), unit_rows(gen, N), unit_rows(gen, K)
+    x, w, y, v = (unit_rows(gen, rows, D) for rows in (N, K, N, K))
     center = representable(0.1 * torch.randn(K, generator=gen))
     grad = torch.full((N,), 1.0 / N, device="cuda")
     teacher, teacher_weight = (representable(y @ v.T), None) if given_logits else (y, v)
@@ -76,14 +67,6 @@ def assert_outputs(fast, ref, exact):
         assert f.dtype == torch.float32 and f.shape == e.shape, name
         scale = 1.0 if name == "teacher_mean" else 32.0
         assert_close_to_exact(f, r, e, 2.0**-16 * scale * max(1.0, e.abs().max().item()))
-
-
-def assert_grads(fast, ref32, exact, dtype):
-    for f, r, e in zip(fast, ref32, exact):
-        assert f.dtype == dtype and f.shape == e.shape
-        assert torch.isfinite(f).all()
-        tol = 2 * UNIT_ROUNDOFF[dtype] * e.abs() + GRAD_SLACK[dtype] * e.abs().max()
-        assert_close_to_exact(f, r.to(dtype), e, tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
