@@ -1,0 +1,96 @@
+"""Backbones (timm ViTs) and the MLP heads the five methods put on top of them."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import timm
+import torch
+from timm.layers import build_sincos2d_pos_embed
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A timm ViT and the width of the heads on top of it.
+
+    ``timm_name`` with ``timm_kwargs()`` is exactly what ``timm.create_model`` needs to rebuild
+    the exported backbone (``backbone.json`` records both).
+    """
+
+    timm_name: str
+    img_size: int
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    head_hidden: int      # hidden width of projectors and predictors (4096 in MGC)
+    head_dim: int         # output width D of the projections (128 in MGC)
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.patch_size
+
+    def timm_kwargs(self) -> dict:
+        return dict(img_size=self.img_size, patch_size=self.patch_size,
+                    embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
+                    qkv_bias=True, num_classes=0)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+ARCHS = {
+    # MGC's ViT-S/16: 8 heads (timm's vit_small has 6), fixed 2-D sin-cos positions.
+    "vit_s16": Arch("vit_small_patch16_224", 224, 16, 384, 12, 8, 4096, 128),
+    # A ViT small enough to pretrain on a laptop CPU in minutes, with the same 14 x 14 grid.
+    "tiny": Arch("vit_small_patch16_224", 112, 8, 128, 4, 4, 512, 64),
+}
+
+
+def create_backbone(arch: Arch, drop_path_rate: float = 0.0) -> nn.Module:
+    """A timm ``VisionTransformer`` without classifier, with a fixed 2-D sin-cos position
+    embedding (MoCo v3 / MGC): the embedding stays a parameter, so it is in the exported
+    ``state_dict`` under timm's own key, but it is never trained."""
+    vit = timm.create_model(arch.timm_name, pretrained=False, drop_path_rate=drop_path_rate,
+                            **arch.timm_kwargs())
+    with torch.no_grad():
+        table = build_sincos2d_pos_embed([arch.grid, arch.grid], arch.embed_dim)
+        vit.pos_embed[:, vit.num_prefix_tokens:] = table
+        vit.pos_embed[:, :vit.num_prefix_tokens] = 0
+    vit.pos_embed.requires_grad_(False)
+    return vit
+
+
+def patch_tokens(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[B, grid*grid, C]`` patch tokens of the last layer (prefix tokens dropped)."""
+    return vit.forward_features(x)[:, vit.num_prefix_tokens:]
+
+
+def mlp(dims: list[int], last_norm: str = "none") -> nn.Sequential:
+    """``Linear(no bias) -> BN -> ReLU`` between consecutive ``dims``, then a last Linear.
+
+    ``last_norm``: ``"bn"`` adds an affine-free BatchNorm after the last Linear (MGC's projector,
+    as MoCo v3's), ``"none"`` leaves the output as it is (MGC's predictor, a bias then).
+    """
+    layers: list[nn.Module] = []
+    for d_in, d_out in zip(dims[:-2], dims[1:-1]):
+        layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(dims[-2], dims[-1], bias=last_norm == "none"))
+    if last_norm == "bn":
+        layers.append(nn.BatchNorm1d(dims[-1], affine=False))
+    return nn.Sequential(*layers)
+
+
+def projector(arch: Arch) -> nn.Sequential:
+    """MGC's projector: C -> H -> H -> D, BN after every layer (the last without affine)."""
+    return mlp([arch.embed_dim, arch.head_hidden, arch.head_hidden, arch.head_dim], "bn")
+
+
+def predictor(arch: Arch) -> nn.Sequential:
+    """MGC's predictor: D -> H (BN, ReLU) -> D."""
+    return mlp([arch.head_dim, arch.head_hidden, arch.head_dim])
+
+
+def rows(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a head made for ``[N, C]`` rows to ``[..., C]`` (BatchNorm sees every row)."""
+    return head(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)

@@ -1,0 +1,319 @@
+"""The training loop: schedules, AMP, per-parameter clipping, DDP, checkpoints, logs, figures."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+import mgc_kernels as mk
+from mgc_kernels.transforms import TwoViewTransform
+
+from . import checkpoint
+from .config import STATE_FIELDS, Config
+from .data import build_dataset
+from .export import export_backbone
+from .loader import batches, steps_per_epoch
+from .methods import METHODS, Method
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; training stops at that step."""
+
+
+def momentum_at(step: int, total: int, start: float) -> float:
+    """MGC's EMA momentum: ``start`` -> 1 on a half cosine over all steps."""
+    return 1 - (1 - start) * (math.cos(math.pi * step / total) + 1) / 2
+
+
+def clip_per_parameter(params: list[torch.Tensor], max_norm: float) -> None:
+    """Clip each parameter's gradient to norm ``max_norm`` on its own (MGC's recipe), not the
+    global norm; no host sync."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and max_norm > 0:
+        norms = torch._foreach_norm(grads)
+        scales = [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms]
+        torch._foreach_mul_(grads, scales)
+
+
+def build_method(cfg: Config, distributed: bool) -> Method:
+    arch, common = cfg.architecture, dict(gather_distributed=distributed)
+    options = {
+        "mgc": dict(mode=cfg.mgc_mode, weighting=cfg.mgc_weighting),
+        "densecl": dict(queue_size=cfg.queue_size),
+        "smog": dict(num_groups=cfg.num_groups, reset_every=cfg.smog_reset_every,
+                     bank_size=cfg.bank_size, seed=cfg.seed),
+        "adclr": dict(num_prototypes=cfg.num_prototypes, num_queries=cfg.num_queries,
+                      warmup_teacher_temperature_epochs=min(30, cfg.epochs)),
+        "mcl": {},
+    }[cfg.method]
+    return METHODS[cfg.method](arch, cfg.drop_path, **options, **common)
+
+
+class Distributed:
+    """torchrun's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) or one process."""
+
+    def __init__(self, device: str):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available")
+        self.device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(self.device)
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_true(self, flag: bool) -> bool:
+        """``flag`` on every rank (so that all ranks stop together)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def gather_objects(self, obj) -> list:
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 on GPU, full precision on CPU (bf16 matmuls are slow on most CPUs)."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+class Log:
+    """Rank 0's per-step log: ``log.csv`` and TensorBoard events (``tb/``); on resume the rows
+    after the checkpoint's step are dropped so the log has each step once."""
+
+    COLUMNS = ("step", "epoch", "loss", "lr", "momentum", "images_per_s")
+
+    def __init__(self, output: Path, start_step: int, extra: tuple[str, ...]):
+        self.path = output / "log.csv"
+        self.columns = self.COLUMNS + extra
+        kept = []
+        if start_step > 0 and self.path.exists():
+            with open(self.path, newline="") as f:
+                kept = [row for row in csv.DictReader(f) if int(row["step"]) < start_step]
+        self.file = open(self.path, "w", newline="")
+        self.writer = csv.DictWriter(self.file, self.columns, extrasaction="ignore")
+        self.writer.writeheader()
+        self.writer.writerows(kept)
+        self.tensorboard = _summary_writer(output / "tb", start_step)
+
+    def write(self, row: dict) -> None:
+        self.writer.writerow(row)
+        self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(f"train/{key}", value, row["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def _summary_writer(path: Path, start_step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is in the "train" extra; the CSV log is always written
+        print("mgc-pretrain: tensorboard is not installed; writing log.csv only", file=sys.stderr)
+        return None
+    return SummaryWriter(str(path), purge_step=start_step)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+class Trainer:
+    """One run of ``mgc-pretrain``: builds everything from a :class:`Config`, then :meth:`fit`."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.dist = Distributed(cfg.device)
+        self.output = Path(cfg.output)
+        torch.manual_seed(cfg.seed + self.dist.rank)
+        if cfg.backend != "auto":  # the library's global switch, read at every op call
+            os.environ[mk.backends.ENV_VAR] = cfg.backend
+        self.dataset = build_dataset(cfg.data, length=cfg.num_images,
+                                     image_size=cfg.source_size, seed=cfg.seed)
+        self.batch_per_rank = self._batch_per_rank()
+        self.steps_per_epoch = steps_per_epoch(len(self.dataset), self.batch_per_rank,
+                                               self.dist.world_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"--batch-size {cfg.batch_size} is larger than the "
+                             f"{len(self.dataset)} images of --data {cfg.data!r}")
+        self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
+        self.method = build_method(cfg, self.dist.enabled).to(self.dist.device)
+        self.model = self._wrap(self.method)
+        self.params = [p for p in self.method.parameters() if p.requires_grad]
+        no_decay = {f"backbone.{n}" for n in self.method.backbone.no_weight_decay()}
+        groups = param_groups_weight_decay(self.method, cfg.weight_decay, no_weight_decay_list=no_decay)
+        self.base_lr = cfg.lr * cfg.batch_size / 256
+        self.optimizer = torch.optim.AdamW(groups, lr=self.base_lr, betas=(0.9, 0.999))
+        warmup = min(round(cfg.warmup_epochs * self.steps_per_epoch), self.total_steps - 1)
+        self.scheduler = CosineLRScheduler(
+            self.optimizer, t_initial=max(self.total_steps - warmup, 1), lr_min=cfg.min_lr,
+            warmup_t=warmup, warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+        self.amp_dtype = autocast_dtype(cfg.amp, self.dist.device)
+        self.scaler = torch.amp.GradScaler(self.dist.device.type,
+                                           enabled=self.amp_dtype == torch.float16)
+        self.start_step = self._resume() if cfg.resume else 0
+
+    def _batch_per_rank(self) -> int:
+        cfg, world = self.cfg, self.dist.world_size
+        if cfg.batch_size % world:
+            raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must be a "
+                             f"multiple of the number of processes, {world}")
+        return cfg.batch_size // world
+
+    def _wrap(self, method: Method) -> torch.nn.Module:
+        if not self.dist.enabled:
+            return method
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        self.method = method
+        ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+        # buffers (queues, groups, centres) are kept identical by the losses themselves
+        return DistributedDataParallel(method, device_ids=ids, broadcast_buffers=False)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output / "last.pt"
+
+    def _resume(self) -> int:
+        path = self.checkpoint_path if self.cfg.resume == "auto" else Path(self.cfg.resume)
+        ckpt = checkpoint.read(path, self.dist.device)
+        checkpoint.check_compatible(ckpt["config"], self.cfg.as_dict(), STATE_FIELDS, path)
+        checkpoint.load_state(self.method, ckpt["model"], "model", path)
+        for what, obj in (("optimizer", self.optimizer), ("scaler", self.scaler),
+                          ("scheduler", self.scheduler)):
+            try:
+                obj.load_state_dict(ckpt[what])
+            except (ValueError, KeyError, RuntimeError, TypeError) as e:
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {str(path)!r}: its {what} state does not fit this run: {e}") from e
+        states = ckpt["rng"]
+        if len(states) == self.dist.world_size:
+            set_rng_state(states[self.dist.rank], self.dist.device)
+        elif self.dist.is_main:
+            print(f"mgc-pretrain: {path} was written by {len(states)} process(es), this run has "
+                  f"{self.dist.world_size}: random streams restart (not a bit-exact resume)",
+                  file=sys.stderr)
+        return int(ckpt["step"])
+
+    def save(self, step: int) -> None:
+        """Checkpoint after ``step`` steps (every rank's RNG state; rank 0 writes)."""
+        states = self.dist.gather_objects({k: v.cpu() for k, v in
+                                           rng_state(self.dist.device).items()})
+        if self.dist.is_main:
+            checkpoint.save_atomic({
+                "format": checkpoint.FORMAT, "config": self.cfg.as_dict(), "step": step,
+                "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": states}, self.checkpoint_path)
+
+    def _step(self, batch: dict, step: int) -> tuple[float, dict]:
+        cfg = self.cfg
+        self.scheduler.step_update(step)
+        self.method.update_momentum(momentum_at(step, self.total_steps, cfg.momentum))
+        autocast = (torch.autocast(self.dist.device.type, dtype=self.amp_dtype)
+                    if self.amp_dtype else nullcontext())
+        with autocast:
+            loss, terms = self.model(batch, step / self.steps_per_epoch)
+        value = loss.item()
+        if not self.dist.all_true(math.isfinite(value)):
+            last = (f"the last good checkpoint is {self.checkpoint_path}"
+                    if self.checkpoint_path.exists() else "no checkpoint was written yet")
+            raise NonFiniteLoss(f"the loss is not finite at step {step} (this rank: {value}); "
+                                f"training stopped, {last}. Lower --lr or try --amp off.")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        clip_per_parameter(self.params, cfg.clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_step()
+        return value, {k: float(v) for k, v in terms.items()}
+
+    def fit(self) -> None:
+        cfg, main = self.cfg, self.dist.is_main
+        if main:
+            self.output.mkdir(parents=True, exist_ok=True)
+        self.method.train()
+        stream = batches(self.dataset, TwoViewTransform(self.cfg.architecture.img_size),
+                         batch_size=self.batch_per_rank, seed=cfg.seed,
+                         start_step=self.start_step, workers=cfg.workers,
+                         world_size=self.dist.world_size, rank=self.dist.rank)
+        save_every = cfg.save_every or self.steps_per_epoch
+        log = None
+        bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not main,
+                   desc=f"{cfg.method} {cfg.arch}", unit="step", dynamic_ncols=True)
+        tick, rate = time.perf_counter(), 0.0
+        for step in range(self.start_step, self.total_steps):
+            loss, terms = self._step(to_device(next(stream), self.dist.device), step)
+            now = time.perf_counter()
+            rate = cfg.batch_size / max(now - tick, 1e-9) if step == self.start_step else \
+                0.9 * rate + 0.1 * cfg.batch_size / max(now - tick, 1e-9)
+            tick = now
+            if main:
+                log = log or Log(self.output, self.start_step, tuple(terms))
+                lr = self.optimizer.param_groups[0]["lr"]
+                log.write({"step": step, "epoch": step / self.steps_per_epoch, "loss": loss,
+                           "lr": lr, "images_per_s": rate, **terms,
+                           "momentum": momentum_at(step, self.total_steps, cfg.momentum)})
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                bar.update()
+            if (step + 1) % save_every == 0 or step + 1 == self.total_steps:
+                self.save(step + 1)
+        bar.close()
+        if log is not None:
+            log.close()
+        if main:
+            export_backbone(self.method.backbone, cfg.architecture, self.output / "backbone.pth")
