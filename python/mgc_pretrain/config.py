@@ -50,7 +50,6 @@ class Config:
     backend: str = "auto"
     resume: str = ""
     save_every: int = 0             # 0: once per epoch
-    log_every: int = 10
     eval: bool | None = None        # None: after training on the synthetic data
     mgc_mode: str = "sparse"
     mgc_weighting: str = "uniform"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import math
 import os
 import sys
@@ -61,20 +62,23 @@ def build_method(cfg: Config, distributed: bool) -> Method:
 
 
 class Distributed:
-    """torchrun's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) or one process."""
+    """torchrun's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), a process group the
+    caller already started, or one process."""
 
     def __init__(self, device: str):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
-        if self.world_size > 1 and not dist.is_initialized():
+        self.owns_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+        if self.owns_group:
             dist.init_process_group("nccl" if use_cuda else "gloo")
+        joined = dist.is_available() and dist.is_initialized()
+        self.world_size = dist.get_world_size() if joined else 1
+        self.rank = dist.get_rank() if joined else 0
 
     @property
     def enabled(self) -> bool:
@@ -100,7 +104,7 @@ class Distributed:
         return out
 
     def close(self) -> None:
-        if self.enabled and dist.is_initialized():
+        if self.owns_group and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
 
@@ -179,7 +183,7 @@ class Trainer:
         self.cfg = cfg
         self.dist = Distributed(cfg.device)
         self.output = Path(cfg.output)
-        torch.manual_seed(cfg.seed + self.dist.rank)
+        torch.manual_seed(cfg.seed)  # every rank builds the same model, queues and groups
         if cfg.backend != "auto":  # the library's global switch, read at every op call
             os.environ[mk.backends.ENV_VAR] = cfg.backend
         self.dataset = build_dataset(cfg.data, length=cfg.num_images,
@@ -193,6 +197,7 @@ class Trainer:
         self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
         self.method = build_method(cfg, self.dist.enabled).to(self.dist.device)
         self.model = self._wrap(self.method)
+        torch.manual_seed(cfg.seed + 1000 * (1 + self.dist.rank))  # per-rank drop-path etc.
         self.params = [p for p in self.method.parameters() if p.requires_grad]
         no_decay = {f"backbone.{n}" for n in self.method.backbone.no_weight_decay()}
         groups = param_groups_weight_decay(self.method, cfg.weight_decay, no_weight_decay_list=no_decay)
@@ -217,11 +222,15 @@ class Trainer:
     def _wrap(self, method: Method) -> torch.nn.Module:
         if not self.dist.enabled:
             return method
-        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-        self.method = method
-        ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-        # buffers (queues, groups, centres) are kept identical by the losses themselves
-        return DistributedDataParallel(method, device_ids=ids, broadcast_buffers=False)
+        ids = None
+        if self.dist.device.type == "cuda":  # SyncBatchNorm runs on GPUs only; CPU ranks
+            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)  # keep local BN
+            self.method, ids = method, [self.dist.device.index]
+        # buffers (queues, groups, centres) start equal and the losses keep them so: no
+        # broadcast at every forward (torch >= 2.15 renamed the switch)
+        no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
+                   inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
+        return DistributedDataParallel(method, device_ids=ids, **{no_sync: False})
 
     @property
     def checkpoint_path(self) -> Path:
@@ -282,8 +291,10 @@ class Trainer:
         self.method.after_step()
         return value, {k: float(v) for k, v in terms.items()}
 
-    def fit(self) -> None:
+    def fit(self, until: int | None = None) -> None:
+        """Train from ``start_step`` to the end (or to step ``until``, checkpointed there)."""
         cfg, main = self.cfg, self.dist.is_main
+        stop = self.total_steps if until is None else min(until, self.total_steps)
         if main:
             self.output.mkdir(parents=True, exist_ok=True)
         self.method.train()
@@ -296,7 +307,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not main,
                    desc=f"{cfg.method} {cfg.arch}", unit="step", dynamic_ncols=True)
         tick, rate = time.perf_counter(), 0.0
-        for step in range(self.start_step, self.total_steps):
+        for step in range(self.start_step, stop):
             loss, terms = self._step(to_device(next(stream), self.dist.device), step)
             now = time.perf_counter()
             rate = cfg.batch_size / max(now - tick, 1e-9) if step == self.start_step else \
@@ -310,10 +321,10 @@ class Trainer:
                            "momentum": momentum_at(step, self.total_steps, cfg.momentum)})
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
                 bar.update()
-            if (step + 1) % save_every == 0 or step + 1 == self.total_steps:
+            if (step + 1) % save_every == 0 or step + 1 == stop:
                 self.save(step + 1)
         bar.close()
         if log is not None:
             log.close()
-        if main:
+        if main and stop == self.total_steps:
             export_backbone(self.method.backbone, cfg.architecture, self.output / "backbone.pth")
