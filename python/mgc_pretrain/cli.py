@@ -16,7 +16,8 @@ def _number(kind: Callable, low: float, name: str, strict: bool = False) -> Call
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} takes a {kind.__name__}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"{name} takes a {kind.__name__}, got {text!r}") from None
         if value < low or (strict and value == low):
             bound = ">" if strict else ">="
             raise argparse.ArgumentTypeError(f"{name} must be {bound} {low}, got {text!r}")

@@ -41,8 +41,9 @@ _PLACEMENT_TRIES = 4                   # per distractor, before it is left out
 _PIXEL_NOISE_STD = 3.0
 
 
-def _scene_seed(seed: int, index: int) -> int:
-    """32-bit generator seed of scene ``index``.
+def stream_seed(seed: int, index: int) -> int:
+    """32-bit generator seed of item ``index`` of the stream ``seed`` (scenes; the loader's
+    per-sample augmentations).
 
     torch's CPU generator keeps only the low 32 bits of its seed, so ``seed * length + index``
     would alias across seeds. Instead the dataset seed is hashed to a 32-bit offset and the index
@@ -204,7 +205,7 @@ class SyntheticScenes(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} is out of range for {self.length} scenes")
-        generator = torch.Generator().manual_seed(_scene_seed(self.seed, index))
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, index))
         return self._make_scene(generator)
 
     def _make_scene(self, generator: torch.Generator) -> dict:

@@ -2,8 +2,9 @@
 
 Every sample is named by a *key* ``epoch * len(dataset) + index``: its image is ``index`` and
 all of its randomness (crop boxes, flips, photometric ops) comes from a generator seeded with
-``(seed, key)``. So the stream is a pure function of ``(seed, step)`` whatever the number of
-workers, and a run resumed at step ``s`` sees exactly the batches a straight run sees there.
+``stream_seed(seed, key)``. So the stream is a pure function of ``(seed, step)`` whatever the
+number of workers, and a run resumed at step ``s`` sees exactly the batches a straight run
+sees there.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from mgc_kernels.transforms import TwoViewTransform
+
+from .data import stream_seed
 
 
 class TwoViews(Dataset):
@@ -29,7 +32,7 @@ class TwoViews(Dataset):
         index = key % len(self.dataset)
         image = self.dataset[index]["image"]
         with torch.random.fork_rng(devices=[]):   # torchvision draws from the global RNG
-            torch.manual_seed((self.seed << 32) + key)
+            torch.manual_seed(stream_seed(self.seed, key))
             return self.transform(image)
 
 

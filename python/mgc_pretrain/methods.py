@@ -16,7 +16,7 @@ from torch import nn
 
 import mgc_kernels as mk
 
-from .models import Arch, create_backbone, mlp, patch_tokens, predictor, projector, rows
+from .models import Arch, create_backbone, patch_tokens, predictor, projector, rows
 
 Batch = dict[str, Any]
 

@@ -77,7 +77,8 @@ def evaluate(backbone: str | Path, *, num_train: int = 1024, num_test: int = 512
                                     grid=arch.grid, num_classes=SyntheticScenes.NUM_CLASSES,
                                     device=device)
                for name, m in (("trained", model), ("random init", random_model))}
-    print(f"Probes on {num_test} held-out synthetic scenes ({num_train} to fit), {arch.img_size} px:")
+    print(f"Probes on {num_test} held-out synthetic scenes ({num_train} to fit), "
+          f"{arch.img_size} px:")
     print(format_table(results))
     (path.parent / "probes.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

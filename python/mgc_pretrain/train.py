@@ -200,7 +200,8 @@ class Trainer:
         torch.manual_seed(cfg.seed + 1000 * (1 + self.dist.rank))  # per-rank drop-path etc.
         self.params = [p for p in self.method.parameters() if p.requires_grad]
         no_decay = {f"backbone.{n}" for n in self.method.backbone.no_weight_decay()}
-        groups = param_groups_weight_decay(self.method, cfg.weight_decay, no_weight_decay_list=no_decay)
+        groups = param_groups_weight_decay(self.method, cfg.weight_decay,
+                                           no_weight_decay_list=no_decay)
         self.base_lr = cfg.lr * cfg.batch_size / 256
         self.optimizer = torch.optim.AdamW(groups, lr=self.base_lr, betas=(0.9, 0.999))
         warmup = min(round(cfg.warmup_epochs * self.steps_per_epoch), self.total_steps - 1)

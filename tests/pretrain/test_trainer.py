@@ -43,7 +43,7 @@ def test_every_method_trains_and_changes_the_backbone(tmp_path, method):
     after = trainer.method.backbone.state_dict()
     trained = [k for k in before if not torch.equal(before[k], after[k])]
     assert "blocks.0.attn.qkv.weight" in trained and "pos_embed" not in trained  # sin-cos fixed
-    for online, momentum in trainer.method.momentum_pairs():  # EMA targets got no gradient
+    for _, momentum in trainer.method.momentum_pairs():  # EMA targets got no gradient
         assert all(not p.requires_grad and p.grad is None for p in momentum.parameters())
     assert final_state(tmp_path)["step"] == 3
 
@@ -219,3 +219,16 @@ def test_two_gloo_processes_train_in_step(tmp_path, method):
     for key, value in single.method.backbone.state_dict().items():
         step = (value - initial[key]).abs().max()
         assert (ranks[0]["backbone"][key] - value).abs().max() <= 1e-3 * step + 1e-7, key
+
+
+def test_views_are_a_function_of_seed_and_key_only():
+    from mgc_kernels.transforms import TwoViewTransform
+    from mgc_pretrain.data import SyntheticScenes
+    from mgc_pretrain.loader import TwoViews
+
+    scenes, transform = SyntheticScenes(8, 64), TwoViewTransform(56)
+    a, again = TwoViews(scenes, transform, 0)[11], TwoViews(scenes, transform, 0)[11]
+    assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(again[k])) for k in a)
+    for other in (TwoViews(scenes, transform, 1)[11], TwoViews(scenes, transform, 0)[3]):
+        # another seed, or the same image (11 % 8 == 3) in another epoch: other views
+        assert not torch.equal(a["view1"], other["view1"])
