@@ -9,6 +9,8 @@ from .config import METHODS, PRESETS, Config
 from .models import ARCHS
 
 COMMANDS = ("train", "eval", "export")
+# a flag left out stays out of the namespace, so Config's default (or the --arch preset) applies
+UNSET = argparse.SUPPRESS
 
 
 def _number(kind: Callable, low: float, name: str, strict: bool = False) -> Callable:
@@ -45,7 +47,7 @@ def train_parser() -> argparse.ArgumentParser:
     run.add_argument("--arch", choices=tuple(ARCHS), default=d.arch,
                      help="backbone: 'tiny' (4-layer ViT, 112 px, 14x14 patches of 8 px; CPU) or "
                           "'vit_s16' (MGC's ViT-S/16, 8 heads, fixed sin-cos positions)")
-    run.add_argument("--output", default=d.output,
+    run.add_argument("--output", default=UNSET,
                      help="run folder (checkpoint, logs, figures, backbone.pth); default "
                           "runs/<method>-<arch>")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
@@ -61,24 +63,26 @@ def train_parser() -> argparse.ArgumentParser:
     data.add_argument("--data", default=d.data,
                       help="'synthetic' (built-in procedural scenes, no download) or a folder of "
                            "images (COCO train2017, ImageNet layout, any nested folder)")
-    data.add_argument("--num-images", type=_number(int, 1, "--num-images"), default=0,
+    data.add_argument("--num-images", type=_number(int, 1, "--num-images"), default=UNSET,
                       help=f"synthetic scenes per epoch (preset: {_preset_note('num_images')})")
-    data.add_argument("--source-size", type=_number(int, 32, "--source-size"), default=0,
+    data.add_argument("--source-size", type=_number(int, 32, "--source-size"),
+                      default=UNSET,
                       help=f"side of the synthetic scenes in px (preset: "
                            f"{_preset_note('source_size')})")
     data.add_argument("--workers", type=_number(int, 0, "--workers"), default=d.workers,
                       help="data-loader worker processes per training process")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=_number(int, 1, "--batch-size"), default=0,
+    opt.add_argument("--batch-size", type=_number(int, 1, "--batch-size"), default=UNSET,
                      help=f"global batch over all processes (preset: {_preset_note('batch_size')})")
-    opt.add_argument("--epochs", type=_number(int, 1, "--epochs"), default=0,
+    opt.add_argument("--epochs", type=_number(int, 1, "--epochs"), default=UNSET,
                      help=f"passes over the data (preset: {_preset_note('epochs')})")
-    opt.add_argument("--steps", type=_number(int, 1, "--steps"), default=0,
+    opt.add_argument("--steps", type=_number(int, 1, "--steps"), default=UNSET,
                      help="total optimiser steps, overriding --epochs (0: from --epochs)")
-    opt.add_argument("--warmup-epochs", type=_number(float, 0, "--warmup-epochs"), default=0,
+    opt.add_argument("--warmup-epochs", type=_number(float, 0, "--warmup-epochs"), default=UNSET,
                      help=f"linear lr warm-up (preset: {_preset_note('warmup_epochs')})")
-    opt.add_argument("--lr", type=_number(float, 0, "--lr", strict=True), default=d.lr,
-                     help="AdamW lr per 256 images (scaled by batch/256), then cosine decay")
+    opt.add_argument("--lr", type=_number(float, 0, "--lr", strict=True), default=UNSET,
+                     help=f"AdamW lr per 256 images (scaled by batch/256), then cosine decay "
+                          f"(preset: {_preset_note('lr')})")
     opt.add_argument("--min-lr", type=_number(float, 0, "--min-lr"), default=d.min_lr,
                      help="lr at the end of the cosine")
     opt.add_argument("--weight-decay", type=_number(float, 0, "--weight-decay"),
@@ -88,14 +92,14 @@ def train_parser() -> argparse.ArgumentParser:
                      help="per-parameter gradient-norm clip (0: off)")
     opt.add_argument("--momentum", type=_number(float, 0, "--momentum"), default=d.momentum,
                      help="EMA momentum at step 0, raised to 1 on a cosine")
-    opt.add_argument("--drop-path", type=_number(float, 0, "--drop-path"), default=-1.0,
+    opt.add_argument("--drop-path", type=_number(float, 0, "--drop-path"), default=UNSET,
                      help=f"drop-path rate of the online ViT (preset: {_preset_note('drop_path')})")
     opt.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"), default=d.amp,
                      help="autocast; auto: bf16 on GPU, off on CPU")
     log = p.add_argument_group("checkpoints, logs, evaluation")
-    log.add_argument("--save-every", type=_number(int, 0, "--save-every"), default=0,
+    log.add_argument("--save-every", type=_number(int, 0, "--save-every"), default=UNSET,
                      help="checkpoint every N steps (0: every epoch); always at the end")
-    log.add_argument("--eval", action=argparse.BooleanOptionalAction, default=None,
+    log.add_argument("--eval", action=argparse.BooleanOptionalAction, default=UNSET,
                      help="probe the trained and a random backbone at the end (default: on for "
                           "--data synthetic)")
     m = p.add_argument_group("method options")
@@ -103,16 +107,16 @@ def train_parser() -> argparse.ArgumentParser:
                    help="MGC: sampled pairs (paper) or all regions with geometric soft targets")
     m.add_argument("--mgc-weighting", choices=("uniform", "overlap"), default=d.mgc_weighting,
                    help="MGC sparse mode: released (uniform) or overlap-weighted rows")
-    m.add_argument("--queue-size", type=_number(int, 1, "--queue-size"), default=0,
+    m.add_argument("--queue-size", type=_number(int, 1, "--queue-size"), default=UNSET,
                    help=f"DenseCL queue length (preset: {_preset_note('queue_size')})")
-    m.add_argument("--num-groups", type=_number(int, 1, "--num-groups"), default=0,
+    m.add_argument("--num-groups", type=_number(int, 1, "--num-groups"), default=UNSET,
                    help=f"SMoG groups (preset: {_preset_note('num_groups')})")
-    m.add_argument("--bank-size", type=_number(int, 1, "--bank-size"), default=0,
+    m.add_argument("--bank-size", type=_number(int, 1, "--bank-size"), default=UNSET,
                    help=f"SMoG feature bank for the k-means resets (preset: "
                         f"{_preset_note('bank_size')})")
     m.add_argument("--smog-reset-every", type=_number(int, 0, "--smog-reset-every"),
                    default=d.smog_reset_every, help="SMoG: re-cluster every N steps (0: never)")
-    m.add_argument("--num-prototypes", type=_number(int, 1, "--num-prototypes"), default=0,
+    m.add_argument("--num-prototypes", type=_number(int, 1, "--num-prototypes"), default=UNSET,
                    help=f"ADCLR output width K (preset: {_preset_note('num_prototypes')})")
     m.add_argument("--num-queries", type=_number(int, 1, "--num-queries"), default=d.num_queries,
                    help="ADCLR query tokens per view")
@@ -133,11 +137,12 @@ def eval_parser() -> argparse.ArgumentParser:
                    help="scenes the probes are fitted on")
     p.add_argument("--num-test", type=_number(int, 1, "--num-test"), default=512,
                    help="scenes the probes are scored on")
-    p.add_argument("--source-size", type=_number(int, 32, "--source-size"), default=0,
+    p.add_argument("--source-size", type=_number(int, 0, "--source-size"), default=0,
                    help="side of the scenes (0: the backbone's input size)")
     p.add_argument("--seed", type=_number(int, 0, "--seed"), default=1,
                    help="seed of the probe scenes (training uses --seed 0 by default)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when available")
     return p
 
 
