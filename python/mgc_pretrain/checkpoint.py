@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 FORMAT = "mgc_pretrain/1"
-KEYS = ("format", "config", "step", "model", "optimizer", "scaler", "scheduler", "rng")
+KEYS = ("format", "config", "step", "model", "optimizer", "scaler", "rng")
 
 
 class CheckpointError(RuntimeError):

@@ -72,10 +72,10 @@ class MGC(Method):
 
     def __init__(self, arch: Arch, drop_path_rate: float, *, cells=(1, 2, 7),
                  num_pairs=(10, 10, 2), temperature=0.1, mode="sparse", weighting=None,
-                 gather_distributed=False):
+                 gather_distributed=False, backend=None):
         super().__init__(arch, drop_path_rate)
         self.criterion = mk.MGCLoss(cells, num_pairs, temperature, arch.grid, mode, weighting,
-                                    gather_distributed=gather_distributed)
+                                    gather_distributed=gather_distributed, backend=backend)
         self.projectors = nn.ModuleList(projector(arch) for _ in cells)
         self.predictors = nn.ModuleList(predictor(arch) for _ in cells)
         self.make_momentum_copies()
@@ -84,11 +84,11 @@ class MGC(Method):
         crit, grid = self.criterion, self.arch.grid
         views = (batch["view1"], batch["view2"])
         geometry = (batch["box1"], batch["flip1"], batch["box2"], batch["flip2"])
-        online = [mk.multigrain_pool(patch_tokens(self.backbone, x), grid, crit.cells)
-                  for x in views]
+        online = [mk.multigrain_pool(patch_tokens(self.backbone, x), grid, crit.cells,
+                                     backend=crit.backend) for x in views]
         with torch.no_grad():
             momentum = [mk.multigrain_pool(patch_tokens(self.momentum_backbone, x), grid,
-                                           crit.cells) for x in views]
+                                           crit.cells, backend=crit.backend) for x in views]
         pairs = crit.sample_pairs(*geometry) if crit.mode == "sparse" else None
         q1, q2, k1, k2 = [], [], [], []
         for c in range(len(crit.cells)):
@@ -118,10 +118,10 @@ class DenseCL(Method):
     HEADS = ("global_head", "dense_head")
 
     def __init__(self, arch: Arch, drop_path_rate: float, *, queue_size=65536,
-                 temperature=0.2, loss_lambda=0.5, gather_distributed=False):
+                 temperature=0.2, loss_lambda=0.5, gather_distributed=False, backend=None):
         super().__init__(arch, drop_path_rate)
         self.criterion = mk.DenseCLLoss(arch.head_dim, queue_size, temperature, loss_lambda,
-                                        gather_distributed=gather_distributed)
+                                        gather_distributed, backend)
         self.global_head = _two_layer(arch.embed_dim, arch.head_hidden, arch.head_dim)
         self.dense_head = _two_layer(arch.embed_dim, arch.head_hidden, arch.head_dim)
         self.make_momentum_copies()
@@ -143,10 +143,12 @@ class SMoG(Method):
     HEADS = ("projector",)
 
     def __init__(self, arch: Arch, drop_path_rate: float, *, num_groups=3000, temperature=0.1,
-                 beta=0.99, reset_every=300, bank_size=65536, seed=0, gather_distributed=False):
+                 beta=0.99, reset_every=300, bank_size=65536, seed=0, gather_distributed=False,
+                 backend=None):
         super().__init__(arch, drop_path_rate)
         self.criterion = mk.SMoGLoss(arch.head_dim, num_groups, temperature, beta, reset_every,
-                                     bank_size, seed=seed, gather_distributed=gather_distributed)
+                                     bank_size, seed=seed, gather_distributed=gather_distributed,
+                                     backend=backend)
         self.projector = projector(arch)
         self.predictor = predictor(arch)
         self.make_momentum_copies()
@@ -248,14 +250,14 @@ class ADCLR(Method):
     def __init__(self, arch: Arch, drop_path_rate: float, *, num_prototypes=65536,
                  num_queries=10, bottleneck=256, teacher_temperature=0.07,
                  warmup_teacher_temperature=0.04, warmup_teacher_temperature_epochs=30,
-                 gather_distributed=False):
+                 gather_distributed=False, backend=None):
         super().__init__(arch, drop_path_rate)
         self.num_queries = num_queries
         self.criterion = mk.ADCLRLoss(
             num_prototypes, teacher_temperature=teacher_temperature,
             warmup_teacher_temperature=warmup_teacher_temperature,
             warmup_teacher_temperature_epochs=warmup_teacher_temperature_epochs,
-            gather_distributed=gather_distributed)
+            gather_distributed=gather_distributed, backend=backend)
         self.head = DinoHead(arch.embed_dim, arch.head_hidden, bottleneck, num_prototypes)
         self.make_momentum_copies()
 
@@ -287,10 +289,10 @@ class MCL(Method):
     HEADS = ("projector",)
 
     def __init__(self, arch: Arch, drop_path_rate: float, *, ratios=(1, 2, 7), temperature=0.2,
-                 gather_distributed=False):
+                 gather_distributed=False, backend=None):
         super().__init__(arch, drop_path_rate)
         self.criterion = mk.MCLLoss(ratios, temperature=temperature, grid=arch.grid,
-                                    gather_distributed=gather_distributed)
+                                    gather_distributed=gather_distributed, backend=backend)
         self.projector = projector(arch)
         self.predictors = nn.ModuleList(predictor(arch) for _ in ratios)
         self.make_momentum_copies()
@@ -305,7 +307,8 @@ class MCL(Method):
         for level, (ratio, cell) in enumerate(zip(crit.ratios, crit.cells)):
             for x, q, s in ((views[0], q1, s1), (views[1], q2, s2)):
                 tiled, sources = mk.transforms.montage(x, ratio)
-                sub = mk.multigrain_pool(patch_tokens(self.backbone, tiled), grid, (cell,))[0]
+                tokens = patch_tokens(self.backbone, tiled)
+                sub = mk.multigrain_pool(tokens, grid, (cell,), backend=crit.backend)[0]
                 q.append(rows(self.predictors[level], rows(self.projector, sub)))
                 s.append(sources)
         return crit(q1, q2, k1, k2, s1, s2), {}

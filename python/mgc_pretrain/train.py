@@ -1,4 +1,4 @@
-"""The training loop: schedules, AMP, per-parameter clipping, DDP, checkpoints, logs, figures."""
+"""The training loop: schedules, AMP, per-parameter clipping, DDP, checkpoints and logs."""
 from __future__ import annotations
 
 import csv
@@ -17,7 +17,6 @@ from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-import mgc_kernels as mk
 from mgc_kernels.transforms import TwoViewTransform
 
 from . import checkpoint
@@ -48,7 +47,8 @@ def clip_per_parameter(params: list[torch.Tensor], max_norm: float) -> None:
 
 
 def build_method(cfg: Config, distributed: bool) -> Method:
-    arch, common = cfg.architecture, dict(gather_distributed=distributed)
+    backend = None if cfg.backend == "auto" else cfg.backend
+    arch, common = cfg.architecture, dict(gather_distributed=distributed, backend=backend)
     options = {
         "mgc": dict(mode=cfg.mgc_mode, weighting=cfg.mgc_weighting),
         "densecl": dict(queue_size=cfg.queue_size),
@@ -184,8 +184,6 @@ class Trainer:
         self.dist = Distributed(cfg.device)
         self.output = Path(cfg.output)
         torch.manual_seed(cfg.seed)  # every rank builds the same model, queues and groups
-        if cfg.backend != "auto":  # the library's global switch, read at every op call
-            os.environ[mk.backends.ENV_VAR] = cfg.backend
         self.dataset = build_dataset(cfg.data, length=cfg.num_images,
                                      image_size=cfg.source_size, seed=cfg.seed)
         self.batch_per_rank = self._batch_per_rank()
@@ -242,8 +240,9 @@ class Trainer:
         ckpt = checkpoint.read(path, self.dist.device)
         checkpoint.check_compatible(ckpt["config"], self.cfg.as_dict(), STATE_FIELDS, path)
         checkpoint.load_state(self.method, ckpt["model"], "model", path)
-        for what, obj in (("optimizer", self.optimizer), ("scaler", self.scaler),
-                          ("scheduler", self.scheduler)):
+        # the lr and momentum schedules are functions of the step (restored here) and of
+        # --epochs/--steps, which may grow to extend a run: no scheduler state is kept
+        for what, obj in (("optimizer", self.optimizer), ("scaler", self.scaler)):
             try:
                 obj.load_state_dict(ckpt[what])
             except (ValueError, KeyError, RuntimeError, TypeError) as e:
@@ -266,8 +265,7 @@ class Trainer:
             checkpoint.save_atomic({
                 "format": checkpoint.FORMAT, "config": self.cfg.as_dict(), "step": step,
                 "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": states}, self.checkpoint_path)
+                "scaler": self.scaler.state_dict(), "rng": states}, self.checkpoint_path)
 
     def _step(self, batch: dict, step: int) -> tuple[float, dict]:
         cfg = self.cfg

@@ -232,3 +232,12 @@ def test_views_are_a_function_of_seed_and_key_only():
     for other in (TwoViews(scenes, transform, 1)[11], TwoViews(scenes, transform, 0)[3]):
         # another seed, or the same image (11 % 8 == 3) in another epoch: other views
         assert not torch.equal(a["view1"], other["view1"])
+
+
+def test_a_finished_run_can_be_extended(tmp_path):
+    Trainer(micro_config(tmp_path, steps=2)).fit()
+    longer = Trainer(micro_config(tmp_path, steps=4, resume="auto"))
+    assert longer.start_step == 2
+    longer.fit()
+    assert [int(r["step"]) for r in read_log(tmp_path)] == [0, 1, 2, 3]
+    assert final_state(tmp_path)["step"] == 4
