@@ -266,9 +266,9 @@ class ADCLR(Method):
         for v in ("1", "2"):
             view = batch[f"view{v}"]
             where = to_view(regions, batch[f"box{v}"], batch[f"flip{v}"])
-            out = head(encode_with_queries(vit, view, query_tokens(vit, view, where)))
-            cls.append(out[:, 0])
-            queries.append(out[:, -self.num_queries:])
+            out = encode_with_queries(vit, view, query_tokens(vit, view, where))
+            cls.append(head(out[:, 0]))            # the patch tokens need no head
+            queries.append(head(out[:, -self.num_queries:]))
         return torch.stack(cls), torch.stack(queries)
 
     def forward(self, batch: Batch, epoch: float):
