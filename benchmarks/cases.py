@@ -25,7 +25,7 @@ import torch
 
 import mgc_kernels as mk
 
-from . import formulas
+from . import formulas, released_mgc
 
 FWD, FWD_BWD = "fwd", "fwd+bwd"
 GRID = 14  # ViT-S/16 at 224 px: a 14 x 14 token grid
@@ -48,6 +48,7 @@ class Problem:
     flops: dict[str, float] | None = None  # per mode
     traffic: dict[str, float] | None = None  # bytes per mode
     no_formula: str = "no plain-PyTorch formula for this case"
+    released: Callable[[], Any] | None = None  # the released MGC code's approach, if it has one
 
     def backward(self, out) -> None:
         outputs = list(out) if isinstance(out, (list, tuple)) else [out]
@@ -169,12 +170,14 @@ def multigrain_pool(batch: int, dtype, device, channels: int = 384,
         traffic={FWD: float(traffic), FWD_BWD: 2.0 * traffic})
 
 
-@case("sample_pairs", op_name="sample_pairs", sizes=[{"batch": 256}], quick_sizes=[{"batch": 2}],
-      modes=(FWD,))
+@case("sample_pairs", op_name="sample_pairs", sizes=[{"batch": 1}, {"batch": 256}],
+      quick_sizes=[{"batch": 2}], modes=(FWD,))
 def sample_pairs(batch: int, dtype, device, cells=(1, 2, 7), ks=(10, 10, 2)) -> Problem:
     """MGC's sparse pairs at three granularities for a batch (boxes are always fp32: they are
-    pixel coordinates from the data loader, whatever dtype the network runs in)."""
-    views = [t.to(device) for t in view_boxes(batch)]
+    pixel coordinates from the data loader, whatever dtype the network runs in). ``released``:
+    the released pipeline's per-sample Python loops, on CPU as in its data workers."""
+    boxes = view_boxes(batch)
+    views = [t.to(device) for t in boxes]
 
     def op(backend):
         return [mk.sample_pairs(*views, GRID, cell, k, backend=backend)
@@ -183,5 +186,5 @@ def sample_pairs(batch: int, dtype, device, cells=(1, 2, 7), ks=(10, 10, 2)) -> 
     return Problem(
         shapes={"B": batch, "grid": GRID, "cells": list(cells), "k": list(ks)},
         op=op, formula=None, dtype=torch.float32,
-        no_formula="no plain-formula baseline (the released code's per-sample Python loops "
-                   "come with the full suite)")
+        no_formula="no plain-formula baseline (see the released provider)",
+        released=partial(released_mgc.sample_pairs_batch, *boxes, GRID, cells))

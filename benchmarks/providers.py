@@ -5,6 +5,9 @@
   correctness tool, not a speed measure).
 - ``torch_compile``: ``torch.compile`` of the case's plain-PyTorch formula.
 - ``naive``: the same formula, eager.
+- ``native``: the library op with ``backend="native"`` (csrc/), where it is built.
+- ``released``: the released MGC pipeline's approach re-implemented (per-sample Python loops
+  for correspondences, :mod:`benchmarks.released_mgc`), for the cases it covers.
 """
 from __future__ import annotations
 
@@ -17,14 +20,16 @@ import mgc_kernels as mk
 
 from .cases import Case, Problem
 
-PROVIDERS = ("torch", "triton", "torch_compile", "naive")
-QUICK_PROVIDERS = ("torch", "naive")
+PROVIDERS = ("torch", "triton", "native", "torch_compile", "naive", "released")
+QUICK_PROVIDERS = ("torch", "naive", "released")
 
 
 def make(provider: str, case: Case, problem: Problem, device: torch.device) -> Callable | str:
     """The zero-argument callable that runs ``problem`` with ``provider``, or a skip reason."""
-    if provider in ("torch", "triton"):
+    if provider in ("torch", "triton", "native"):
         return _library(provider, case, problem, device)
+    if provider == "released":
+        return problem.released or "the released MGC code has no counterpart of this case"
     if provider not in ("torch_compile", "naive"):
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     if problem.formula is None:

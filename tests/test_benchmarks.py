@@ -12,14 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repo, not an installed package
-    sys.path.insert(0, str(REPO))
+from benchmarks import device, providers, runner
+from benchmarks.cases import CASES, FWD, FWD_BWD, Case, Problem
+from benchmarks.measure import QUICK
+from benchmarks.results import FIELDS
 
-from benchmarks import device, providers, runner  # noqa: E402
-from benchmarks.cases import CASES, FWD, FWD_BWD, Case, Problem  # noqa: E402
-from benchmarks.measure import QUICK  # noqa: E402
-from benchmarks.results import FIELDS  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 

@@ -1,17 +1,23 @@
 """An independent, per-sample Python re-implementation of the released MGC pair sampling.
 
-Written for the tests from the rule as the released code runs it (METHODS.md §1): boxes as
+Written (our own code, not the released code) from the rule as the released code runs it
+(METHODS.md §1): boxes as
 (x, y, h, w) source pixels, the crops' overlap expressed in view-1 pixels (a ``view_size``-pixel
 view split into ``n`` cells of ``P = view_size / n`` pixels) with float32 arithmetic, view-1 cells
 visited with an IoU-dependent stride, each visited cell's part of the overlap carried into view 2
 to enumerate the view-2 cells it touches, weight ``overArea * overArea2 / (s1 + s2) * s1``, then
-the top ``K`` (or zero padding). It shares no code with the library on purpose.
+the top ``K`` (or zero padding). It shares no code with the library on purpose: the tests
+compare the library with it, and the benchmarks time it as the released pipeline's approach
+(per-sample Python loops in the data workers).
 """
 from __future__ import annotations
 
 import numpy as np
 
 F32 = np.float32
+# the released strides per cell: (ratio, low, high) for rows and for columns; cell 7 visits all
+RULES = {1: ((12, 2, 8), (8, 2, 6)), 2: ((8, 2, 4), (4, 1, 3)), 7: ((1, 1, 1), (1, 1, 1))}
+PAIRS = {1: 10, 2: 10, 7: 2}   # K per cell
 
 
 def _span(start: float, length: float, cell: float, view_size: float) -> tuple[int, int]:
@@ -92,3 +98,17 @@ def sample_pairs(box1, box2, flip1, flip2, n, k, **rule):
     pairs = candidate_pairs(box1, box2, flip1, flip2, n, **rule)
     pairs = sorted(pairs, key=lambda p: -p[2])[:k]
     return pairs + [(0, 0, 0.0)] * (k - len(pairs))
+
+
+def sample_pairs_batch(boxes1, flips1, boxes2, flips2, grid: int = 14, cells=(1, 2, 7)) -> list:
+    """The released data path for a batch: per image and per cell, the loops above (boxes and
+    flips as CPU tensors or lists); ``[per cell: [per image: K (idx1, idx2, weight)]]``."""
+    b1, b2 = boxes1.tolist(), boxes2.tolist()
+    f1, f2 = [bool(f) for f in flips1], [bool(f) for f in flips2]
+    out = []
+    for cell in cells:
+        rows, cols = RULES[cell]
+        out.append([sample_pairs(b1[i], b2[i], f1[i], f2[i], grid // cell, PAIRS[cell],
+                                 row_rule=rows, col_rule=cols) for i in range(len(b1))])
+    return out
+
