@@ -1,9 +1,10 @@
-"""``python -m benchmarks``: run the cases, append JSON lines, print a table.
+"""``python -m benchmarks``: run the cases, append JSON lines and CSV rows, print a table.
 
 Examples::
 
     python -m benchmarks --quick                      # CPU, tiny sizes, seconds (what CI runs)
-    python -m benchmarks                              # the full sweep on the GPU, bf16
+    python -m benchmarks                              # the full sweep: GPU sizes in bf16 on a
+                                                      # GPU, CPU sizes in fp32 without one
     python -m benchmarks --case info_nce_queue --provider torch triton --dtype fp16
 
 Exit status 1 when any row is an ``error`` (OOM and skips are results, not errors).
@@ -18,7 +19,7 @@ import torch
 
 from . import device as devices
 from . import results, runner
-from .cases import CASES, FWD, FWD_BWD
+from .cases import CASES, FWD, FWD_BWD, STEP
 from .measure import FULL, QUICK
 from .providers import PROVIDERS, QUICK_PROVIDERS
 
@@ -29,19 +30,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      epilog=examples,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="CPU, tiny sizes, providers torch and naive, fp32 (for CI)")
+                        help="CPU, tiny sizes, fp32, the providers that run on a CPU (for CI)")
     parser.add_argument("--case", nargs="+", choices=sorted(CASES),
                         help="cases to run (default: all)")
     parser.add_argument("--provider", nargs="+", choices=PROVIDERS,
                         help=f"providers (default: all; with --quick {' '.join(QUICK_PROVIDERS)})")
-    parser.add_argument("--mode", nargs="+", choices=(FWD, FWD_BWD), default=(FWD, FWD_BWD))
+    parser.add_argument("--mode", nargs="+", choices=(FWD, FWD_BWD, STEP),
+                        default=(FWD, FWD_BWD, STEP),
+                        help="fwd, fwd+bwd, step (a whole training step; default: all)")
     parser.add_argument("--batch", nargs="+", type=int, help="only these batch sizes")
     parser.add_argument("--dtype", choices=sorted(results.DTYPES),
                         help="input dtype (default: bf16 on CUDA, fp32 on CPU and with --quick)")
     parser.add_argument("--threads", type=int,
                         help="torch's CPU threads (default: 1 with --quick, else torch's choice)")
     parser.add_argument("--out", type=Path,
-                        help="JSON-lines file to append to "
+                        help="JSON-lines file to append to, its CSV beside it "
                              "(default: benchmarks/results/<device>.jsonl)")
     return parser.parse_args(argv)
 
@@ -57,7 +60,7 @@ def main(argv=None) -> int:
     provider_names = args.provider or (QUICK_PROVIDERS if args.quick else PROVIDERS)
     out = args.out or results.default_path(target.name)
     jobs = [(case, size) for case in (CASES[n] for n in (args.case or CASES))
-            for size in (case.quick_sizes if args.quick else case.sizes)
+            for size in case.sweep(target.device, args.quick)
             if args.batch is None or size["batch"] in args.batch]
 
     print(f"device: {target.name} | dtype: {results.dtype_name(dtype)} | "

@@ -1,7 +1,7 @@
 """``python -m benchmarks.plot RESULTS.jsonl [...] --out-dir DIR``: PNG charts of the results.
 
-One chart per (device, case, mode, dtype): median time (with the 20-80 % band) and peak extra
-memory against the batch size, one line per provider. Where a file holds the same measurement
+One chart per (device, case, variant, mode, dtype): median time (with the 20-80 % band) and peak
+extra memory against the batch size, one line per provider. Where a file holds the same measurement
 more than once, the last row wins (results are appended). Needs matplotlib (``pip install
 matplotlib``, or the ``bench`` extra), which is imported only here.
 """
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     rows = [row for path in args.files for row in results.load(path)]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for key, series in _charts(rows).items():
-        path = args.out_dir / ("__".join(slug(part) for part in key) + ".png")
+        path = args.out_dir / ("__".join(slug(part) for part in key if part) + ".png")
         _draw(pyplot, key, series, path)
         print(path)
     return 0
@@ -51,17 +51,18 @@ def _pyplot():
 
 
 def _charts(rows) -> dict:
-    """``{(device, case, mode, dtype): {provider: {batch: row}}}`` of the rows that ran."""
+    """``{(device, case, variant, mode, dtype): {provider: {batch: row}}}`` of the rows that
+    ran."""
     charts: dict = defaultdict(lambda: defaultdict(dict))
     for row in rows:
         if row["status"] in ("ok", "OOM"):
-            key = (row["device"], row["case"], row["mode"], row["dtype"])
+            key = (row["device"], row["case"], row["variant"], row["mode"], row["dtype"])
             charts[key][row["provider"]][row["shapes"]["B"]] = row
     return charts
 
 
 def _draw(pyplot, key, series: dict, path: Path) -> None:
-    device, case, mode, dtype = key
+    device, case, variant, mode, dtype = key
     figure, (time_ax, memory_ax) = pyplot.subplots(1, 2, figsize=(11, 4))
     for provider, by_batch in sorted(series.items()):
         ok = [by_batch[b] for b in sorted(by_batch) if by_batch[b]["status"] == "ok"]
@@ -83,7 +84,7 @@ def _draw(pyplot, key, series: dict, path: Path) -> None:
                        else "no memory figures", ha="center", va="center",
                        transform=memory_ax.transAxes)
     time_ax.legend(fontsize=8)
-    figure.suptitle(f"{case} {mode} {dtype} on {device}")
+    figure.suptitle(f"{case} {variant} {mode} {dtype} on {device}".replace("  ", " "))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     pyplot.close(figure)

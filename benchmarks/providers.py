@@ -7,7 +7,10 @@
 - ``naive``: the same formula, eager.
 - ``native``: the library op with ``backend="native"`` (csrc/), where it is built.
 - ``released``: the released MGC pipeline's approach re-implemented (per-sample Python loops
-  for correspondences, :mod:`benchmarks.released_mgc`), for the cases it covers.
+  for correspondences, materialised logits for the loss: :mod:`benchmarks.released_mgc`), for
+  the cases it covers.
+- ``lightly``: lightly's comparable loss (:mod:`benchmarks.lightly_baselines`), for the cases
+  where one exists; skipped when lightly is not installed (``pip install -e '.[bench]'``).
 """
 from __future__ import annotations
 
@@ -18,18 +21,21 @@ import torch
 
 import mgc_kernels as mk
 
+from . import lightly_baselines
 from .cases import Case, Problem
 
-PROVIDERS = ("torch", "triton", "native", "torch_compile", "naive", "released")
-QUICK_PROVIDERS = ("torch", "naive", "released")
+PROVIDERS = ("torch", "triton", "native", "torch_compile", "naive", "released", "lightly")
+QUICK_PROVIDERS = ("torch", "naive", "released", "lightly")
+BASELINES = {"released": "the released MGC code has no counterpart of this case",
+             "lightly": "lightly has no comparable loss for this case"}
 
 
 def make(provider: str, case: Case, problem: Problem, device: torch.device) -> Callable | str:
     """The zero-argument callable that runs ``problem`` with ``provider``, or a skip reason."""
     if provider in ("torch", "triton", "native"):
         return _library(provider, case, problem, device)
-    if provider == "released":
-        return problem.released or "the released MGC code has no counterpart of this case"
+    if provider in BASELINES:
+        return _baseline(provider, problem)
     if provider not in ("torch_compile", "naive"):
         raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
     if problem.formula is None:
@@ -48,3 +54,12 @@ def _library(backend: str, case: Case, problem: Problem, device: torch.device):
     except RuntimeError as err:
         return str(err)
     return partial(problem.op, backend)
+
+
+def _baseline(provider: str, problem: Problem):
+    make_step = problem.baselines.get(provider)
+    if make_step is None:
+        return BASELINES[provider]
+    if provider == "lightly" and lightly_baselines.unavailable():
+        return lightly_baselines.unavailable()
+    return make_step()

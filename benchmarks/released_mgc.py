@@ -1,4 +1,5 @@
-"""An independent, per-sample Python re-implementation of the released MGC pair sampling.
+"""An independent re-implementation of the released MGC pipeline's approach: per-sample Python
+loops for the pair sampling, materialised logits for the loss.
 
 Written (our own code, not the released code) from the rule as the released code runs it
 (METHODS.md §1): boxes as
@@ -8,11 +9,15 @@ visited with an IoU-dependent stride, each visited cell's part of the overlap ca
 to enumerate the view-2 cells it touches, weight ``overArea * overArea2 / (s1 + s2) * s1``, then
 the top ``K`` (or zero padding). It shares no code with the library on purpose: the tests
 compare the library with it, and the benchmarks time it as the released pipeline's approach
-(per-sample Python loops in the data workers).
+(per-sample Python loops in the data workers). The loss (:func:`contrastive_loss`,
+:func:`mgc_loss`) is written from METHODS.md §1 the way the released code computes it: the whole
+logit matrix and a mean cross-entropy in which the pair weights cancel.
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 F32 = np.float32
 # the released strides per cell: (ratio, low, high) for rows and for columns; cell 7 visits all
@@ -112,3 +117,31 @@ def sample_pairs_batch(boxes1, flips1, boxes2, flips2, grid: int = 14, cells=(1,
                                  row_rule=rows, col_rule=cols) for i in range(len(b1))])
     return out
 
+
+def contrastive_loss(q, k, weights, temperature: float):
+    """The released loss of one granularity and direction: the whole ``[N, M]`` logit matrix,
+    a mean-reduced cross-entropy (row ``r``'s positive is key ``r``), multiplied by the pair
+    weights and divided by their sum, so that the weights cancel (METHODS.md §1)."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    logits = (q @ k.T).to(torch.promote_types(q.dtype, torch.float32)) / temperature
+    loss = F.cross_entropy(logits, torch.arange(len(q), device=q.device))
+    weights = weights.to(loss.dtype)
+    return (loss * weights).sum() / weights.sum()
+
+
+def mgc_loss(q1, q2, k1, k2, boxes1, flips1, boxes2, flips2, grid: int = 14, cells=(1, 2, 7),
+             temperature: float = 0.1):
+    """The released training step's loss path: pairs from the per-sample loops, their weights
+    moved to the features' device, then per cell both directions on materialised logits,
+    weighted by K per cell. ``q*``/``k*`` per cell ``[B, K_c, D]`` (rows already gathered at
+    the pairs, as MGCLoss takes them)."""
+    pairs = sample_pairs_batch(boxes1, flips1, boxes2, flips2, grid, cells)
+    total = 0.0
+    for c, per_image in enumerate(pairs):
+        weights = torch.tensor([w for image in per_image for _, _, w in image],
+                               dtype=torch.float32).to(q1[c].device)
+        flat = [x[c].reshape(-1, x[c].shape[-1]) for x in (q1, q2, k1, k2)]
+        total = total + PAIRS[cells[c]] * (
+            contrastive_loss(flat[0], flat[3].detach(), weights, temperature)
+            + contrastive_loss(flat[1], flat[2].detach(), weights, temperature))
+    return total / sum(PAIRS[cell] for cell in cells)

@@ -1,6 +1,7 @@
 """Result rows: their fields, the JSON-lines file and the printed table.
 
-One row per (case, size, mode, provider, dtype). ``status`` is ``"ok"``, ``"OOM"``,
+One row per (case, size, mode, provider, dtype); ``variant`` names what sets a size apart besides
+the batch (``"cell=2"``; empty when nothing does). ``status`` is ``"ok"``, ``"OOM"``,
 ``"skipped: <why>"`` or ``"error: <what>"``; timings are in ms, ``peak_extra_mb`` in MiB (null on
 CPU, where memory is not measured), ``tflops``/``gbps`` the achieved matmul TFLOP/s or memory
 GB/s (see ``cases``) and ``fraction_of_peak`` their share of the device's published peak (null
@@ -9,6 +10,7 @@ count on CPU (null on CUDA); ``commit`` ends in ``-dirty`` when tracked files ha
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import datetime
 import functools
@@ -27,9 +29,9 @@ from .measure import Timing
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-FIELDS = ("case", "shapes", "mode", "provider", "dtype", "device", "threads", "median_ms", "p20_ms",
-          "p80_ms", "peak_extra_mb", "tflops", "gbps", "fraction_of_peak", "status",
-          "mgc_kernels", "torch", "triton", "commit", "timestamp")
+FIELDS = ("case", "variant", "shapes", "mode", "provider", "dtype", "device", "threads",
+          "median_ms", "p20_ms", "p80_ms", "peak_extra_mb", "tflops", "gbps", "fraction_of_peak",
+          "status", "mgc_kernels", "torch", "triton", "commit", "timestamp")
 TIMING_FIELDS = ("median_ms", "p20_ms", "p80_ms", "peak_extra_mb")
 
 
@@ -61,7 +63,7 @@ def _git_commit() -> str:
     return commit + ("-dirty" if dirty else "")
 
 
-def make_row(case: str, shapes: dict, mode: str, provider: str, dtype: torch.dtype,
+def make_row(case: str, variant: str, shapes: dict, mode: str, provider: str, dtype: torch.dtype,
              target: devices.Target, status: str, timing: Timing | None = None,
              flops: float | None = None, traffic: float | None = None) -> dict:
     """A result row; throughput only for ``ok`` rows of cases that count FLOPs or bytes."""
@@ -71,7 +73,7 @@ def make_row(case: str, shapes: dict, mode: str, provider: str, dtype: torch.dty
     fraction = (devices.matmul_fraction(tflops, target.name, dtype) if tflops is not None
                 else devices.memory_fraction(gbps, target.name))
     return {
-        "case": case, "shapes": shapes, "mode": mode, "provider": provider,
+        "case": case, "variant": variant, "shapes": shapes, "mode": mode, "provider": provider,
         "dtype": dtype_name(dtype), "device": target.name, "threads": target.threads,
         **(dataclasses.asdict(timing) if timing else dict.fromkeys(TIMING_FIELDS)),
         "tflops": tflops, "gbps": gbps, "fraction_of_peak": fraction, "status": status,
@@ -85,9 +87,18 @@ def default_path(device_name: str) -> Path:
 
 
 def append(path: Path, row: dict) -> None:
+    """Append ``row`` to the JSON-lines file ``path`` and to the CSV file beside it (same name,
+    ``.csv``; ``shapes`` as JSON text), writing the CSV header when that file is new."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+    table = path.with_suffix(".csv")
+    new = not table.exists() or table.stat().st_size == 0
+    with open(table, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({**row, "shapes": json.dumps(row["shapes"])})
 
 
 def load(path) -> list[dict]:
@@ -97,7 +108,7 @@ def load(path) -> list[dict]:
 
 # --- the printed table -----------------------------------------------------------------------
 
-COLUMNS = (("case", 18), ("B", 4), ("mode", 7), ("provider", 13), ("dtype", 5),
+COLUMNS = (("case", 18), ("variant", 22), ("B", 4), ("mode", 7), ("provider", 13), ("dtype", 5),
            ("median ms", 10), ("p20-p80 ms", 17), ("peak MiB", 9), ("TFLOP/s", 8),
            ("GB/s", 8), ("% peak", 6))
 
@@ -111,9 +122,9 @@ def table_line(row: dict) -> str:
     spread = (f"{_num(row['p20_ms'])}-{_num(row['p80_ms'])}"
               if row["p20_ms"] is not None else "-")
     fraction = row["fraction_of_peak"]
-    cells = (row["case"], row["shapes"].get("B", "-"), row["mode"], row["provider"],
-             row["dtype"], _num(row["median_ms"]), spread, _num(row["peak_extra_mb"]),
-             _num(row["tflops"]), _num(row["gbps"]),
+    cells = (row["case"], row["variant"] or "-", row["shapes"].get("B", "-"), row["mode"],
+             row["provider"], row["dtype"], _num(row["median_ms"]), spread,
+             _num(row["peak_extra_mb"]), _num(row["tflops"]), _num(row["gbps"]),
              "-" if fraction is None else f"{100 * fraction:.0f}%")
     return " ".join(f"{c!s:<{w}}" for c, (_, w) in zip(cells, COLUMNS)) + " " + row["status"]
 

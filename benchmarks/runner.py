@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 
 from . import providers
-from .cases import FWD_BWD, Case, Problem
+from .cases import FWD_BWD, Case, Problem, Unavailable, variant
 from .device import Target
 from .measure import Budget, measure
 from .results import make_row
@@ -20,34 +20,40 @@ from .results import make_row
 def run(case: Case, size: dict, modes, provider_names, dtype: torch.dtype, target: Target,
         budget: Budget) -> Iterator[dict]:
     modes = [m for m in case.modes if m in modes]
+    label = variant(size)
     try:
-        problem = case.build(**size, dtype=dtype, device=target.device)
-    except torch.OutOfMemoryError:
-        problem = None
-    if problem is None:  # the inputs alone do not fit
+        problem, status = case.build(**size, dtype=dtype, device=target.device), None
+    except torch.OutOfMemoryError:  # the inputs alone do not fit
+        problem, status = None, "OOM"
+    except Unavailable as err:
+        problem, status = None, f"skipped: {err}"
+    if problem is None:
         _free_memory()
         shapes = {"B": size["batch"], **{k: v for k, v in size.items() if k != "batch"}}
         for mode in modes:
             for provider in provider_names:
-                yield make_row(case.name, shapes, mode, provider, dtype, target, "OOM")
+                yield make_row(case.name, label, shapes, mode, provider, dtype, target, status)
         return
     for mode in modes:
         for provider in provider_names:
-            yield _run_one(case, problem, mode, provider, target, budget)
+            yield _run_one(case, label, problem, mode, provider, target, budget)
     del problem
     _free_memory()
 
 
-def _run_one(case: Case, problem: Problem, mode: str, provider: str, target: Target,
+def _run_one(case: Case, label: str, problem: Problem, mode: str, provider: str, target: Target,
              budget: Budget) -> dict:
     def row(status, timing=None):
-        return make_row(case.name, problem.shapes, mode, provider, problem.dtype, target, status,
-                        timing, flops=(problem.flops or {}).get(mode),
-                        traffic=(problem.traffic or {}).get(mode))
+        flops, traffic = problem.work(provider, mode)
+        return make_row(case.name, label, problem.shapes, mode, provider, problem.dtype, target,
+                        status, timing, flops=flops, traffic=traffic)
 
     for tensor in problem.grad_inputs:
         tensor.requires_grad_(mode == FWD_BWD)
-    fn = providers.make(provider, case, problem, target.device)
+    try:
+        fn = providers.make(provider, case, problem, target.device)
+    except Exception as err:  # a baseline that cannot be set up is a row, not a crash
+        return row("OOM" if _out_of_memory(err) else f"error: {_describe(err)}")
     if isinstance(fn, str):
         return row(f"skipped: {fn}")
     step, prepare = _step(fn, problem, mode), _drop_grads(problem)

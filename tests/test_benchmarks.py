@@ -1,8 +1,10 @@
 """The benchmark suite's harness: ``python -m benchmarks --quick`` (what CI runs) writes complete,
-sensible rows for every case, the plot command works (or says clearly that matplotlib is
-missing), the plain-PyTorch baselines compute what the ops compute, and failures become rows.
+sensible rows (JSON lines and CSV) for every case, every baseline runs where it exists, the plot
+and report commands work (the README's table is the report of the committed results), the
+plain-PyTorch and released baselines compute what they stand for, and failures become rows.
 
 Timings are never asserted beyond being positive: benchmarks are not timed tests."""
+import csv
 import importlib.util
 import json
 import subprocess
@@ -12,14 +14,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import device, providers, runner
-from benchmarks.cases import CASES, FWD, FWD_BWD, Case, Problem
+import mgc_kernels as mk
+from benchmarks import device, lightly_baselines, providers, released_mgc, report, runner
+from benchmarks.cases import CASES, FWD, FWD_BWD, Case, Problem, Unavailable, variant
 from benchmarks.measure import QUICK
 from benchmarks.results import FIELDS
 
 REPO = Path(__file__).resolve().parents[1]
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+# the cases whose rows count matmul FLOPs or memory bytes
+WORK_CASES = {"multigrain_pool", "info_nce_sparse", "geometric_info_nce", "info_nce_queue",
+              "linear_soft_ce"}
+# (case, provider) of every baseline the cases declare
+BASELINES = {("sample_pairs", "released"), ("info_nce_sparse", "released"),
+             ("loss_mgc", "released"), ("geometric_info_nce", "lightly"),
+             ("info_nce_queue", "lightly"), ("linear_soft_ce", "lightly"), ("loss_smog", "lightly")}
 
 
 def run_module(*args, timeout=60):
@@ -44,6 +54,15 @@ def test_quick_prints_a_table(quick):
     assert len(table) == len(rows)
 
 
+def test_quick_writes_the_same_rows_as_csv(quick):
+    _, rows, out = quick
+    with open(out.with_suffix(".csv"), newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["case"] for r in table] == [r["case"] for r in rows]
+    assert [json.loads(r["shapes"]) for r in table] == [r["shapes"] for r in rows]
+    assert set(table[0]) == set(FIELDS)
+
+
 def test_quick_rows_are_complete_and_sensible(quick):
     _, rows, _ = quick
     assert rows
@@ -57,8 +76,7 @@ def test_quick_rows_are_complete_and_sensible(quick):
         assert row["status"] == "ok" or row["status"].startswith("skipped: "), row["status"]
         if row["status"] == "ok":
             assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
-            has_work = row["case"] != "sample_pairs"
-            assert ((row["tflops"] or row["gbps"] or 0) > 0) == has_work
+            assert ((row["tflops"] or row["gbps"] or 0) > 0) == (row["case"] in WORK_CASES)
             assert row["fraction_of_peak"] is None  # no published peak for a CPU
         else:
             assert row["median_ms"] is None and len(row["status"]) > len("skipped: ")
@@ -66,8 +84,24 @@ def test_quick_rows_are_complete_and_sensible(quick):
 
 def test_quick_covers_every_case_and_mode(quick):
     _, rows, _ = quick
-    ran = {(r["case"], r["mode"]) for r in rows if r["status"] == "ok"}
-    assert ran == {(name, mode) for name, case in CASES.items() for mode in case.modes}
+    ran = {(r["case"], r["variant"], r["mode"]) for r in rows if r["status"] == "ok"}
+    assert ran == {(name, variant(size), mode) for name, case in CASES.items()
+                   for size in case.quick_sizes for mode in case.modes}
+
+
+def test_quick_runs_every_baseline(quick):
+    """Each baseline a case declares runs (lightly's where lightly is installed: CI installs
+    the bench extra); everywhere else the row says why not."""
+    _, rows, _ = quick
+    ran = {(r["case"], r["provider"]) for r in rows
+           if r["provider"] in providers.BASELINES and r["status"] == "ok"}
+    lightly_reason = lightly_baselines.unavailable()
+    expected = {b for b in BASELINES if b[1] != "lightly" or lightly_reason is None}
+    assert ran == expected
+    for row in rows:
+        if row["provider"] in providers.BASELINES and row["status"] != "ok":
+            no_counterpart = f"skipped: {providers.BASELINES[row['provider']]}"
+            assert row["status"] in (no_counterpart, f"skipped: {lightly_reason}"), row
 
 
 @pytest.mark.skipif(not HAS_MATPLOTLIB, reason="matplotlib is not installed")
@@ -75,7 +109,7 @@ def test_plot_writes_pngs(quick, tmp_path):
     _, rows, out = quick
     proc = run_module("benchmarks.plot", str(out), "--out-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    charts = {(r["case"], r["mode"]) for r in rows if r["status"] == "ok"}
+    charts = {(r["case"], r["variant"], r["mode"]) for r in rows if r["status"] == "ok"}
     assert len(list(tmp_path.glob("*.png"))) == len(charts)
 
 
@@ -87,7 +121,7 @@ def test_plot_says_matplotlib_is_missing(quick, tmp_path):
     assert not list(tmp_path.glob("*.png"))
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if n != "sample_pairs"])
+@pytest.mark.parametrize("name", sorted(WORK_CASES))
 def test_formula_matches_the_op(name):
     """The naive/torch_compile baselines compute the op's value and gradients."""
     case = CASES[name]
@@ -113,7 +147,7 @@ def fake_case(error):
 
         return Problem(shapes={"B": batch}, op=op, formula=None, dtype=dtype)
 
-    return Case("fake", "info_nce", build, (), ({"batch": 1},), (FWD,))
+    return Case("fake", "info_nce", build, (), (), ({"batch": 1},), (FWD,))
 
 
 def wrapped_oom():
@@ -135,6 +169,68 @@ def test_failures_become_rows(error, status):
     assert [(r["provider"], r["mode"]) for r in rows] == [("torch", FWD), ("naive", FWD)]
     assert rows[0]["status"] == status and rows[0]["median_ms"] is None
     assert rows[1]["status"].startswith("skipped: ")
+
+
+def test_an_unavailable_case_is_skipped_rows():
+    def build(batch, dtype, device):
+        raise Unavailable("needs a package that is not installed")
+
+    target = device.target(torch.device("cpu"))
+    fake = Case("fake", "info_nce", build, (), (), ({"batch": 1},), (FWD, FWD_BWD))
+    rows = list(runner.run(fake, {"batch": 1}, (FWD, FWD_BWD), ("torch", "released"),
+                           torch.float32, target, QUICK))
+    assert len(rows) == 4
+    assert {r["status"] for r in rows} == {"skipped: needs a package that is not installed"}
+
+
+def test_released_loss_is_the_plain_mean():
+    """The released loss multiplies a mean cross-entropy by the pair weights over their sum:
+    the weights cancel (METHODS.md §1), leaving the unweighted InfoNCE."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(12, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    weights = torch.rand(12, generator=gen, dtype=torch.float64)
+    released = released_mgc.contrastive_loss(q, k, weights, 0.1)
+    torch.testing.assert_close(released, mk.info_nce(q, k, torch.arange(12), 0.1))
+
+
+def test_released_mgc_loss_is_mgc_loss_uniform():
+    """Where no image has padded pairs, the released loss path equals MGCLoss's default
+    (``weighting="uniform"``) on the same rows."""
+    boxes = [torch.tensor([[0.0, 0, 200, 200]] * 2), torch.tensor([False, True]),
+             torch.tensor([[20.0, 10, 230, 240]] * 2), torch.tensor([True, False])]
+    criterion = mk.MGCLoss()
+    pairs = criterion.sample_pairs(*boxes)
+    assert all(bool((p.weight > 0).all()) for p in pairs)
+    gen = torch.Generator().manual_seed(0)
+    q1, q2, k1, k2 = ([torch.randn(2, k, 16, generator=gen, dtype=torch.float64)
+                       for k in criterion.num_pairs] for _ in range(4))
+    released = released_mgc.mgc_loss(q1, q2, k1, k2, *boxes)
+    torch.testing.assert_close(released, criterion(q1, q2, k1, k2, pairs))
+
+
+def test_report_tables_every_measurement(quick):
+    _, rows, _ = quick
+    text = report.markdown(report.latest(rows))
+    measured = {(r["case"], r["variant"] or "-", str(r["shapes"]["B"]), r["mode"]) for r in rows}
+    lines = {tuple(c.strip() for c in line.strip("|").split("|")[:4])
+             for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    assert measured <= lines
+    assert "MGC training step (micro, B=2, backend torch)" in text
+
+
+def test_readme_table_is_the_report_of_the_committed_results():
+    """The README's benchmark table is generated (``python -m benchmarks.report --readme
+    README.md``), not typed: it must equal the report of benchmarks/results/*.jsonl."""
+    files = report.default_files()
+    assert files, "no committed results under benchmarks/results/"
+    readme = (REPO / "README.md").read_text()
+    expected = report.markdown(report.latest(report.load(files)))
+    assert report.splice(readme, expected, "README.md") == readme
+
+
+def test_report_needs_the_markers(tmp_path):
+    with pytest.raises(SystemExit, match="benchmarks:begin"):
+        report.splice("no markers here", "table", "README.md")
 
 
 def test_device_peaks():
