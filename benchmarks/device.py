@@ -7,6 +7,7 @@ fraction at all rather than a guessed one.
 """
 from __future__ import annotations
 
+import os
 import platform
 import re
 from typing import NamedTuple
@@ -47,10 +48,24 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def name(device: torch.device) -> str:
-    """``torch.cuda.get_device_name`` for CUDA, else ``"cpu <processor>"``."""
+    """``torch.cuda.get_device_name`` for CUDA, else ``"cpu <model> x<cores>"`` (the cores the
+    process may use)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu {platform.processor() or platform.machine()}".strip()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"cpu {_cpu_model()} x{cores}"
+
+
+def _cpu_model() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def slug(device_name: str) -> str:
