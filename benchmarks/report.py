@@ -136,7 +136,7 @@ def _loss_shares(rows: dict[tuple, dict]) -> list[str]:
             lines.append(f"- MGC training step ({arch}, B={batch}, backend {provider}): "
                          f"{_ms(step['median_ms'])} ms, of which the loss path "
                          f"{_ms(loss['median_ms'])} ms "
-                         f"({100 * loss['median_ms'] / step['median_ms']:.0f} %).")
+                         f"({100 * loss['median_ms'] / step['median_ms']:.2g} %).")
     return lines
 
 
