@@ -1,5 +1,34 @@
-"""Build entry point. Metadata lives in pyproject.toml; the native csrc/ extension is added here
-by its own issue (built only when MGC_KERNELS_BUILD_EXT=1, so a plain install needs no compiler)."""
+"""Build entry point. Metadata lives in pyproject.toml.
+
+``MGC_KERNELS_BUILD_EXT=1 pip install --no-build-isolation -e .`` also compiles the native
+backend's csrc/ ahead of time into ``mgc_kernels._native``: ``CUDAExtension`` where nvcc and a
+CUDA build of torch are present, else ``CppExtension`` (the sources, flags and the ``WITH_CUDA``
+switch are the ones ``mgc_kernels.native`` uses to build on first use). Without the variable a
+plain install compiles nothing.
+"""
+import os
+
 from setuptools import setup
 
-setup()
+
+def native_extension() -> dict:
+    if os.environ.get("MGC_KERNELS_BUILD_EXT") != "1":
+        return {}
+    try:
+        from torch.utils import cpp_extension
+    except ImportError as err:
+        raise SystemExit("MGC_KERNELS_BUILD_EXT=1 builds against the installed torch: install "
+                         "torch first and pass --no-build-isolation to pip") from err
+    from mgc_kernels import native
+
+    cuda = native.nvcc_found()
+    flags = {"cxx": native.CXX_FLAGS + (["-DWITH_CUDA"] if cuda else []),
+             "nvcc": native.NVCC_FLAGS + ["-DWITH_CUDA"]}
+    kind = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
+    sources = [os.path.relpath(path) for path in native.sources(cuda)]  # setuptools wants them
+    module = kind("mgc_kernels._native", sources, extra_compile_args=flags,
+                  extra_link_args=native.LD_FLAGS)
+    return {"ext_modules": [module], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
+
+
+setup(**native_extension())

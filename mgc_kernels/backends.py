@@ -113,8 +113,11 @@ def backend_status(backend: str) -> tuple[bool, str]:
                            "set TRITON_INTERPRET=1 before importing triton to run on CPU")
         return True, f"Triton {version}"
     if backend == "native":
-        return False, "the native csrc/ extension is not part of this version yet"
-    raise ValueError(f"backend must be one of the concrete backends {BACKENDS[1:]}, got {backend!r}")
+        from . import native
+
+        return native.status()
+    raise ValueError(f"backend must be one of the concrete backends {BACKENDS[1:]}, "
+                     f"got {backend!r}")
 
 
 def default_backend() -> str:
@@ -145,6 +148,12 @@ def resolve(op: str, backend: str | None, device: torch.device,
     if (op, requested) not in _IMPLS:
         raise RuntimeError(f"{op}: backend {requested!r} has no implementation of this op yet; "
                            f"use backend='torch' or 'auto'")
+    if requested == "native":
+        from . import native
+
+        runs, why = native.supports(device)
+        if not runs:
+            raise RuntimeError(f"{op}: backend 'native' cannot run on {device}: {why}")
     if requested == "triton" and device.type != "cuda" and not interpreting():
         raise RuntimeError(f"{op}: backend 'triton' needs CUDA tensors, got tensors on {device} "
                            "(set TRITON_INTERPRET=1 before importing triton to run on CPU)")

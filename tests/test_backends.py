@@ -83,11 +83,11 @@ def test_explicit_triton_raises_when_it_cannot_load(monkeypatch):
         mk.correspondence(*views(), grid=4, backend="triton")
 
 
-def test_explicit_native_raises_not_part_of_this_version():
-    with pytest.raises(RuntimeError, match="correspondence.*'native'.*not part of this version"):
-        mk.correspondence(*views(), grid=4, backend="native")
+def test_explicit_native_without_the_op_raises():
+    """The native backend has the geometry and pooling ops only: an InfoNCE request names the
+    op and the backend (whether or not the extension builds here)."""
     q, k, t = embeddings()
-    with pytest.raises(RuntimeError, match="info_nce.*not part of this version"):
+    with pytest.raises(RuntimeError, match="info_nce.*'native'"):
         mk.info_nce(q, k, t, backend="native")
 
 
@@ -130,7 +130,7 @@ def test_env_backend_is_honoured(monkeypatch):
 
     monkeypatch.setenv(backends.ENV_VAR, " Native ")  # trimmed, case-insensitive
     assert backends.default_backend() == "native"
-    with pytest.raises(RuntimeError, match="info_nce.*not part of this version"):
+    with pytest.raises(RuntimeError, match="info_nce.*'native'"):
         mk.info_nce(q, k, t)
     assert mk.info_nce(q, k, t, backend="auto").isfinite()  # per call overrides the env
 
@@ -148,7 +148,8 @@ def test_register_rejects_unknown_backend(name):
 
 def test_backend_status():
     assert backends.backend_status("torch") == (True, f"PyTorch {torch.__version__}")
-    assert backends.backend_status("native")[0] is False
+    loads, why = backends.backend_status("native")
+    assert why and (not loads or "csrc" in why or "ahead-of-time" in why)
     loads, why = backends.backend_status("triton")
     if importlib.util.find_spec("triton") is None:
         assert not loads and "not installed" in why
@@ -259,3 +260,45 @@ def test_non_triton_errors_pass_through():
     backends.register(op, "triton")(broken)
     with pytest.raises(KeyError):
         backends.call(op, "triton", torch.zeros(1))
+
+
+# ---------------------------------------------------------------- native backend that cannot load
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """The native loader with nothing loaded yet, an empty extension cache, no ahead-of-time
+    build, and csrc/ replaced by ``tmp_path / "csrc"``."""
+    from mgc_kernels import native
+
+    monkeypatch.setattr(native, "_loaded", [])
+    monkeypatch.setattr(native, "CSRC", tmp_path / "csrc")
+    monkeypatch.setattr(native, "JIT_NAME", "mgc_kernels_native_test_broken")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "mgc_kernels._native", None)  # import -> ImportError
+    return native
+
+
+def _assert_unavailable_once(native, reason):
+    with pytest.warns(RuntimeWarning, match=f"native backend is unavailable: .*{reason}"):
+        loads, why = backends.backend_status("native")
+    assert not loads and re.search(reason, why)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning, not one per call
+        with pytest.raises(RuntimeError, match=f"correspondence.*'native'.*{reason}"):
+            mk.correspondence(*views(), grid=4, backend="native")
+    assert "native" in backends.BACKENDS and mk.correspondence(*views(), grid=4).shape[0] == 2
+
+
+def test_native_without_sources_is_unavailable_not_a_crash(fresh_native):
+    _assert_unavailable_once(fresh_native, "csrc/ sources are not at")
+
+
+def test_native_failed_build_is_unavailable_not_a_crash(fresh_native):
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        pytest.skip("ninja is not installed: the build is not attempted")
+    fresh_native.CSRC.mkdir()
+    (fresh_native.CSRC / "broken.cpp").write_text("this is not C++\n")
+    _assert_unavailable_once(fresh_native, "building csrc/ failed")

@@ -9,6 +9,7 @@ from .region_boxes import check_view
 
 backends.register("correspondence", "torch")(reference.correspondence)
 backends.register_lazy("correspondence", "triton", "mgc_kernels.triton.correspondence:correspondence")
+backends.register_lazy("correspondence", "native", "mgc_kernels.native:correspondence")
 
 
 @torch.library.custom_op("mgc_kernels::correspondence", mutates_args=())

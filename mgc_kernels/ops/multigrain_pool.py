@@ -14,6 +14,9 @@ backends.register_lazy("multigrain_pool", "triton",
                        "mgc_kernels.triton.multigrain_pool:multigrain_pool")
 backends.register_lazy("multigrain_pool_backward", "triton",
                        "mgc_kernels.triton.multigrain_pool:multigrain_pool_backward")
+backends.register_lazy("multigrain_pool", "native", "mgc_kernels.native:multigrain_pool")
+backends.register_lazy("multigrain_pool_backward", "native",
+                       "mgc_kernels.native:multigrain_pool_backward")
 
 
 @torch.library.custom_op("mgc_kernels::multigrain_pool", mutates_args=())

@@ -11,6 +11,7 @@ from .correspondence import check_views
 
 backends.register("sample_pairs", "torch")(reference.sample_pairs)
 backends.register_lazy("sample_pairs", "triton", "mgc_kernels.triton.sample_pairs:sample_pairs")
+backends.register_lazy("sample_pairs", "native", "mgc_kernels.native:sample_pairs")
 
 # The released code's stride rule per cell size (at grid 14): ((row ratio, min, max),
 # (column ratio, min, max)), stride = clip(int(IoU * ratio), min, max). Other cells visit every
