@@ -18,6 +18,7 @@ The functions below take exactly the arguments of the reference functions they s
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shutil
 import warnings
@@ -39,6 +40,17 @@ def sources(cuda: bool) -> list[str]:
     """The ``csrc/`` files of the extension: the C++ ones, and the CUDA ones with ``cuda``."""
     patterns = ("*.cpp", "*.cu") if cuda else ("*.cpp",)
     return sorted(str(p) for pattern in patterns for p in CSRC.glob(pattern))
+
+
+def pip_cuda_include_paths() -> list[str]:
+    """Header folders of pip's nvidia-* packages (e.g. ``nvidia/cu13/include``): torch's CUDA
+    headers include cusparse.h and friends, which a bare toolkit may not ship. They go after the
+    toolkit's own folder, so the toolkit's headers win where both have one."""
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    return sorted(str(p) for root in spec.submodule_search_locations
+                  for p in Path(root).glob("*/include") if p.is_dir())
 
 
 def nvcc_found() -> bool:
@@ -112,6 +124,7 @@ def _build() -> tuple[ModuleType | None, str]:
             name=JIT_NAME + ("_cuda" if cuda else ""), sources=sources(cuda),
             extra_cflags=CXX_FLAGS + (["-DWITH_CUDA"] if cuda else []),
             extra_cuda_cflags=NVCC_FLAGS + ["-DWITH_CUDA"], extra_ldflags=LD_FLAGS,
+            extra_include_paths=[str(CSRC)] + (pip_cuda_include_paths() if cuda else []),
             with_cuda=cuda, verbose=False)
     except Exception as err:  # a failed build must not break the other backends
         return None, f"building csrc/ failed: {_first_line(err)}"
