@@ -87,3 +87,24 @@ def test_value_checks_can_be_switched_off():
         mk.set_value_checks(True)
     with pytest.raises(ValueError, match="boxes"):
         call("region_boxes", boxes1=bad)
+
+
+INVALID_CORNERS = [[0.0, 0, math.nan, 80], [0.0, 0, math.inf, 80], [-math.inf, 0, 10, 80],
+                   [math.inf, 0, math.inf, 80], [0.0, 0, 0, 80], [0.0, 50, 100, 20]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("corners", INVALID_CORNERS)
+def test_every_invalid_box_is_named(corners, dtype):
+    boxes = torch.tensor([[0.0, 0, 100, 80], [10, 10, 60, 90], corners], dtype=dtype)
+    with pytest.raises(ValueError, match=r"boxes\[2\]"):
+        mk.region_boxes(boxes, torch.zeros(3, dtype=torch.bool), 14, 2)
+
+
+@pytest.mark.parametrize("corners, dtype", [([-3e38, 0.0, 3e38, 1.0], torch.float32),
+                                            ([-6e4, 0.0, 6e4, 1.0], torch.float16)])
+def test_a_huge_valid_box_is_accepted(corners, dtype):
+    # its width overflows the dtype, which must not make the cheap check refuse it
+    boxes = torch.tensor([corners], dtype=dtype)
+    assert torch.isinf(boxes[:, 2] - boxes[:, 0]).all()
+    mk.region_boxes(boxes, torch.zeros(1, dtype=torch.bool), 14, 2)

@@ -1,6 +1,7 @@
 """``sample_pairs``: the sparse region pairs that MGC contrasts, per image and granularity."""
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -71,6 +72,13 @@ def check_strides(strides) -> list[float]:
     return [float(v) for v in (rr, rlo, rhi, cr, clo, chi)]
 
 
+@functools.lru_cache(maxsize=16)
+def float32(value: float) -> float:
+    """``value`` rounded to float32: the released code holds the view size in float32 tensors and
+    every backend uses that value (cached: a data-loader worker calls this once per image)."""
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
 def sample_pairs(boxes1: torch.Tensor, flips1: torch.Tensor, boxes2: torch.Tensor,
                  flips2: torch.Tensor, grid: int = 14, cell: int = 1, k: int = 10,
                  method: str = "mgc", *, view_size: float = 224.0, strides=None,
@@ -105,7 +113,5 @@ def sample_pairs(boxes1: torch.Tensor, flips1: torch.Tensor, boxes2: torch.Tenso
     rule = check_strides(OFFICIAL_STRIDES.get(cell, EVERY_REGION) if strides is None else strides)
     check_views(boxes1, flips1, boxes2, flips2)
     backend = backends.resolve("sample_pairs", backend, boxes1.device, boxes1.dtype)
-    # the released code holds the view size in float32 tensors; every backend uses that value
-    view_size = float(torch.tensor(view_size, dtype=torch.float32))
-    return Pairs(*_sample_pairs(boxes1, flips1, boxes2, flips2, n, k, method, view_size, rule,
-                                backend))
+    return Pairs(*_sample_pairs(boxes1, flips1, boxes2, flips2, n, k, method,
+                                float32(view_size), rule, backend))
