@@ -13,8 +13,7 @@
 //    sort of the row.
 // 3. `decode_kernel` maps the selected visits back to token indices (flips) and pads with
 //    (0, 0, 0).
-// The geometry helpers repeat those of correspondence.cu (one translation unit each).
-#include "native.h"
+#include "geometry.cuh"
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -25,81 +24,13 @@
 #include <type_traits>
 
 namespace mgc {
+
+using namespace cuda_geometry;
+
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int64_t kVisitMask = 0xFFFFFFFFLL;  // low half of a packed key: ~visit
 constexpr int64_t kPositive = int64_t(1) << 32;  // keys of positive weights are at least this
-
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
-__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
-// fp16/bf16: c10's operators compute in float and round to the 16-bit type, as torch does.
-template <typename T>
-__device__ __forceinline__ T sub_rn(T a, T b) { return a - b; }
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
-__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
-
-// fp16/bf16 compare as float (c10's types convert to both float and __half on the device).
-template <typename T>
-using compare_t = std::conditional_t<
-    std::is_same<T, c10::Half>::value || std::is_same<T, c10::BFloat16>::value, float, T>;
-template <typename T>
-__device__ __forceinline__ T max_of(T a, T b) {
-  return static_cast<compare_t<T>>(a) > static_cast<compare_t<T>>(b) ? a : b;
-}
-template <typename T>
-__device__ __forceinline__ T min_of(T a, T b) {
-  return static_cast<compare_t<T>>(a) < static_cast<compare_t<T>>(b) ? a : b;
-}
-
-// Edge k of n equal cells from lo to hi: (lo * (n - k) + hi * k) / n (reference/region_boxes.py).
-template <typename acc_t>
-__device__ __forceinline__ acc_t cell_edge(acc_t lo, acc_t hi, int k, int n) {
-  const acc_t numerator = add_rn(mul_rn(lo, static_cast<acc_t>(n - k)),
-                                 mul_rn(hi, static_cast<acc_t>(k)));
-  return div_rn(numerator, static_cast<acc_t>(n));
-}
-
-template <typename T>
-struct Box {
-  T x0, y0, x1, y1;
-};
-
-template <typename T, typename scalar_t>
-__device__ __forceinline__ Box<T> load_box(const scalar_t* boxes, int64_t image) {
-  const scalar_t* b = boxes + image * 4;
-  return {static_cast<T>(b[0]), static_cast<T>(b[1]), static_cast<T>(b[2]),
-          static_cast<T>(b[3])};
-}
-
-// The unflipped cell (row, col) of a crop (flips only permute tokens, not weights).
-template <typename acc_t>
-__device__ __forceinline__ Box<acc_t> cell_box(const Box<acc_t>& crop, int row, int col, int n) {
-  return {cell_edge(crop.x0, crop.x1, col, n), cell_edge(crop.y0, crop.y1, row, n),
-          cell_edge(crop.x0, crop.x1, col + 1, n), cell_edge(crop.y0, crop.y1, row + 1, n)};
-}
-
-template <typename T>
-__device__ __forceinline__ T overlap(T a0, T a1, T b0, T b1) {
-  const T len = sub_rn(min_of(a1, b1), max_of(a0, b0));
-  return len > T(0) ? len : T(0);
-}
-
-template <typename T>
-__device__ __forceinline__ T area(const Box<T>& b) {
-  return mul_rn(sub_rn(b.x1, b.x0), sub_rn(b.y1, b.y0));
-}
-
-// |a & b| / (|a| + |b|) (reference/correspondence.py::box_metric, metric "mgc").
-template <typename acc_t>
-__device__ __forceinline__ acc_t mgc_weight(const Box<acc_t>& a, const Box<acc_t>& b) {
-  const acc_t inter = mul_rn(overlap(a.x0, a.x1, b.x0, b.x1), overlap(a.y0, a.y1, b.y0, b.y1));
-  return div_rn(inter, add_rn(area(a), area(b)));
-}
 
 // ----------------------------------------------------------------- the released stride rule --
 
@@ -187,8 +118,9 @@ __global__ void score_kernel(const scalar_t* __restrict__ boxes1,
     const int u1 = static_cast<int>(visit / regions);
     const int u2 = static_cast<int>(visit - u1 * regions);
     const int row1 = u1 / n, col1 = u1 % n, row2 = u2 / n, col2 = u2 % n;
-    acc_t w = mgc_weight(cell_box(load_box<acc_t>(boxes1, image), row1, col1, n),
-                         cell_box(load_box<acc_t>(boxes2, image), row2, col2, n));
+    acc_t w = box_metric(cell_box(load_box<acc_t>(boxes1, image), row1, col1, n),
+                         cell_box(load_box<acc_t>(boxes2, image), row2, col2, n),
+                         geometry::Metric::mgc);
     // the reference scores correspondence(...) in the boxes' dtype, then in acc_t
     w = static_cast<acc_t>(static_cast<scalar_t>(w));
     const bool visited = !mgc_rule || mgc_visits(boxes1, boxes2, image, row1, col1, view,
@@ -245,10 +177,6 @@ __global__ void decode_kernel(const int64_t* __restrict__ top_keys,
 
 // ---------------------------------------------------------------------------------- host --
 
-int64_t blocks_for(int64_t total) {
-  return std::min<int64_t>((total + kThreads - 1) / kThreads, int64_t(1) << 30);
-}
-
 Rule make_rule(const std::vector<double>& rule, const char* name) {
   TORCH_CHECK(rule.size() == 3, "mgc_kernels native: ", name, " must be (ratio, min, max)");
   TORCH_CHECK(rule[1] >= 1 && rule[1] <= rule[2],
@@ -291,13 +219,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sample_pairs_cuda(
     const torch::Tensor& boxes1, const torch::Tensor& flips1, const torch::Tensor& boxes2,
     const torch::Tensor& flips2, int64_t n, int64_t k, const std::string& method,
     double view_size, const std::vector<double>& row_rule, const std::vector<double>& col_rule) {
-  TORCH_CHECK(boxes1.is_cuda() && boxes2.device() == boxes1.device() &&
-                  flips1.device() == boxes1.device() && flips2.device() == boxes1.device(),
-              "mgc_kernels native: expected CUDA tensors on one device");
-  TORCH_CHECK(boxes1.dim() == 2 && boxes1.size(1) == 4 && boxes2.sizes() == boxes1.sizes() &&
-                  flips1.numel() == boxes1.size(0) && flips2.numel() == boxes1.size(0),
-              "mgc_kernels native: expected boxes [B, 4] and flips [B] for both views");
-  TORCH_CHECK(at::isFloatingType(boxes1.scalar_type()), "mgc_kernels native: boxes must be float");
+  check_views_cuda(boxes1, flips1, boxes2, flips2);
   TORCH_CHECK(method == "mgc" || method == "topk" || method == "all",
               "mgc_kernels native: unknown method '", method, "'");
   // visits are packed into 32 bits
