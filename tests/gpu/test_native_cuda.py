@@ -13,16 +13,15 @@ import torch
 from hypothesis import given, strategies as st
 
 import mgc_kernels as mk
-from mgc_kernels import backends
 
 try:
-    from .._helpers import assert_close_to_exact
     from ..test_geometry import crop_pairs
     from .test_triton_geometry import released_views
 except ImportError:
-    from _helpers import assert_close_to_exact
     from test_geometry import crop_pairs
     from gpu.test_triton_geometry import released_views
+from ._multigrain_pool import (B, C, CELLS, GRID, check_backward, check_deterministic,
+                               check_forward, check_int64_offsets, tokens_like, upstream)
 
 pytestmark = pytest.mark.gpu
 
@@ -30,7 +29,6 @@ METRICS = ["mgc", "iou", "ioa"]
 METHODS = ["mgc", "topk", "all"]
 BOX_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 POOL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-B, GRID, C, CELLS = 256, 14, 384, [1, 2, 7, 14]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -164,66 +162,16 @@ def test_sample_pairs_custom_strides_and_view_size():
 
 # --------------------------------------------------------------------------- multigrain_pool --
 
-def tol(exact: torch.Tensor, dtype: torch.dtype):
-    """Two units in the last place of ``dtype`` (fp32 sums in another order may round to the
-    neighbouring value), plus a floor (as tests/gpu/test_triton_multigrain_pool.py)."""
-    floor = {torch.float64: 1e-12, torch.float32: 2e-6}.get(dtype, 1e-5)
-    return 2 * torch.finfo(dtype).eps * exact.abs() + floor
-
-
-def tokens_like(batch, grid, channels, dtype, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    return torch.randn(batch, grid * grid, channels, device="cuda", generator=gen).to(dtype)
-
-
-def upstream(x, grid, cells, seed=1, unused=None):
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    return [None if i == unused else
-            torch.randn(x.shape[0], (grid // c) ** 2, x.shape[2], device="cuda",
-                        generator=gen).to(x.dtype)
-            for i, c in enumerate(cells)]
-
-
-def check_forward(x, grid, cells):
-    fast = mk.multigrain_pool(x, grid, cells, backend="native")
-    ref = mk.multigrain_pool(x, grid, cells, backend="torch")
-    exact = mk.multigrain_pool(x.double(), grid, cells, backend="torch")
-    for f, r, e, c in zip(fast, ref, exact, cells):
-        assert f.dtype == x.dtype and f.shape == r.shape and f.is_contiguous()
-        assert_close_to_exact(f, r, e, tol(e, x.dtype))
-        if c == 1:
-            assert torch.equal(f, x)      # a mean of one token is the token
-
-
-def token_grad(x, grid, cells, grads, backend):
-    leaf = x.detach().clone().requires_grad_(True)
-    outs = mk.multigrain_pool(leaf, grid, cells, backend=backend)
-    used = [i for i, g in enumerate(grads) if g is not None]
-    torch.autograd.backward([outs[i] for i in used], [grads[i] for i in used])
-    return leaf.grad
-
-
-def check_backward(x, grid, cells, grads):
-    fast = token_grad(x, grid, cells, grads, "native")
-    ref = token_grad(x, grid, cells, grads, "torch")
-    exact = backends.call("multigrain_pool_backward", "torch",
-                          [torch.zeros(x.shape[0], (grid // c) ** 2, x.shape[2], device="cuda",
-                                       dtype=torch.float64) if g is None else g.double()
-                           for g, c in zip(grads, cells)], grid, cells)
-    assert fast.dtype == x.dtype and fast.shape == x.shape
-    assert_close_to_exact(fast, ref, exact, tol(exact, x.dtype))
-
-
 @pytest.mark.parametrize("dtype", POOL_DTYPES + [torch.float64])
 def test_pool_forward_matches_reference(dtype):
-    check_forward(tokens_like(B, GRID, C, dtype), GRID, CELLS)
+    check_forward(tokens_like(B, GRID, C, dtype), GRID, CELLS, "native")
 
 
 @pytest.mark.parametrize("unused", [None, 2])
 @pytest.mark.parametrize("dtype", POOL_DTYPES + [torch.float64])
 def test_pool_backward_matches_reference(dtype, unused):
     x = tokens_like(B, GRID, C, dtype)
-    check_backward(x, GRID, CELLS, upstream(x, GRID, CELLS, unused=unused))
+    check_backward(x, GRID, CELLS, upstream(x, GRID, CELLS, unused=unused), "native")
 
 
 @pytest.mark.parametrize("grid, cells, channels", [
@@ -236,38 +184,16 @@ def test_pool_backward_matches_reference(dtype, unused):
 @pytest.mark.parametrize("dtype", POOL_DTYPES)
 def test_pool_awkward_shapes(dtype, grid, cells, channels):
     x = tokens_like(3, grid, channels, dtype)
-    check_forward(x, grid, cells)
-    check_backward(x, grid, cells, upstream(x, grid, cells, unused=len(cells) // 2))
+    check_forward(x, grid, cells, "native")
+    check_backward(x, grid, cells, upstream(x, grid, cells, unused=len(cells) // 2), "native")
 
 
 @pytest.mark.parametrize("dtype", POOL_DTYPES)
 def test_pool_deterministic(dtype):
-    x = tokens_like(B, GRID, C, dtype)
-    first = mk.multigrain_pool(x, GRID, CELLS, backend="native")
-    second = mk.multigrain_pool(x, GRID, CELLS, backend="native")
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
-    grads = upstream(x, GRID, CELLS)
-    assert torch.equal(token_grad(x, GRID, CELLS, grads, "native"),
-                       token_grad(x, GRID, CELLS, grads, "native"))
+    check_deterministic(tokens_like(B, GRID, C, dtype), "native")
 
 
 def test_pool_int64_offsets():
-    """More than 2**31 token elements (bf16, about 14 GB in all): the last images are right."""
     if torch.cuda.get_device_properties(0).total_memory < 40 * 2 ** 30:
         pytest.skip("needs a GPU with at least 40 GiB")
-    batch, channels = 10752, 1024
-    assert batch * GRID * GRID * channels > 2 ** 31
-    x = tokens_like(batch, GRID, channels, torch.bfloat16)
-    outs = backends.call("multigrain_pool", "native", x, GRID, CELLS)
-    grad = backends.call("multigrain_pool_backward", "native", outs, GRID, CELLS)
-    for part in (slice(0, 2), slice(batch - 2, batch)):
-        xs, os_ = x[part], [o[part] for o in outs]
-        for o, r, e in zip(os_, backends.call("multigrain_pool", "torch", xs, GRID, CELLS),
-                           backends.call("multigrain_pool", "torch", xs.double(), GRID, CELLS)):
-            assert_close_to_exact(o, r, e, tol(e, x.dtype))
-        want = backends.call("multigrain_pool_backward", "torch", os_, GRID, CELLS)
-        exact = backends.call("multigrain_pool_backward", "torch", [o.double() for o in os_],
-                              GRID, CELLS)
-        assert_close_to_exact(grad[part], want, exact, tol(exact, x.dtype))
-    del x, outs, grad
-    torch.cuda.empty_cache()
+    check_int64_offsets("native")

@@ -1,0 +1,95 @@
+"""The multigrain_pool checks that the Triton and the native CUDA tests share: a fast backend
+against the torch reference by DESIGN.md's rule ``|fast - exact| <= |reference - exact| + tol``
+(``exact`` in fp64), forward and backward."""
+import torch
+
+import mgc_kernels as mk
+from mgc_kernels import backends
+
+try:
+    from .._helpers import assert_close_to_exact
+except ImportError:
+    from _helpers import assert_close_to_exact
+
+B, GRID, C, CELLS = 256, 14, 384, [1, 2, 7, 14]
+
+
+def tol(exact: torch.Tensor, dtype: torch.dtype):
+    """Two units in the last place of the result's dtype (the fp32 sums of the kernel and of the
+    reference differ in order, so their roundings to ``dtype`` may differ by one), plus a floor."""
+    floor = {torch.float64: 1e-12, torch.float32: 2e-6}.get(dtype, 1e-5)
+    return 2 * torch.finfo(dtype).eps * exact.abs() + floor
+
+
+def tokens_like(batch, grid, channels, dtype, seed=0, device="cuda"):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(batch, grid * grid, channels, device=device, generator=gen).to(dtype)
+
+
+def upstream(x, grid, cells, seed=1, unused=None):
+    """One random gradient per pooled output (``None`` for the output at index ``unused``)."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    return [None if i == unused else
+            torch.randn(x.shape[0], (grid // c) ** 2, x.shape[2], device=x.device,
+                        generator=gen).to(x.dtype)
+            for i, c in enumerate(cells)]
+
+
+def check_forward(x, grid, cells, backend):
+    fast = mk.multigrain_pool(x, grid, cells, backend=backend)
+    ref = mk.multigrain_pool(x, grid, cells, backend="torch")
+    exact = mk.multigrain_pool(x.double(), grid, cells, backend="torch")
+    for f, r, e, c in zip(fast, ref, exact, cells):
+        assert f.dtype == x.dtype and f.shape == r.shape and f.is_contiguous()
+        assert_close_to_exact(f, r, e, tol(e, x.dtype))
+        if c == 1:
+            assert torch.equal(f, x)      # a mean of one token is the token
+    return fast
+
+
+def token_grad(x, grid, cells, grads, backend):
+    leaf = x.detach().clone().requires_grad_(True)
+    outs = mk.multigrain_pool(leaf, grid, cells, backend=backend)
+    used = [i for i, g in enumerate(grads) if g is not None]
+    torch.autograd.backward([outs[i] for i in used], [grads[i] for i in used])
+    return leaf.grad
+
+
+def check_backward(x, grid, cells, grads, backend):
+    fast = token_grad(x, grid, cells, grads, backend)
+    ref = token_grad(x, grid, cells, grads, "torch")
+    exact = backends.call("multigrain_pool_backward", "torch",
+                          [torch.zeros(x.shape[0], (grid // c) ** 2, x.shape[2], device=x.device,
+                                       dtype=torch.float64) if g is None else g.double()
+                           for g, c in zip(grads, cells)], grid, cells)
+    assert fast.dtype == x.dtype and fast.shape == x.shape
+    assert_close_to_exact(fast, ref, exact, tol(exact, x.dtype))
+
+
+def check_deterministic(x, backend):
+    first = mk.multigrain_pool(x, GRID, CELLS, backend=backend)
+    second = mk.multigrain_pool(x, GRID, CELLS, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    grads = upstream(x, GRID, CELLS)
+    assert torch.equal(token_grad(x, GRID, CELLS, grads, backend),
+                       token_grad(x, GRID, CELLS, grads, backend))
+
+
+def check_int64_offsets(backend):
+    """More than 2**31 token elements (bf16, about 14 GB in all): the last images are right."""
+    batch, channels = 10752, 1024
+    assert batch * GRID * GRID * channels > 2 ** 31
+    x = tokens_like(batch, GRID, channels, torch.bfloat16)
+    outs = backends.call("multigrain_pool", backend, x, GRID, CELLS)
+    grad = backends.call("multigrain_pool_backward", backend, outs, GRID, CELLS)
+    for part in (slice(0, 2), slice(batch - 2, batch)):
+        xs, os_ = x[part], [o[part] for o in outs]
+        for o, r, e in zip(os_, backends.call("multigrain_pool", "torch", xs, GRID, CELLS),
+                           backends.call("multigrain_pool", "torch", xs.double(), GRID, CELLS)):
+            assert_close_to_exact(o, r, e, tol(e, x.dtype))
+        want = backends.call("multigrain_pool_backward", "torch", os_, GRID, CELLS)
+        exact = backends.call("multigrain_pool_backward", "torch", [o.double() for o in os_],
+                              GRID, CELLS)
+        assert_close_to_exact(grad[part], want, exact, tol(exact, x.dtype))
+    del x, outs, grad
+    torch.cuda.empty_cache()
