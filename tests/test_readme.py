@@ -1,4 +1,4 @@
-"""The README's training-step example runs as written."""
+"""The README's Python examples run as written."""
 import re
 from pathlib import Path
 
@@ -7,10 +7,15 @@ import torch
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def readme_example() -> str:
+def readme_block(heading: str) -> str:
+    """The first Python block after ``heading``."""
     text = README.read_text()
-    section = text[text.index("## A training step with MGC"):]
+    section = text[text.index(heading):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def readme_example() -> str:
+    return readme_block("## A training step with MGC")
 
 
 def test_readme_example_runs_and_trains():
@@ -26,3 +31,15 @@ def test_readme_example_runs_and_trains():
 def test_readme_example_is_short():
     step = readme_example().split("criterion = mk.MGCLoss()")[1]
     assert len(step.strip().splitlines()) <= 16
+
+
+def test_readme_worker_pairs_example_runs():
+    """Two worker processes sample the pairs with the C++ path; they equal the reference's."""
+    scope: dict = {}
+    exec(compile(readme_block("### Pairs in data-loader workers"), str(README), "exec"), scope)
+    batch, criterion = scope["batch"], scope["criterion"]
+    want = criterion.sample_pairs(batch["box1"], batch["flip1"], batch["box2"], batch["flip2"],
+                                  backend="torch")
+    assert len(batch["pairs"]) == len(criterion.cells)
+    for got, ref in zip(batch["pairs"], want):
+        assert all(torch.equal(g, r) for g, r in zip(got, ref))

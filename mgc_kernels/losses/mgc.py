@@ -91,10 +91,15 @@ class MGCLoss(nn.Module):
         return (f"mode={self.mode!r}, cells={self.cells}, num_pairs={self.num_pairs}, "
                 f"temperature={self.temperature}, weighting={self.weighting!r}")
 
-    def sample_pairs(self, boxes1, flips1, boxes2, flips2) -> list[Pairs]:
-        """One :class:`mgc_kernels.Pairs` per cell (``[B, K_c]`` region indices and weights)."""
+    def sample_pairs(self, boxes1, flips1, boxes2, flips2, *,
+                     backend: str | None = None) -> list[Pairs]:
+        """One :class:`mgc_kernels.Pairs` per cell (``[B, K_c]`` region indices and weights).
+
+        ``backend`` overrides the loss's own for the sampling alone, e.g. ``"native"`` (C++) in
+        the ``collate_fn`` of data-loader workers, where the boxes are CPU tensors."""
+        backend = self.backend if backend is None else backend
         return [sample_pairs(boxes1, flips1, boxes2, flips2, self.grid, c, k, self.sample_method,
-                             backend=self.backend)
+                             backend=backend)
                 for c, k in zip(self.cells, self.num_pairs)]
 
     def forward(self, q1: Sequence[torch.Tensor], q2: Sequence[torch.Tensor],
