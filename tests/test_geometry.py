@@ -241,3 +241,11 @@ def test_geometry_accepts_low_precision_boxes(dtype):
     exact = mk.correspondence(b, f, b.flip(0), f.flip(0), 14, 2)
     assert torch.allclose(w.double(), exact, atol=1e-2)
     assert mk.sample_pairs(b.to(dtype), f, b.to(dtype), f, 14, 2).weight.dtype == dtype
+
+
+@pytest.mark.parametrize("view_size", [224.0, 0.1, 96, 1 / 3, 3.4e38])
+def test_view_size_is_rounded_to_float32(view_size):
+    """The released code holds the view size in float32 tensors; so do all backends."""
+    from mgc_kernels.ops.sample_pairs import view_size_float32
+
+    assert view_size_float32(view_size) == torch.tensor(view_size, dtype=torch.float32).item()

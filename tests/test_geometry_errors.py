@@ -71,7 +71,8 @@ def test_bad_metric(bad, match):
 @pytest.mark.parametrize("bad, match", [
     (dict(k=0), "k must"), (dict(k=2.5), "k must"), (dict(method="random"), "method"),
     (dict(strides=((12, 0, 8), (8, 2, 6))), "strides"), (dict(strides=(12, 2, 8)), "strides"),
-    (dict(view_size=0), "view_size"),
+    (dict(view_size=0), "view_size"), (dict(view_size=math.inf), "view_size"),
+    (dict(view_size=1e39), "view_size"),
 ])
 def test_bad_sampling_arguments(bad, match):
     with pytest.raises(ValueError, match=match):

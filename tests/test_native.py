@@ -1,6 +1,7 @@
 """The native backend's C++ CPU path (csrc/*.cpp) against the torch reference, through the public
 API: correspondence and sample_pairs bit for bit (ties, padding and dtypes included) on random
-and adversarial crops, multigrain_pool forward and backward within fp32 rounding."""
+and adversarial crops, multigrain_pool forward and backward within fp32 rounding; the custom ops'
+opcheck and a fullgraph torch.compile trace."""
 import pytest
 import torch
 from hypothesis import assume, given, strategies as st
@@ -9,12 +10,12 @@ import mgc_kernels as mk
 from benchmarks.cases.base import view_boxes
 
 try:
-    from ._helpers import assert_close_to_exact
+    from ._helpers import FP32_TOL, assert_close_to_exact, assert_compile_matches_eager
     from .test_geometry import crop_pairs
     from .test_triton_geometry import SMALL_GRIDS, same, views as float_views
     from .test_triton_multigrain_pool import forward_backward, problems
 except ImportError:
-    from _helpers import assert_close_to_exact
+    from _helpers import FP32_TOL, assert_close_to_exact, assert_compile_matches_eager
     from test_geometry import crop_pairs
     from test_triton_geometry import SMALL_GRIDS, same, views as float_views
     from test_triton_multigrain_pool import forward_backward, problems
@@ -253,3 +254,42 @@ def test_multigrain_pool_noncontiguous_tokens():
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randn(5, 36, 2, generator=gen).transpose(0, 2)[:, :, :3]   # [2, 36, 3] strided
     compare_pool(tokens, 6, [2, 3], gen)
+
+
+# ----------------------------------------------------------------------------- torch.library
+
+@pytest.mark.parametrize("method", ["mgc", "topk"])
+def test_opcheck_geometry(method):
+    """The custom ops' schemas and fake kernels agree with the native implementations."""
+    views = view_boxes(4, seed=3)
+    torch.library.opcheck(torch.ops.mgc_kernels.correspondence.default,
+                          (*views, 7, "mgc", "native"))
+    torch.library.opcheck(torch.ops.mgc_kernels.sample_pairs.default,
+                          (*views, 7, 5, method, 224.0, [8.0, 2.0, 4.0, 4.0, 1.0, 3.0], "native"))
+
+
+def test_opcheck_multigrain_pool():
+    tokens = torch.randn(3, 36, 5, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    torch.library.opcheck(torch.ops.mgc_kernels.multigrain_pool.default,
+                          (tokens, 6, [1, 2, 3], "native"))
+    grads = [torch.randn(3, (6 // c) ** 2, 5) for c in (1, 2, 3)]
+    torch.library.opcheck(torch.ops.mgc_kernels.multigrain_pool_backward.default,
+                          (grads, 6, [1, 2, 3], "native"))
+
+
+def test_compiles_without_graph_breaks():
+    """Pairs, correspondence and pooling on the native backend in one fullgraph trace, with the
+    eager loss and token gradient."""
+    boxes1, flips1, boxes2, flips2 = view_boxes(3, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    weights = [torch.randn(3, (14 // c) ** 2, 4, generator=gen) for c in (1, 2, 7)]
+
+    def f(tokens):
+        pooled = mk.multigrain_pool(tokens, 14, (1, 2, 7), backend="native")
+        pairs = mk.sample_pairs(boxes1, flips1, boxes2, flips2, 14, 2, 10, backend="native")
+        overlap = mk.correspondence(boxes1, flips1, boxes2, flips2, 14, 7, backend="native")
+        a, b = pairs.gather(pooled[1], pooled[1])
+        return (sum((o * w).sum() for o, w in zip(pooled, weights))
+                + (pairs.weight[..., None] * a * b).sum() + overlap.sum() * pooled[2].sum())
+
+    assert_compile_matches_eager(f, torch.randn(3, 196, 4, generator=gen), tol=FP32_TOL)

@@ -1,7 +1,7 @@
 """``sample_pairs``: the sparse region pairs that MGC contrasts, per image and granularity."""
 from __future__ import annotations
 
-import functools
+import struct
 from typing import NamedTuple
 
 import torch
@@ -72,11 +72,12 @@ def check_strides(strides) -> list[float]:
     return [float(v) for v in (rr, rlo, rhi, cr, clo, chi)]
 
 
-@functools.lru_cache(maxsize=16)
-def float32(value: float) -> float:
-    """``value`` rounded to float32: the released code holds the view size in float32 tensors and
-    every backend uses that value (cached: a data-loader worker calls this once per image)."""
-    return float(torch.tensor(value, dtype=torch.float32))
+def view_size_float32(view_size) -> float:
+    """The view size as the released code's float32 tensors hold it; every backend uses it."""
+    _checks.positive("view_size", view_size)
+    if not view_size <= torch.finfo(torch.float32).max:
+        raise ValueError(f"view_size must be a finite float32 number, got {view_size!r}")
+    return struct.unpack("f", struct.pack("f", view_size))[0]
 
 
 def sample_pairs(boxes1: torch.Tensor, flips1: torch.Tensor, boxes2: torch.Tensor,
@@ -109,9 +110,9 @@ def sample_pairs(boxes1: torch.Tensor, flips1: torch.Tensor, boxes2: torch.Tenso
     _checks.choice("method", method, reference.METHODS)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
-    _checks.positive("view_size", view_size)
+    view_size = view_size_float32(view_size)
     rule = check_strides(OFFICIAL_STRIDES.get(cell, EVERY_REGION) if strides is None else strides)
     check_views(boxes1, flips1, boxes2, flips2)
     backend = backends.resolve("sample_pairs", backend, boxes1.device, boxes1.dtype)
     return Pairs(*_sample_pairs(boxes1, flips1, boxes2, flips2, n, k, method,
-                                float32(view_size), rule, backend))
+                                view_size, rule, backend))
