@@ -276,6 +276,22 @@ Result empty_outputs(const Views& v, int64_t k) {
   return {idx1, at::empty_like(idx1), at::empty({batch, k}, v.boxes1.options())};
 }
 
+// visit(workspace, b) for every image b of the batch, in parallel over images; each thread
+// reuses one workspace.
+template <typename acc_t, typename Visit>
+void for_each_image(int64_t batch, int64_t n, const Visit& visit) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(cpu_threads(batch)) if (batch > 1)
+#endif
+  {
+    Image<acc_t> im(n);
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t b = 0; b < batch; ++b) visit(im, b);
+  }
+}
+
 // methods mgc and topk: a fixed k, one pass writing straight into the outputs.
 template <typename scalar_t>
 Result sample_fixed_k(const Views& v, const Problem& p, int64_t k) {
@@ -289,19 +305,10 @@ Result sample_fixed_k(const Views& v, const Problem& p, int64_t k) {
   int64_t* idx1 = std::get<0>(out).data_ptr<int64_t>();
   int64_t* idx2 = std::get<1>(out).data_ptr<int64_t>();
   scalar_t* weight = std::get<2>(out).data_ptr<scalar_t>();
-#ifdef _OPENMP
-#pragma omp parallel num_threads(cpu_threads(batch)) if (batch > 1)
-#endif
-  {
-    Image<acc_t> im(p.n);
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (int64_t b = 0; b < batch; ++b) {
-      const auto& pairs = image_pairs(im, b1 + 4 * b, b2 + 4 * b, p, k);
-      write_pairs(pairs, f1[b], f2[b], p.n, k, idx1 + b * k, idx2 + b * k, weight + b * k);
-    }
-  }
+  for_each_image<acc_t>(batch, p.n, [&](Image<acc_t>& im, int64_t b) {
+    const auto& pairs = image_pairs(im, b1 + 4 * b, b2 + 4 * b, p, k);
+    write_pairs(pairs, f1[b], f2[b], p.n, k, idx1 + b * k, idx2 + b * k, weight + b * k);
+  });
   return out;
 }
 
@@ -314,18 +321,9 @@ Result sample_all(const Views& v, const Problem& p) {
   const scalar_t* b1 = v.boxes1.data_ptr<scalar_t>();
   const scalar_t* b2 = v.boxes2.data_ptr<scalar_t>();
   std::vector<std::vector<Pair<acc_t>>> per_image(batch);
-#ifdef _OPENMP
-#pragma omp parallel num_threads(cpu_threads(batch)) if (batch > 1)
-#endif
-  {
-    Image<acc_t> im(p.n);
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-    for (int64_t b = 0; b < batch; ++b) {
-      per_image[b] = image_pairs(im, b1 + 4 * b, b2 + 4 * b, p, -1);
-    }
-  }
+  for_each_image<acc_t>(batch, p.n, [&](Image<acc_t>& im, int64_t b) {
+    per_image[b] = image_pairs(im, b1 + 4 * b, b2 + 4 * b, p, -1);
+  });
   int64_t k = 0;
   for (const auto& pairs : per_image) k = std::max<int64_t>(k, pairs.size());
   Result out = empty_outputs(v, k);
