@@ -249,3 +249,18 @@ def test_view_size_is_rounded_to_float32(view_size):
     from mgc_kernels.ops.sample_pairs import view_size_float32
 
     assert view_size_float32(view_size) == torch.tensor(view_size, dtype=torch.float32).item()
+
+
+def collapsed_crop():
+    """A crop one float32 step wide at x = 1e6: at grid 14 its cells round to zero width except
+    every 14th (rows of one column), whose mgc weight 0/0 is NaN for the collapsed ones."""
+    return torch.tensor([[1e6, 0, 1e6 + 0.0625, 1]]), torch.tensor([False])
+
+
+def test_cells_collapsed_by_rounding_are_not_pairs():
+    boxes, flips = collapsed_crop()
+    assert mk.correspondence(boxes, flips, boxes, flips, 14, 1).isnan().any()
+    for method, k in (("topk", 5), ("all", 14)):       # 14 cells keep an area: one column
+        pairs = mk.sample_pairs(boxes, flips, boxes, flips, 14, 1, 5, method, backend="torch")
+        assert pairs.weight.shape == (1, k) and (pairs.weight == 0.5).all()
+        assert torch.equal(pairs.idx1, pairs.idx2)

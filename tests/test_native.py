@@ -11,12 +11,12 @@ from benchmarks.cases.base import view_boxes
 
 try:
     from ._helpers import FP32_TOL, assert_close_to_exact, assert_compile_matches_eager
-    from .test_geometry import crop_pairs
+    from .test_geometry import collapsed_crop, crop_pairs
     from .test_triton_geometry import SMALL_GRIDS, same, views as float_views
     from .test_triton_multigrain_pool import forward_backward, problems
 except ImportError:
     from _helpers import FP32_TOL, assert_close_to_exact, assert_compile_matches_eager
-    from test_geometry import crop_pairs
+    from test_geometry import collapsed_crop, crop_pairs
     from test_triton_geometry import SMALL_GRIDS, same, views as float_views
     from test_triton_multigrain_pool import forward_backward, problems
 
@@ -175,6 +175,12 @@ def test_single_image_disjoint_views_all_is_empty():
     same(fast, ref)
     assert fast.idx1.shape == (1, 0)
     same(*both(mk.sample_pairs, b1, f, b2, f, 14, 1, 5, "topk"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cells_collapsed_by_rounding_bit_exact(method):
+    boxes, flips = collapsed_crop()
+    same(*both(mk.sample_pairs, boxes, flips, boxes, flips, 14, 1, 5, method))
 
 
 def test_single_image_known_answer():

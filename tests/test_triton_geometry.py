@@ -8,8 +8,10 @@ import mgc_kernels as mk
 
 try:
     from ._helpers import requires_triton
+    from .test_geometry import collapsed_crop
 except ImportError:
     from _helpers import requires_triton
+    from test_geometry import collapsed_crop
 
 pytestmark = requires_triton
 
@@ -104,3 +106,11 @@ def test_compile_fullgraph_with_triton_backend():
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(b1), step(b1))
+
+
+@pytest.mark.parametrize("method", ["mgc", "topk", "all"])
+def test_cells_collapsed_by_rounding_bit_exact(method):
+    boxes, flips = collapsed_crop()
+    views = (boxes, flips, boxes, flips)
+    same(mk.sample_pairs(*views, 14, 1, 5, method, backend="triton"),
+         mk.sample_pairs(*views, 14, 1, 5, method, backend="torch"))
