@@ -2,9 +2,10 @@
 
 ``MGC_KERNELS_BUILD_EXT=1 pip install --no-build-isolation -e .`` also compiles the native
 backend's csrc/ ahead of time into ``mgc_kernels._native``: ``CUDAExtension`` where nvcc and a
-CUDA build of torch are present, else ``CppExtension`` (the sources, flags and the ``WITH_CUDA``
-switch are the ones ``mgc_kernels.native`` uses to build on first use). Without the variable a
-plain install compiles nothing.
+CUDA build of torch are present and there is a GPU to build for (or ``TORCH_CUDA_ARCH_LIST`` names
+the architectures, e.g. ``"9.0"`` on a build machine without one), else ``CppExtension`` (the
+sources, flags and the ``WITH_CUDA`` switch are the ones ``mgc_kernels.native`` uses to build on
+first use). Without the variable a plain install compiles nothing.
 """
 import os
 
@@ -21,7 +22,7 @@ def native_extension() -> dict:
                          "torch first and pass --no-build-isolation to pip") from err
     from mgc_kernels import native
 
-    cuda = native.nvcc_found()
+    cuda = native.ahead_of_time_cuda()
     flags = {"cxx": native.CXX_FLAGS + (["-DWITH_CUDA"] if cuda else []),
              "nvcc": native.NVCC_FLAGS + ["-DWITH_CUDA"]}
     kind = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension

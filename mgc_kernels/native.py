@@ -60,6 +60,14 @@ def nvcc_found() -> bool:
         and Path(CUDA_HOME, "bin", "nvcc").exists()
 
 
+def ahead_of_time_cuda() -> bool:
+    """Whether setup.py compiles the CUDA sources too: nvcc and a CUDA torch, and a GPU to build
+    for or the architectures named in ``TORCH_CUDA_ARCH_LIST`` (without either, torch has no
+    architecture to pass to nvcc)."""
+    return nvcc_found() and (torch.cuda.is_available()
+                             or bool(os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()))
+
+
 def status() -> tuple[bool, str]:
     """``(loads, why)``: loads (building on first use) the extension and says how, or why not."""
     module, why = _extension()
