@@ -27,7 +27,7 @@ def native_extension() -> dict:
              "nvcc": native.NVCC_FLAGS + ["-DWITH_CUDA"]}
     kind = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
     sources = [os.path.relpath(path) for path in native.sources(cuda)]  # setuptools wants them
-    includes = ["csrc"] + (native.pip_cuda_include_paths() if cuda else [])
+    includes = [str(native.CSRC)] + (native.cuda_include_paths() if cuda else [])
     module = kind("mgc_kernels._native", sources, include_dirs=includes, extra_compile_args=flags,
                   extra_link_args=native.LD_FLAGS)
     return {"ext_modules": [module], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}

@@ -50,7 +50,7 @@ torch::Tensor multigrain_pool_backward_cuda(const std::vector<torch::Tensor>& gr
                                             int64_t grid, const std::vector<int64_t>& cells);
 #endif
 
-// Helpers shared by correspondence.cpp and sample_pairs.cpp. They repeat the reference's
+// Helpers shared by cpu/correspondence.cpp and cpu/sample_pairs.cpp. They repeat the reference's
 // operations in the same order and type, so (built without FMA contraction) the results are the
 // reference's bits.
 namespace geometry {

@@ -37,20 +37,27 @@ _loaded: list[tuple[ModuleType | None, str]] = []  # filled once per process
 
 
 def sources(cuda: bool) -> list[str]:
-    """The ``csrc/`` files of the extension: the C++ ones, and the CUDA ones with ``cuda``."""
-    patterns = ("*.cpp", "*.cu") if cuda else ("*.cpp",)
-    return sorted(str(p) for pattern in patterns for p in CSRC.glob(pattern))
+    """The ``csrc/`` files of the extension: the bindings and ``cpu/*.cpp``, and ``cuda/*.cu``
+    with ``cuda``. (The two folders let ``csrc/cpu/<op>.cpp`` and ``csrc/cuda/<op>.cu`` share the
+    op's name: setuptools names object files by the source's stem, per folder.)"""
+    patterns = ("*.cpp", "cpu/*.cpp") + (("cuda/*.cu",) if cuda else ())
+    return [str(p) for pattern in patterns for p in sorted(CSRC.glob(pattern))]
 
 
-def pip_cuda_include_paths() -> list[str]:
-    """Header folders of pip's nvidia-* packages (e.g. ``nvidia/cu13/include``): torch's CUDA
-    headers include cusparse.h and friends, which a bare toolkit may not ship. They go after the
-    toolkit's own folder, so the toolkit's headers win where both have one."""
+def cuda_include_paths() -> list[str]:
+    """Header folders the CUDA sources need beyond torch's own: the toolkit's ``include`` first,
+    then those of pip's nvidia-* packages (e.g. ``nvidia/cu13/include``). Torch's CUDA headers
+    include cusparse.h and friends, which a bare toolkit may not ship; where both have a header,
+    the toolkit's must win, since it has to match nvcc (and ``-I`` folders are searched in order,
+    before torch's)."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    toolkit = [str(Path(CUDA_HOME, "include"))] if CUDA_HOME else []
     spec = importlib.util.find_spec("nvidia")
     if spec is None or not spec.submodule_search_locations:
-        return []
-    return sorted(str(p) for root in spec.submodule_search_locations
-                  for p in Path(root).glob("*/include") if p.is_dir())
+        return toolkit
+    return toolkit + sorted(str(p) for root in spec.submodule_search_locations
+                            for p in Path(root).glob("*/include") if p.is_dir())
 
 
 def nvcc_found() -> bool:
@@ -132,7 +139,7 @@ def _build() -> tuple[ModuleType | None, str]:
             name=JIT_NAME + ("_cuda" if cuda else ""), sources=sources(cuda),
             extra_cflags=CXX_FLAGS + (["-DWITH_CUDA"] if cuda else []),
             extra_cuda_cflags=NVCC_FLAGS + ["-DWITH_CUDA"], extra_ldflags=LD_FLAGS,
-            extra_include_paths=[str(CSRC)] + (pip_cuda_include_paths() if cuda else []),
+            extra_include_paths=[str(CSRC)] + (cuda_include_paths() if cuda else []),
             with_cuda=cuda, verbose=False)
     except Exception as err:  # a failed build must not break the other backends
         return None, f"building csrc/ failed: {_first_line(err)}"

@@ -1,4 +1,4 @@
-"""The native backend's C++ CPU path (csrc/*.cpp) against the torch reference, through the public
+"""The native backend's C++ CPU path (csrc/cpu/*.cpp) against the torch reference, through the public
 API: correspondence and sample_pairs bit for bit (ties, padding and dtypes included) on random
 and adversarial crops, multigrain_pool forward and backward within fp32 rounding; the custom ops'
 opcheck and a fullgraph torch.compile trace."""

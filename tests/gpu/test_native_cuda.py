@@ -1,4 +1,4 @@
-"""The native backend's CUDA kernels (csrc/*.cu) through the public API, against the torch
+"""The native backend's CUDA kernels (csrc/cuda/*.cu) through the public API, against the torch
 reference.
 
 Geometry (``correspondence``, ``sample_pairs``) must equal the reference bit for bit and index
