@@ -55,7 +55,8 @@ torch::Tensor correspondence_cuda(const torch::Tensor& boxes1, const torch::Tens
                                   const torch::Tensor& boxes2, const torch::Tensor& flips2,
                                   int64_t n, const std::string& metric) {
   check_views_cuda(boxes1, flips1, boxes2, flips2);
-  TORCH_CHECK(n >= 1 && n <= 46340 / n, "mgc_kernels native: n*n regions must fit in int32");
+  // int32 region-pair indices within an image: n^4 <= 2^31
+  TORCH_CHECK(n >= 1 && n <= 215, "mgc_kernels native: CUDA correspondence needs grid/cell <= 215");
   const geometry::Metric metric_code = geometry::parse_metric(metric);
   const c10::cuda::CUDAGuard guard(boxes1.device());
   const auto b1 = boxes1.contiguous();

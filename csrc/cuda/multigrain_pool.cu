@@ -281,7 +281,10 @@ torch::Tensor multigrain_pool_backward_cuda(const std::vector<torch::Tensor>& gr
                     grads[i].size(0) == batch && grads[i].size(1) == side * side &&
                     grads[i].size(2) == channels,
                 "mgc_kernels native: gradient ", i, " must be [B, (grid/c)^2, C] on one device");
-    gs.push_back(grads[i].to(first.scalar_type()).contiguous());
+    // one dtype: rounding a wider gradient to the first one's would lose precision silently
+    TORCH_CHECK(grads[i].scalar_type() == first.scalar_type(),
+                "mgc_kernels native: the gradients must share one dtype");
+    gs.push_back(grads[i].contiguous());
   }
   if (batch == 0 || channels == 0) {
     return torch::zeros({batch, grid * grid, channels}, first.options());

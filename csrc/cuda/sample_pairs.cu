@@ -223,7 +223,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sample_pairs_cuda(
   TORCH_CHECK(method == "mgc" || method == "topk" || method == "all",
               "mgc_kernels native: unknown method '", method, "'");
   // visits are packed into 32 bits
-  TORCH_CHECK(n >= 1 && n <= 215, "mgc_kernels native: sample_pairs supports n <= 215");
+  TORCH_CHECK(n >= 1 && n <= 215, "mgc_kernels native: CUDA sample_pairs needs grid/cell <= 215");
   TORCH_CHECK(method == "all" || k >= 1, "mgc_kernels native: k must be positive");
   const Rule rows = make_rule(row_rule, "row_rule");
   const Rule cols = make_rule(col_rule, "col_rule");
