@@ -99,9 +99,9 @@ def select_pairs(scores: torch.Tensor, flips1, flips2, n: int, k: int | None, dt
     """The ``k`` best positive entries of each row of ``scores`` ``[B, n*n, n*n]`` (unflipped
     order), ties in visiting order, as token indices; ``k=None`` keeps every positive one."""
     batch, regions = len(scores), n * n
+    scores = scores.reshape(batch, regions * regions)
     # a cell that float rounding collapses to zero area scores 0/0 = NaN: not a pair (a NaN
     # would sort first)
-    scores = scores.reshape(batch, regions * regions)
     scores = torch.where(scores > 0, scores, 0)
     if k is None:
         k = int((scores > 0).sum(1).max()) if batch else 0
