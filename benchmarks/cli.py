@@ -44,8 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int,
                         help="torch's CPU threads (default: 1 with --quick, else torch's choice)")
     parser.add_argument("--out", type=Path,
-                        help="JSON-lines file to append to, its CSV beside it "
-                             "(default: benchmarks/results/<device>.jsonl)")
+                        help="JSON-lines file to append to, its CSV beside it (default: "
+                             "benchmarks/results/<device>.jsonl; with --quick the rows are only "
+                             "printed, so that smoke runs never enter the committed results)")
     return parser.parse_args(argv)
 
 
@@ -58,13 +59,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)  # tiny ops on a busy machine stall on idle OpenMP threads
     dtype = results.DTYPES[args.dtype or ("bf16" if target.device.type == "cuda" else "fp32")]
     provider_names = args.provider or (QUICK_PROVIDERS if args.quick else PROVIDERS)
-    out = args.out or results.default_path(target.name)
+    out = args.out or (None if args.quick else results.default_path(target.name))
     jobs = [(case, size) for case in (CASES[n] for n in (args.case or CASES))
             for size in case.sweep(target.device, args.quick)
             if args.batch is None or size["batch"] in args.batch]
 
     print(f"device: {target.name} | dtype: {results.dtype_name(dtype)} | "
-          f"commit: {results.versions()['commit']} | results: {out}")
+          f"commit: {results.versions()['commit']} | results: {out or 'not written (--quick)'}")
     if target.device.type == "cpu":
         print(f"CPU, {target.threads} torch thread(s): perf_counter timings; "
               "peak memory is not measured on CPU")
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
     for case, size in _progress(jobs):
         for row in runner.run(case, size, args.mode, provider_names, dtype, target,
                               QUICK if args.quick else FULL):
-            results.append(out, row)
+            if out is not None:
+                results.append(out, row)
             print(results.table_line(row), flush=True)
             errors += row["status"].startswith("error")
     return 1 if errors else 0

@@ -54,6 +54,16 @@ def test_quick_prints_a_table(quick):
     assert len(table) == len(rows)
 
 
+def test_quick_without_out_leaves_the_committed_results_alone():
+    before = {p: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").glob("*.*")}
+    proc = run_module("benchmarks", "--quick", "--case", "correspondence", "--provider", "torch")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "results: not written (--quick)" in proc.stdout
+    assert any(line.startswith("correspondence") for line in proc.stdout.splitlines())
+    after = {p: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").glob("*.*")}
+    assert after == before
+
+
 def test_quick_writes_the_same_rows_as_csv(quick):
     _, rows, out = quick
     with open(out.with_suffix(".csv"), newline="") as f:
