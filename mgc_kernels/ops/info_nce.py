@@ -173,6 +173,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, targets, temperature: float = 0.1
         check_paired(k, queue, len(q))
     else:
         index, weight = parse_targets(targets, len(q), len(k), q.device, accumulate(q.dtype))
+        index, weight, stray_rows = drop_stray_targets(index, weight, len(k))
     check_row_weights(row_weights, len(q), q.device)
     if normalize:
         q, k = l2_normalize(q), l2_normalize(k)
@@ -184,7 +185,19 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, targets, temperature: float = 0.1
     row_loss, _ = _info_nce(q.contiguous(), k.contiguous(),
                             None if queue is None else queue.contiguous(), index, weight,
                             temperature, backend)
+    row_loss = torch.where(stray_rows, torch.nan, row_loss)
     return reduce_rows(row_loss, row_weights, weight.sum(1) > 0, reduction)
+
+
+def drop_stray_targets(index: torch.Tensor, weight: torch.Tensor, m: int):
+    """``(index, weight, stray_rows)`` with every target outside ``[0, m)`` made padding
+    ``(0, 0)``. Such targets pass only where the host-side range check does not run (value checks
+    off, or under torch.compile); no backend then reads or writes outside ``k`` (an index into the
+    queue would silently pick a negative in the reference, and an out-of-bounds one would crash a
+    CUDA context), and the rows that had one get a NaN loss instead of a silently wrong one."""
+    stray = (index < 0) | (index >= m)
+    stray_rows = (stray & (weight != 0)).any(1)
+    return torch.where(stray, 0, index), torch.where(stray, 0.0, weight), stray_rows
 
 
 def check_paired(k: torch.Tensor, queue: torch.Tensor | None, n: int) -> None:

@@ -76,12 +76,16 @@ def _online_lse(s, valid, m_i, l_i):
 
 
 @triton.jit
-def _target(TI, TW, rows, rmask, p, P):
-    """Key index and weight of target ``p`` of each row; padding (weight 0) is masked out."""
+def _target(TI, TW, rows, rmask, p, P, M):
+    """Key index and weight of target ``p`` of each row. Padding (weight 0) and indices outside
+    ``[0, M)`` are masked out with weight 0: whatever the index tensor holds (value checks off,
+    or skipped under torch.compile), no lane reads or writes outside ``k`` (the op turns such a
+    row's loss into NaN)."""
     offs = rows.to(tl.int64) * P + p
     t = tl.load(TW + offs, mask=rmask, other=0.0)
     idx = tl.load(TI + offs, mask=rmask & (t != 0), other=0)
-    return idx, t, rmask & (t != 0)
+    valid = rmask & (t != 0) & (idx >= 0) & (idx < M)
+    return idx, tl.where(valid, t, 0.0), valid
 
 
 # --------------------------------------------------------------------------- kernels
@@ -132,7 +136,7 @@ def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, LOSS, RHO,
         picked = tl.zeros([BLOCK_R], tl.float32)
         q32 = q.to(tl.float32)
         for p in range(P):
-            idx, t, tmask = _target(TI, TW, rows, rmask, p, P)
+            idx, t, tmask = _target(TI, TW, rows, rmask, p, P, M)
             k_row = load_rows(K, idx, tmask, D, offs_d).to(tl.float32)
             total += t
             picked += t * tl.sum(q32 * k_row, 1)
@@ -181,7 +185,7 @@ def _dq_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, G, A, B, DQ, DK_T,
     if not GEOMETRIC:
         q32 = q.to(tl.float32)
         for p in range(P):
-            idx, t, tmask = _target(TI, TW, rows, rmask, p, P)
+            idx, t, tmask = _target(TI, TW, rows, rmask, p, P, M)
             acc -= t[:, None] * load_rows(K, idx, tmask, D, offs_d).to(tl.float32)
             # this pair's share of dk (times 1/tau in _dk_kernel)
             dk_ptrs = DK_T + idx.to(tl.int64)[:, None] * D + offs_d[None, :]
