@@ -43,9 +43,21 @@ def same(fast, reference):
         assert f.dtype == r.dtype and torch.equal(f, r)
 
 
-@given(views(), SMALL_GRIDS)
-def test_region_boxes_and_correspondence_bit_exact(v, grid_cell):
+# boxes in the float dtypes the ops take: low precision rounds weights into ties, which must rank
+# as in the reference. sample_pairs rounds inside its kernel, and the interpreter rounds fp32 to
+# bf16 by truncation (the GPU to nearest): its bf16 case is in tests/gpu.
+BOX_DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
+PAIR_BOX_DTYPES = st.sampled_from([torch.float32, torch.float16])
+
+
+def boxes_as(v, dtype):
     b1, f1, b2, f2 = v
+    return b1.to(dtype), f1, b2.to(dtype), f2
+
+
+@given(views(), SMALL_GRIDS, BOX_DTYPES)
+def test_region_boxes_and_correspondence_bit_exact(v, grid_cell, dtype):
+    b1, f1, b2, f2 = boxes_as(v, dtype)
     grid, cell = grid_cell
     same([mk.region_boxes(b1, f1, grid, cell, backend="triton")],
          [mk.region_boxes(b1, f1, grid, cell, backend="torch")])
@@ -54,21 +66,36 @@ def test_region_boxes_and_correspondence_bit_exact(v, grid_cell):
              [mk.correspondence(b1, f1, b2, f2, grid, cell, metric, backend="torch")])
 
 
-@given(views(), SMALL_GRIDS, st.sampled_from(["mgc", "topk", "all"]), st.integers(1, 12))
-def test_sample_pairs_bit_exact(v, grid_cell, method, k):
-    b1, f1, b2, f2 = v
+@given(views(), SMALL_GRIDS, st.sampled_from(["mgc", "topk", "all"]), st.integers(1, 12),
+       PAIR_BOX_DTYPES)
+def test_sample_pairs_bit_exact(v, grid_cell, method, k, dtype):
+    b1, f1, b2, f2 = boxes_as(v, dtype)
     grid, cell = grid_cell
     fast = mk.sample_pairs(b1, f1, b2, f2, grid, cell, k, method, backend="triton")
     same(fast, mk.sample_pairs(b1, f1, b2, f2, grid, cell, k, method, backend="torch"))
 
 
+OFFICIAL_VIEWS = ([[0.0, 0, 224, 224], [31, 7, 240, 190]], torch.tensor([False, True]),
+                  [[0.0, 0, 224, 224], [60, 40, 280, 230]], torch.tensor([True, False]))
+
+
 @pytest.mark.parametrize("method", ["mgc", "topk"])
 def test_sample_pairs_official_shape_bit_exact(method):
     # the released granularities at grid 14, with identical views (many ties) and a random pair
-    b = torch.tensor([[0.0, 0, 224, 224], [31, 7, 240, 190]])
-    b2 = torch.tensor([[0.0, 0, 224, 224], [60, 40, 280, 230]])
-    f1, f2 = torch.tensor([False, True]), torch.tensor([True, False])
+    b, f1, b2, f2 = OFFICIAL_VIEWS
+    b, b2 = torch.tensor(b), torch.tensor(b2)
     for cell, k in ((1, 10), (2, 10), (7, 2)):
+        fast = mk.sample_pairs(b, f1, b2, f2, 14, cell, k, method, backend="triton")
+        same(fast, mk.sample_pairs(b, f1, b2, f2, 14, cell, k, method, backend="torch"))
+
+
+@pytest.mark.parametrize("method", ["mgc", "topk"])
+def test_sample_pairs_fp16_boxes_rank_rounded_weights(method):
+    """fp16 boxes return fp16 weights; pairs whose fp32 weights round to one fp16 value tie and
+    rank in visiting order, as in the reference (the kernel once ranked the fp32 weights)."""
+    b, f1, b2, f2 = OFFICIAL_VIEWS
+    b, b2 = torch.tensor(b, dtype=torch.float16), torch.tensor(b2, dtype=torch.float16)
+    for cell, k in ((2, 10), (7, 2)):
         fast = mk.sample_pairs(b, f1, b2, f2, 14, cell, k, method, backend="triton")
         same(fast, mk.sample_pairs(b, f1, b2, f2, 14, cell, k, method, backend="torch"))
 

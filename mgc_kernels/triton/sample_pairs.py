@@ -20,6 +20,8 @@ from .region_boxes import box_metric, cell_edge, geometry_inputs
 
 BLOCK = 1024
 METHOD_IDS = {"mgc": 0, "topk": 1}
+WEIGHT_TYPES = {torch.float32: tl.float32, torch.float16: tl.float16,
+                torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -64,7 +66,7 @@ def on_stride(i, first, last, step):
 @triton.jit(do_not_specialize=["n", "k", "row_lo", "row_hi", "col_lo", "col_hi"])
 def sample_pairs_kernel(box1_ptr, flip1_ptr, box2_ptr, flip2_ptr, idx1_ptr, idx2_ptr, weight_ptr,
                         n, k, view_size, row_ratio, row_lo, row_hi, col_ratio, col_lo, col_hi,
-                        METHOD: tl.constexpr, BLOCK: tl.constexpr):
+                        METHOD: tl.constexpr, BLOCK: tl.constexpr, WEIGHT: tl.constexpr):
     image = tl.program_id(0)
     a = box1_ptr + image.to(tl.int64) * 4
     b = box2_ptr + image.to(tl.int64) * 4
@@ -92,6 +94,8 @@ def sample_pairs_kernel(box1_ptr, flip1_ptr, box2_ptr, flip2_ptr, idx1_ptr, idx2
                            cell_edge(ax0, ax1, j + 1, n), cell_edge(ay0, ay1, i + 1, n),
                            cell_edge(bx0, bx1, q, n), cell_edge(by0, by1, p, n),
                            cell_edge(bx0, bx1, q + 1, n), cell_edge(by0, by1, p + 1, n), "mgc")
+            # ranked as returned, in the boxes' dtype: weights that round to one value tie
+            w = w.to(WEIGHT).to(tl.float32)
             valid = (visit < candidates) & (w > 0)
             if METHOD == 0:
                 valid &= on_stride(i, row_first, row_last, row_step)
@@ -128,5 +132,6 @@ def sample_pairs(boxes1, flips1, boxes2, flips2, n: int, k: int, method: str,
         sample_pairs_kernel[(len(b1),)](
             b1, f1, b2, f2, idx1, idx2, weight, n, k, float(view_size),
             float(row_ratio), int(row_lo), int(row_hi), float(col_ratio), int(col_lo), int(col_hi),
-            METHOD=METHOD_IDS[method], BLOCK=BLOCK, enable_fp_fusion=False)
+            METHOD=METHOD_IDS[method], BLOCK=BLOCK, WEIGHT=WEIGHT_TYPES[boxes1.dtype],
+            enable_fp_fusion=False)
     return idx1, idx2, weight.to(boxes1.dtype)
