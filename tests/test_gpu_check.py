@@ -74,6 +74,16 @@ def test_dry_run_tests_and_benchmarks(dry_run):
     assert ("multigrain_pool", "native") in done
 
 
+def test_dry_run_reads_the_compiled_kernels(dry_run):
+    """The interpreter compiles nothing: the dry run compiles one kernel for sm_90 into the
+    check's Triton cache, and the kernels phase reads its resources from there."""
+    _, out, report, _ = dry_run
+    rows = [json.loads(line) for line in (out / "kernels.jsonl").read_text().splitlines()]
+    assert rows == report["kernels"] and rows
+    assert all(r["regs"] > 0 and r["launch_problems"] == [] for r in rows)
+    assert "region_boxes_kernel" in {r["kernel"] for r in rows}
+
+
 def gpu_check_cases():
     from benchmarks.gpu_check.phases import BENCH_CASES
 

@@ -26,8 +26,19 @@
 
 fp32 inputs use full-precision dots (``input_precision="ieee"``); fp16/bf16 tiles feed the tensor
 cores with fp32 accumulation. Row offsets are int64 (``N * K`` logits and ``K * D`` weights can
-pass 2**31). Whole feature rows are resident (``BLOCK_D = next_pow2(D)``), so the kernels are
-meant for head widths up to a few hundred (DINO's bottleneck is 256).
+pass 2**31).
+
+Feature widths: up to ``MAX_RESIDENT_D`` (256, DINO's bottleneck) whole feature rows are resident
+(``BLOCK_D = next_pow2(D)``, constexpr ``RESIDENT``): a program loads its own rows once and each
+tile's logits are one ``tl.dot``. Wider rows do not fit: at D = 1024 in fp32 the resident rows
+and the pipelined prototype tiles need 394 KB of shared memory per block (sm_90 has 227 KB), and
+without pipelining they spill. Wider rows are therefore walked in chunks of ``MAX_RESIDENT_D``
+columns (``RESIDENT=False``): each tile's logits accumulate one ``tl.dot`` per chunk (reloading
+the program's row chunks, from L1/L2), and the dx and dW kernels get a second grid axis over
+chunks of their output columns, each program recomputing the tile's full-width logits (the
+backward's logit work grows by ``ceil(D / 256)``). Tiles and shared memory then stay those of
+D = 256, so every width launches; the benchmarks' widths are compiled for sm_90 in CI
+(``tests/triton_aot.py --real``).
 """
 from __future__ import annotations
 
@@ -40,31 +51,56 @@ from .info_nce import load_rows
 # the largest tiles at D <= 128: a program's own rows, and the rows of the tiles it loops over
 MAX_ROWS, MAX_COLS = 128, 64
 MAX_PROGRAMS = 1024  # forward programs (bounds the [programs, K] teacher column-sum buffer)
+MAX_RESIDENT_D = 256  # widest resident feature rows; wider ones are walked in chunks this wide
+
+
+@triton.jit
+def _chunked_dot(A, B, a_idx, a_mask, b_idx, b_mask, D, offs_d, acc,
+                 PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``acc + A[a_idx] @ B[b_idx]^T`` over the ``D`` columns of the row-major ``[*, D]``
+    matrices ``A`` and ``B``, one ``BLOCK_D``-wide chunk at a time."""
+    for start in range(0, D, BLOCK_D):
+        a = load_rows(A, a_idx, a_mask, D, start + offs_d)
+        b = load_rows(B, b_idx, b_mask, D, start + offs_d)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
 def _teacher_tile(T, VT, y, rows, rmask, cols, cmask, K, DT, offs_dt,
-                  LOGITS_GIVEN: tl.constexpr, T_PRECISION: tl.constexpr):
-    """Raw teacher logits ``[rows, cols]`` in fp32: loaded from ``T [N, K]`` or ``y @ V^T``."""
+                  LOGITS_GIVEN: tl.constexpr, T_PRECISION: tl.constexpr,
+                  RESIDENT: tl.constexpr, BLOCK_DT: tl.constexpr):
+    """Raw teacher logits ``[rows, cols]`` in fp32: loaded from ``T [N, K]`` or ``y @ V^T``
+    (``y`` the resident teacher rows, or chunks of ``T`` when not ``RESIDENT``)."""
     if LOGITS_GIVEN:
         ptrs = T + rows.to(tl.int64)[:, None] * K + cols[None, :]
         raw = tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-    else:
+    elif RESIDENT:
         v = load_rows(VT, cols, cmask, DT, offs_dt)
         raw = tl.dot(y, tl.trans(v), input_precision=T_PRECISION)
+    else:
+        raw = _chunked_dot(T, VT, rows, rmask, cols, cmask, DT, offs_dt,
+                           tl.zeros([rows.shape[0], cols.shape[0]], tl.float32),
+                           T_PRECISION, BLOCK_DT)
     return raw
 
 
 @triton.jit
 def _teacher_tile_t(T, VT, v, rows, rmask, cols, cmask, K, DT, offs_dt,
-                    LOGITS_GIVEN: tl.constexpr, T_PRECISION: tl.constexpr):
-    """The transposed tile ``[cols, rows]`` (prototypes on the first axis), for the dW kernel."""
+                    LOGITS_GIVEN: tl.constexpr, T_PRECISION: tl.constexpr,
+                    RESIDENT: tl.constexpr, BLOCK_DT: tl.constexpr):
+    """The transposed tile ``[cols, rows]`` (prototypes on the first axis), for the dW kernel
+    (``v`` the resident teacher prototypes when ``RESIDENT``)."""
     if LOGITS_GIVEN:
         ptrs = T + rows.to(tl.int64)[None, :] * K + cols[:, None]
         raw = tl.load(ptrs, mask=cmask[:, None] & rmask[None, :], other=0.0).to(tl.float32)
-    else:
+    elif RESIDENT:
         y = load_rows(T, rows, rmask, DT, offs_dt)
         raw = tl.dot(v, tl.trans(y), input_precision=T_PRECISION)
+    else:
+        raw = _chunked_dot(VT, T, cols, cmask, rows, rmask, DT, offs_dt,
+                           tl.zeros([cols.shape[0], rows.shape[0]], tl.float32),
+                           T_PRECISION, BLOCK_DT)
     return raw
 
 
@@ -74,7 +110,7 @@ def _forward_kernel(X, W, T, VT, C, LOSS, LSE, TLSE, PART,
                     LOGITS_GIVEN: tl.constexpr, HAS_CENTER: tl.constexpr,
                     PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_DT: tl.constexpr):
+                    BLOCK_DT: tl.constexpr, RESIDENT: tl.constexpr):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     offs_d = tl.arange(0, BLOCK_D)
@@ -83,8 +119,11 @@ def _forward_kernel(X, W, T, VT, C, LOSS, LSE, TLSE, PART,
     for it in range(ITERS):
         rows = (pid + it * programs) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows < N
-        x = load_rows(X, rows, rmask, D, offs_d)
-        y = load_rows(T, rows, rmask, DT, offs_dt)
+        if RESIDENT:
+            x = load_rows(X, rows, rmask, D, offs_d)
+            y = load_rows(T, rows, rmask, DT, offs_dt)
+        else:
+            y = None
         m_s = tl.full([BLOCK_R], float("-inf"), tl.float32)
         l_s = tl.zeros([BLOCK_R], tl.float32)
         m_t = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -93,10 +132,15 @@ def _forward_kernel(X, W, T, VT, C, LOSS, LSE, TLSE, PART,
         for start in range(0, K, BLOCK_K):
             cols = start + tl.arange(0, BLOCK_K)
             cmask = cols < K
-            w = load_rows(W, cols, cmask, D, offs_d)
-            s = tl.dot(x, tl.trans(w), input_precision=PRECISION) * inv_tau_s
+            if RESIDENT:
+                w = load_rows(W, cols, cmask, D, offs_d)
+                s = tl.dot(x, tl.trans(w), input_precision=PRECISION) * inv_tau_s
+            else:
+                s = _chunked_dot(X, W, rows, rmask, cols, cmask, D, offs_d,
+                                 tl.zeros([BLOCK_R, BLOCK_K], tl.float32), PRECISION,
+                                 BLOCK_D) * inv_tau_s
             raw = _teacher_tile(T, VT, y, rows, rmask, cols, cmask, K, DT, offs_dt,
-                                LOGITS_GIVEN, T_PRECISION)
+                                LOGITS_GIVEN, T_PRECISION, RESIDENT, BLOCK_DT)
             # this program's column sums of the raw teacher logits (its own buffer row)
             col_sum = tl.sum(tl.where(rmask[:, None], raw, 0.0), 0)
             tl.store(part_row + cols, tl.load(part_row + cols, mask=cmask, other=0.0) + col_sum,
@@ -129,13 +173,19 @@ def _dx_kernel(X, W, T, VT, C, LSE, TLSE, G, DX,
                LOGITS_GIVEN: tl.constexpr, HAS_CENTER: tl.constexpr,
                PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DT: tl.constexpr):
+               BLOCK_DT: tl.constexpr, RESIDENT: tl.constexpr):
+    # a block of rows, and (when not RESIDENT) one BLOCK_D-wide chunk of their dx columns
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
     offs_d = tl.arange(0, BLOCK_D)
     offs_dt = tl.arange(0, BLOCK_DT)
-    x = load_rows(X, rows, rmask, D, offs_d)
-    y = load_rows(T, rows, rmask, DT, offs_dt)
+    if RESIDENT:
+        out_d = offs_d
+        x = load_rows(X, rows, rmask, D, offs_d)
+        y = load_rows(T, rows, rmask, DT, offs_dt)
+    else:
+        out_d = tl.program_id(1) * BLOCK_D + offs_d
+        y = None
     lse = tl.load(LSE + rows, mask=rmask, other=0.0)
     tlse = tl.load(TLSE + rows, mask=rmask, other=0.0)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
@@ -143,18 +193,24 @@ def _dx_kernel(X, W, T, VT, C, LSE, TLSE, G, DX,
     for start in range(0, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         cmask = cols < K
-        w = load_rows(W, cols, cmask, D, offs_d)
-        s = tl.dot(x, tl.trans(w), input_precision=PRECISION) * inv_tau_s
+        if RESIDENT:
+            w = load_rows(W, cols, cmask, D, offs_d)
+            s = tl.dot(x, tl.trans(w), input_precision=PRECISION) * inv_tau_s
+        else:
+            s = _chunked_dot(X, W, rows, rmask, cols, cmask, D, offs_d,
+                             tl.zeros([BLOCK_R, BLOCK_K], tl.float32), PRECISION,
+                             BLOCK_D) * inv_tau_s
+            w = load_rows(W, cols, cmask, D, out_d)
         raw = _teacher_tile(T, VT, y, rows, rmask, cols, cmask, K, DT, offs_dt,
-                            LOGITS_GIVEN, T_PRECISION)
+                            LOGITS_GIVEN, T_PRECISION, RESIDENT, BLOCK_DT)
         if HAS_CENTER:
             raw = raw - tl.load(C + cols, mask=cmask, other=0.0)[None, :]
         ds = tl.exp(s - lse[:, None]) - tl.exp(raw * inv_tau_t - tlse[:, None])
         acc = tl.dot(ds.to(w.dtype), w, acc, input_precision=PRECISION)
     g = tl.load(G + rows, mask=rmask, other=0.0)
     dx = acc * (g * inv_tau_s)[:, None]
-    tl.store(DX + rows.to(tl.int64)[:, None] * D + offs_d[None, :],
-             dx.to(DX.dtype.element_ty), mask=rmask[:, None] & (offs_d < D)[None, :])
+    tl.store(DX + rows.to(tl.int64)[:, None] * D + out_d[None, :],
+             dx.to(DX.dtype.element_ty), mask=rmask[:, None] & (out_d < D)[None, :])
 
 
 @triton.jit
@@ -163,14 +219,20 @@ def _dw_kernel(X, W, T, VT, C, LSE, TLSE, G, DW,
                LOGITS_GIVEN: tl.constexpr, HAS_CENTER: tl.constexpr,
                PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DT: tl.constexpr):
-    # this program owns BLOCK_K prototypes and loops over row blocks of BLOCK_R
+               BLOCK_DT: tl.constexpr, RESIDENT: tl.constexpr):
+    # this program owns BLOCK_K prototypes (and, when not RESIDENT, one BLOCK_D-wide chunk of
+    # their dW columns) and loops over row blocks of BLOCK_R
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     cmask = cols < K
     offs_d = tl.arange(0, BLOCK_D)
     offs_dt = tl.arange(0, BLOCK_DT)
-    w = load_rows(W, cols, cmask, D, offs_d)
-    v = load_rows(VT, cols, cmask, DT, offs_dt)
+    if RESIDENT:
+        out_d = offs_d
+        w = load_rows(W, cols, cmask, D, offs_d)
+        v = load_rows(VT, cols, cmask, DT, offs_dt)
+    else:
+        out_d = tl.program_id(1) * BLOCK_D + offs_d
+        v = None
     c = tl.zeros([BLOCK_K], tl.float32)
     if HAS_CENTER:
         c = tl.load(C + cols, mask=cmask, other=0.0)
@@ -179,21 +241,28 @@ def _dw_kernel(X, W, T, VT, C, LSE, TLSE, G, DW,
     for start in range(0, N, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         rmask = rows < N
-        x = load_rows(X, rows, rmask, D, offs_d)
+        if RESIDENT:
+            x = load_rows(X, rows, rmask, D, offs_d)
         lse = tl.load(LSE + rows, mask=rmask, other=0.0)
         tlse = tl.load(TLSE + rows, mask=rmask, other=0.0)
-        s = tl.dot(w, tl.trans(x), input_precision=PRECISION) * inv_tau_s  # [prototypes, rows]
+        if RESIDENT:
+            s = tl.dot(w, tl.trans(x), input_precision=PRECISION) * inv_tau_s  # [prototypes, rows]
+        else:
+            s = _chunked_dot(W, X, cols, cmask, rows, rmask, D, offs_d,
+                             tl.zeros([BLOCK_K, BLOCK_R], tl.float32), PRECISION,
+                             BLOCK_D) * inv_tau_s
+            x = load_rows(X, rows, rmask, D, out_d)
         raw = _teacher_tile_t(T, VT, v, rows, rmask, cols, cmask, K, DT, offs_dt,
-                              LOGITS_GIVEN, T_PRECISION)
+                              LOGITS_GIVEN, T_PRECISION, RESIDENT, BLOCK_DT)
         ds = tl.exp(s - lse[None, :]) - tl.exp((raw - c[:, None]) * inv_tau_t - tlse[None, :])
         g = tl.load(G + rows, mask=rmask, other=0.0)
         g_max = tl.max(tl.abs(g), 0)
         g_max = tl.where(g_max > 0, g_max, 1.0)
         ds = ds * (g * (1.0 / g_max))[None, :]
         acc += tl.dot(ds.to(x.dtype), x, input_precision=PRECISION) * g_max
-    tl.store(DW + cols.to(tl.int64)[:, None] * D + offs_d[None, :],
+    tl.store(DW + cols.to(tl.int64)[:, None] * D + out_d[None, :],
              (acc * inv_tau_s).to(DW.dtype.element_ty),
-             mask=cmask[:, None] & (offs_d < D)[None, :])
+             mask=cmask[:, None] & (out_d < D)[None, :])
 
 
 # --------------------------------------------------------------------------- launchers
@@ -206,15 +275,20 @@ def _precision(dtype: torch.dtype) -> str:
 def config(rows: int, cols: int, d: int, dt: int, dtype: torch.dtype) -> dict:
     """Fixed tiles for a program owning ``rows`` rows and looping over ``cols``: at most
     ``MAX_ROWS x MAX_COLS`` at feature widths <= 128, shrunk for wider rows (student and teacher
-    rows are both resident) and for fp32; at least 16 (``tl.dot``)."""
+    rows are both resident) and for fp32; at least 16 (``tl.dot``). Rows wider than
+    ``MAX_RESIDENT_D`` are walked in chunks that wide, with the tiles of that width."""
     block_d = max(16, triton.next_power_of_2(d))
     block_dt = max(16, triton.next_power_of_2(dt))
+    resident = max(block_d, block_dt) <= MAX_RESIDENT_D
+    if not resident:
+        block_d, block_dt = min(block_d, MAX_RESIDENT_D), min(block_dt, MAX_RESIDENT_D)
     shrink = max(1, max(block_d, block_dt) // 128) * (2 if dtype == torch.float32 else 1)
     block_r = max(16, min(MAX_ROWS // shrink, triton.next_power_of_2(max(rows, 1))))
     block_c = max(16, min(MAX_COLS // shrink, triton.next_power_of_2(max(cols, 1))))
-    return dict(BLOCK_D=block_d, BLOCK_DT=block_dt, PRECISION=_precision(dtype),
-                num_warps=8 if block_r * max(block_d, block_dt) >= 128 * 128 else 4), \
-        block_r, block_c
+    # chunks hold a logit accumulator beside the chunk tiles: 8 warps keep fp32 from spilling
+    wide = not resident or block_r * max(block_d, block_dt) >= 128 * 128
+    return dict(BLOCK_D=block_d, BLOCK_DT=block_dt, RESIDENT=resident,
+                PRECISION=_precision(dtype), num_warps=8 if wide else 4), block_r, block_c
 
 
 def _inputs(student, student_weight, teacher, teacher_weight, center):
@@ -257,9 +331,12 @@ def linear_soft_ce_backward(grad_row_loss, student, student_weight, teacher, tea
     dx, dw = torch.empty_like(x), torch.empty_like(w)
     args = (n, k, d, dt, 1.0 / student_temperature, 1.0 / teacher_temperature)
     cfg, block_r, block_k = config(n, k, d, dt, x.dtype)
-    _dx_kernel[(triton.cdiv(n, block_r),)](x, w, t, v, c, lse, teacher_lse, g, dx, *args,
-                                           BLOCK_R=block_r, BLOCK_K=block_k, **flags, **cfg)
+    chunks = triton.cdiv(d, cfg["BLOCK_D"])  # 1 when the rows are resident
+    _dx_kernel[(triton.cdiv(n, block_r), chunks)](x, w, t, v, c, lse, teacher_lse, g, dx, *args,
+                                                  BLOCK_R=block_r, BLOCK_K=block_k, **flags,
+                                                  **cfg)
     cfg, block_k, block_r = config(k, n, d, dt, x.dtype)
-    _dw_kernel[(triton.cdiv(k, block_k),)](x, w, t, v, c, lse, teacher_lse, g, dw, *args,
-                                           BLOCK_R=block_r, BLOCK_K=block_k, **flags, **cfg)
+    _dw_kernel[(triton.cdiv(k, block_k), chunks)](x, w, t, v, c, lse, teacher_lse, g, dw, *args,
+                                                  BLOCK_R=block_r, BLOCK_K=block_k, **flags,
+                                                  **cfg)
     return dx, dw
