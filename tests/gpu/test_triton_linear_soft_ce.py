@@ -42,13 +42,17 @@ def kernels():
     return ops
 
 
-@functools.cache
 def adclr_case(given_logits: bool):
+    return problem(N, K, D, given_logits)
+
+
+@functools.cache
+def problem(n: int, k: int, d: int, given_logits: bool):
     """Inputs, and the reference's (fp32) and exact (fp64) outputs and gradients."""
-    gen = torch.Generator().manual_seed(0)
-    x, w, y, v = (unit_rows(gen, rows, D) for rows in (N, K, N, K))
-    center = representable(0.1 * torch.randn(K, generator=gen))
-    grad = torch.full((N,), 1.0 / N, device="cuda")
+    gen = torch.Generator().manual_seed(n + k + d)
+    x, w, y, v = (unit_rows(gen, rows, d) for rows in (n, k, n, k))
+    center = representable(0.1 * torch.randn(k, generator=gen))
+    grad = torch.full((n,), 1.0 / n, device="cuda")
     teacher, teacher_weight = (representable(y @ v.T), None) if given_logits else (y, v)
     results = []
     for dtype in (torch.float32, torch.float64):
@@ -73,6 +77,23 @@ def assert_outputs(fast, ref, exact):
 @pytest.mark.parametrize("given_logits", [False, True])
 def test_adclr_size_against_reference(dtype, given_logits):
     (x, w, teacher, teacher_weight, center, grad), ref, exact = adclr_case(given_logits)
+    ops = kernels()
+    args = [x.to(dtype), w.to(dtype), teacher.to(dtype),
+            None if teacher_weight is None else teacher_weight.to(dtype), center]
+    out = ops.linear_soft_ce(*args, TAU_S, TAU_T)
+    grads = ops.linear_soft_ce_backward(grad, *args, out[1], out[2], TAU_S, TAU_T)
+    assert_outputs(out, ref[:4], exact[:4])
+    assert_grads(grads, ref[4:], exact[4:], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("width", [512, 1000])
+@pytest.mark.parametrize("given_logits", [False, True])
+def test_wide_rows_walked_in_chunks(width, dtype, given_logits):
+    """Rows wider than 256 go through the kernels in 256-wide chunks (a ragged last one at
+    1000): at D = 1024 in fp32 whole rows would need 394 KB of shared memory per block."""
+    (x, w, teacher, teacher_weight, center, grad), ref, exact = problem(1000, 4099, width,
+                                                                        given_logits)
     ops = kernels()
     args = [x.to(dtype), w.to(dtype), teacher.to(dtype),
             None if teacher_weight is None else teacher_weight.to(dtype), center]
