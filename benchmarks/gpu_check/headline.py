@@ -16,7 +16,7 @@ import mgc_kernels as mk
 
 from .. import results
 from ..cases.base import view_boxes
-from .rule import excess, grad_tol, output_tol, representable, unit_rows
+from .rule import excess, grad_tol, output_tol, pool_tol, representable, unit_rows
 
 GRID, DIM, HEAD_DIM = 14, 128, 256
 # the sizes of the performance targets; --dry-run's, for Triton's interpreter on a CPU
@@ -116,9 +116,7 @@ def multigrain_pool(device, dtype, size, backend) -> dict:
 
     fast, ref, exact = run(backend, dtype), run("torch", dtype), run("torch", torch.float64)
     names = [f"cell{c}" for c in cells] + ["dtokens"]
-    eps = torch.finfo(dtype).eps
-    return {n: excess(f, r, e, 2 * eps * e.abs() + 1e-5)
-            for n, f, r, e in zip(names, fast, ref, exact)}
+    return {n: excess(f, r, e, pool_tol(e, dtype)) for n, f, r, e in zip(names, fast, ref, exact)}
 
 
 def geometry(device, dtype, size, backend) -> dict:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+# gradients' slack in units of max|exact|: a 16-bit kernel rounds each fp32 softmax tile to the
+# input dtype before the second dot (about u * max|exact|), plus subnormal tiles and sum order
 GRAD_SLACK = {torch.float32: 2.0**-14, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-9}
 
 
@@ -21,6 +23,7 @@ def representable(x: torch.Tensor) -> torch.Tensor:
 
 
 def unit_rows(gen: torch.Generator, n: int, d: int = 128) -> torch.Tensor:
+    """``n`` random unit rows (up to the rounding of ``representable``), fp32 on the CPU."""
     return representable(torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1))
 
 
@@ -29,10 +32,24 @@ def output_tol(exact: torch.Tensor, scale: float = 1.0) -> float:
     return 2.0**-16 * scale * max(1.0, exact.abs().max().item())
 
 
+def ulp_tol(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of each entry rounded to ``dtype`` (twice the worst rounding
+    error ``u * max(|x|, smallest normal)``, which holds for subnormal results too): the fast
+    backend and the reference may round to different neighbours."""
+    return 2 * UNIT_ROUNDOFF[dtype] * exact.abs().clamp_min(torch.finfo(dtype).smallest_normal)
+
+
 def grad_tol(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Gradients in ``dtype``: two units of the result's rounding plus the rounding of the fp32
-    softmax tile to ``dtype`` before the tensor-core dot."""
-    return 2 * UNIT_ROUNDOFF[dtype] * exact.abs() + GRAD_SLACK[dtype] * exact.abs().max()
+    """Gradients in ``dtype``: an ulp of each entry plus ``GRAD_SLACK * max|exact|``."""
+    return ulp_tol(exact, dtype) + GRAD_SLACK[dtype] * exact.abs().max()
+
+
+def pool_tol(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Means (``multigrain_pool``): two units in the last place of the result's dtype (the fp32
+    sums of a fast backend and of the reference differ in order, so their roundings to
+    ``dtype`` may differ by one), plus a floor."""
+    floor = {torch.float64: 1e-12, torch.float32: 2e-6}.get(dtype, 1e-5)
+    return 2 * torch.finfo(dtype).eps * exact.abs() + floor
 
 
 def excess(fast: torch.Tensor, reference: torch.Tensor, exact: torch.Tensor, tol) -> float:

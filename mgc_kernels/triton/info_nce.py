@@ -8,11 +8,13 @@ One kernel family serves ``info_nce`` and ``geometric_info_nce`` (constexpr ``GE
   ``info_nce`` are gathered by index; geometric targets ``w_ij`` are made from region boxes in
   registers, per tile.
 * ``_dq_kernel``: per query block, recomputes each tile's softmax from the saved lse, forms
-  ``ds = a_i * p_ij - b_i * w_ij`` in fp32 (softmax minus target before any rounding) and
-  accumulates ``ds @ keys``. For ``info_nce`` it also gathers the target rows of ``dq`` and
-  scatters their share of ``dk`` (``N * P * D`` atomic adds into an fp32 buffer).
+  ``ds = a_i * p_ij - t_ij`` in fp32 and accumulates ``ds @ keys``. The targets ``t_ij`` enter
+  the tile before its rounding to the input dtype: sparse targets spread over the tile's
+  columns (P compares a tile), geometric ones ``b_i * w_ij`` made from the boxes. Subtracted
+  after the dot, a target whose softmax is near 1 would cancel against the rounded tile and
+  leave ``u * |k| / tau`` of error (9 % of the gradient in fp16 on confident rows).
 * ``_dk_kernel``: per block of ``k`` rows (the queue gets no gradient), loops over query blocks
-  and accumulates ``ds^T @ q``, starting from that scattered buffer.
+  and accumulates ``ds^T @ q`` from the same tiles (no atomics: deterministic).
 
 Logits stay in natural units (``exp``/``log``, not flash-attention's base 2): the saved lse then
 cancels exactly against the identically rounded logits that the backward recomputes (a saturated
@@ -64,6 +66,23 @@ def _tile_weights(qx0, qy0, qx1, qy1, kx0, ky0, kx1, ky1, same, METRIC: tl.const
     if tl.max(same.to(tl.int32)) > 0:  # most tiles of a large batch pair different images
         w = tl.where(same, box_metric(qx0, qy0, qx1, qy1, kx0, ky0, kx1, ky1, METRIC), 0.0)
     return w
+
+
+@triton.jit
+def _target_tile(TI, TW, rows, rmask, keys, P, M, KEYS_FIRST: tl.constexpr):
+    """``t[i, j] = sum_p weight_ip * [index_ip == keys_j]``: the sparse targets of query
+    ``rows`` spread over a logit tile, ``[rows, keys]`` (``[keys, rows]`` with ``KEYS_FIRST``)."""
+    if KEYS_FIRST:
+        t = tl.zeros([keys.shape[0], rows.shape[0]], tl.float32)
+    else:
+        t = tl.zeros([rows.shape[0], keys.shape[0]], tl.float32)
+    for p in range(P):
+        idx, w, valid = _target(TI, TW, rows, rmask, p, P, M)
+        if KEYS_FIRST:
+            t += tl.where(valid[None, :] & (idx[None, :] == keys[:, None]), w[None, :], 0.0)
+        else:
+            t += tl.where(valid[:, None] & (idx[:, None] == keys[None, :]), w[:, None], 0.0)
+    return t
 
 
 @triton.jit
@@ -146,7 +165,7 @@ def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, LOSS, RHO,
 
 
 @triton.jit
-def _dq_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, G, A, B, DQ, DK_T,
+def _dq_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, G, A, B, DQ,
                N, M, NU, P, D, inv_tau,
                GEOMETRIC: tl.constexpr, METRIC: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -160,7 +179,8 @@ def _dq_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, G, A, B, DQ, DK_T,
     if GEOMETRIC:
         b = tl.load(B + rows, mask=rmask, other=0.0)  # 1 / rho_i, 0 without overlap
         qx0, qy0, qx1, qy1, q_img = _load_boxes(QBOX, QIMG, rows, rmask)
-    # keys past M / NU load as 0 rows, so their (nonzero) ds multiplies nothing
+    # keys past M / NU are masked out of ds: their zero logits can exceed a row's lse by more
+    # than exp's range (inf * 0 = NaN in the dot)
     for start in range(0, M, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         cmask = cols < M
@@ -174,31 +194,25 @@ def _dq_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, G, A, B, DQ, DK_T,
                               kx0[None, :], ky0[None, :], kx1[None, :], ky1[None, :],
                               same, METRIC)
             ds -= w * b[:, None]
+        else:
+            ds -= _target_tile(TI, TW, rows, rmask, cols, P, M, False)
+        ds = tl.where(cmask[None, :], ds, 0.0)
         acc = tl.dot(ds.to(kt.dtype), kt, acc, input_precision=PRECISION)
     for start in range(0, NU, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C)
         ut = load_rows(U, cols, cols < NU, D, offs_d)
         s = tl.dot(q, tl.trans(ut), input_precision=PRECISION) * inv_tau
-        ds = tl.exp(s - lse[:, None]) * a[:, None]
+        ds = tl.where((cols < NU)[None, :], tl.exp(s - lse[:, None]) * a[:, None], 0.0)
         acc = tl.dot(ds.to(ut.dtype), ut, acc, input_precision=PRECISION)
     g = tl.load(G + rows, mask=rmask, other=0.0)
-    if not GEOMETRIC:
-        q32 = q.to(tl.float32)
-        for p in range(P):
-            idx, t, tmask = _target(TI, TW, rows, rmask, p, P, M)
-            acc -= t[:, None] * load_rows(K, idx, tmask, D, offs_d).to(tl.float32)
-            # this pair's share of dk (times 1/tau in _dk_kernel)
-            dk_ptrs = DK_T + idx.to(tl.int64)[:, None] * D + offs_d[None, :]
-            tl.atomic_add(dk_ptrs, -(g * t)[:, None] * q32,
-                          mask=tmask[:, None] & (offs_d < D)[None, :], sem="relaxed")
     dq = acc * (g * inv_tau)[:, None]
     tl.store(DQ + rows.to(tl.int64)[:, None] * D + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=rmask[:, None] & (offs_d < D)[None, :])
 
 
 @triton.jit
-def _dk_kernel(Q, K, QBOX, QIMG, KBOX, KIMG, LSE, G, A, B, DK_T, DK,
-               N, M, D, inv_tau,
+def _dk_kernel(Q, K, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, G, A, B, DK,
+               N, M, P, D, inv_tau,
                GEOMETRIC: tl.constexpr, METRIC: tl.constexpr, PRECISION: tl.constexpr,
                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
     keys = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -206,12 +220,9 @@ def _dk_kernel(Q, K, QBOX, QIMG, KBOX, KIMG, LSE, G, A, B, DK_T, DK,
     offs_d = tl.arange(0, BLOCK_D)
     dmask = kmask[:, None] & (offs_d < D)[None, :]
     kt = load_rows(K, keys, kmask, D, offs_d)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     if GEOMETRIC:
-        acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
         kx0, ky0, kx1, ky1, k_img = _load_boxes(KBOX, KIMG, keys, kmask)
-    else:  # the target part, scattered by _dq_kernel
-        acc = tl.load(DK_T + keys.to(tl.int64)[:, None] * D + offs_d[None, :], mask=dmask,
-                      other=0.0)
     # queries past N load as 0 rows with a = g = 0: they add nothing
     for start in range(0, N, BLOCK_C):
         rows = start + tl.arange(0, BLOCK_C)
@@ -229,6 +240,8 @@ def _dk_kernel(Q, K, QBOX, QIMG, KBOX, KIMG, LSE, G, A, B, DK_T, DK,
                               kx0[:, None], ky0[:, None], kx1[:, None], ky1[:, None],
                               same, METRIC)
             ds -= w * b[None, :]
+        else:
+            ds -= _target_tile(TI, TW, rows, rmask, keys, P, M, True)
         # fold the row gradients in scaled to |g| <= 1 so that fp16 tiles cannot underflow
         g = tl.load(G + rows, mask=rmask, other=0.0)
         g_max = tl.max(tl.abs(g), 0)
@@ -289,22 +302,19 @@ def backward(grad_row_loss, q, k, queue, targets, boxes, lse, a, b, temperature:
     b = a if b is None else b.float().contiguous()
     index, weight = (q, q) if targets is None else (t.contiguous() for t in targets)
     qbox, qimg, kbox, kimg = (q,) * 4 if boxes is None else boxes
-    geometric = boxes is not None
-    # fp32 buffer for the sparse target part of dk, scattered by the dq kernel
-    dk_t = q if geometric else torch.zeros(k.shape, device=k.device, dtype=torch.float32)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
-    flags = dict(GEOMETRIC=geometric, METRIC=metric)
+    flags = dict(GEOMETRIC=boxes is not None, METRIC=metric)
+    p = 0 if targets is None else index.shape[1]
     cfg = config(n, m + len(queue), d, q.dtype)
     _dq_kernel[(triton.cdiv(n, cfg["BLOCK_R"]),)](
-        q, k, queue, index, weight, qbox, qimg, kbox, kimg, lse, g, a, b, dq, dk_t,
-        n, m, len(queue), 0 if targets is None else index.shape[1], d, 1.0 / temperature,
-        **flags, **cfg)
+        q, k, queue, index, weight, qbox, qimg, kbox, kimg, lse, g, a, b, dq,
+        n, m, len(queue), p, d, 1.0 / temperature, **flags, **cfg)
     if not need_dk:
         return dq, k.new_empty(0, d)
     cfg = config(m, n, d, q.dtype)
     _dk_kernel[(triton.cdiv(m, cfg["BLOCK_R"]),)](
-        q, k, qbox, qimg, kbox, kimg, lse, g, a, b, dk_t, dk, n, m, d, 1.0 / temperature,
-        **flags, **cfg)
+        q, k, index, weight, qbox, qimg, kbox, kimg, lse, g, a, b, dk, n, m, p, d,
+        1.0 / temperature, **flags, **cfg)
     return dq, dk
 
 

@@ -206,6 +206,8 @@ def _dx_kernel(X, W, T, VT, C, LSE, TLSE, G, DX,
         if HAS_CENTER:
             raw = raw - tl.load(C + cols, mask=cmask, other=0.0)[None, :]
         ds = tl.exp(s - lse[:, None]) - tl.exp(raw * inv_tau_t - tlse[:, None])
+        # prototypes past K: their zero logits can exceed a row's lse by ~89 (exp overflows)
+        ds = tl.where(cmask[None, :], ds, 0.0)
         acc = tl.dot(ds.to(w.dtype), w, acc, input_precision=PRECISION)
     g = tl.load(G + rows, mask=rmask, other=0.0)
     dx = acc * (g * inv_tau_s)[:, None]
@@ -255,6 +257,8 @@ def _dw_kernel(X, W, T, VT, C, LSE, TLSE, G, DW,
         raw = _teacher_tile_t(T, VT, v, rows, rmask, cols, cmask, K, DT, offs_dt,
                               LOGITS_GIVEN, T_PRECISION, RESIDENT, BLOCK_DT)
         ds = tl.exp(s - lse[None, :]) - tl.exp((raw - c[:, None]) * inv_tau_t - tlse[None, :])
+        # rows past N (lse = 0) would meet a very negative centre as exp(-c / tau_t) = inf
+        ds = tl.where(rmask[None, :], ds, 0.0)
         g = tl.load(G + rows, mask=rmask, other=0.0)
         g_max = tl.max(tl.abs(g), 0)
         g_max = tl.where(g_max > 0, g_max, 1.0)

@@ -1,6 +1,7 @@
 """The multigrain_pool checks that the Triton and the native CUDA tests share: a fast backend
 against the torch reference by DESIGN.md's rule ``|fast - exact| <= |reference - exact| + tol``
-(``exact`` in fp64), forward and backward."""
+(``exact`` in fp64), forward and backward (``check_forward`` and ``check_backward`` come from
+tests/_helpers.py, shared with the interpreter tests), determinism and int64 offsets."""
 import torch
 
 import mgc_kernels as mk
@@ -8,17 +9,18 @@ from mgc_kernels import backends
 
 try:
     from .._helpers import assert_close_to_exact
+    from .._helpers import check_pool_backward as check_backward
+    from .._helpers import check_pool_forward as check_forward
+    from .._helpers import pool_tol as tol
+    from .._helpers import pool_token_grad as token_grad
 except ImportError:
     from _helpers import assert_close_to_exact
+    from _helpers import check_pool_backward as check_backward
+    from _helpers import check_pool_forward as check_forward
+    from _helpers import pool_tol as tol
+    from _helpers import pool_token_grad as token_grad
 
 B, GRID, C, CELLS = 256, 14, 384, [1, 2, 7, 14]
-
-
-def tol(exact: torch.Tensor, dtype: torch.dtype):
-    """Two units in the last place of the result's dtype (the fp32 sums of the kernel and of the
-    reference differ in order, so their roundings to ``dtype`` may differ by one), plus a floor."""
-    floor = {torch.float64: 1e-12, torch.float32: 2e-6}.get(dtype, 1e-5)
-    return 2 * torch.finfo(dtype).eps * exact.abs() + floor
 
 
 def tokens_like(batch, grid, channels, dtype, seed=0, device="cuda"):
@@ -33,37 +35,6 @@ def upstream(x, grid, cells, seed=1, unused=None):
             torch.randn(x.shape[0], (grid // c) ** 2, x.shape[2], device=x.device,
                         generator=gen).to(x.dtype)
             for i, c in enumerate(cells)]
-
-
-def check_forward(x, grid, cells, backend):
-    fast = mk.multigrain_pool(x, grid, cells, backend=backend)
-    ref = mk.multigrain_pool(x, grid, cells, backend="torch")
-    exact = mk.multigrain_pool(x.double(), grid, cells, backend="torch")
-    for f, r, e, c in zip(fast, ref, exact, cells):
-        assert f.dtype == x.dtype and f.shape == r.shape and f.is_contiguous()
-        assert_close_to_exact(f, r, e, tol(e, x.dtype))
-        if c == 1:
-            assert torch.equal(f, x)      # a mean of one token is the token
-    return fast
-
-
-def token_grad(x, grid, cells, grads, backend):
-    leaf = x.detach().clone().requires_grad_(True)
-    outs = mk.multigrain_pool(leaf, grid, cells, backend=backend)
-    used = [i for i, g in enumerate(grads) if g is not None]
-    torch.autograd.backward([outs[i] for i in used], [grads[i] for i in used])
-    return leaf.grad
-
-
-def check_backward(x, grid, cells, grads, backend):
-    fast = token_grad(x, grid, cells, grads, backend)
-    ref = token_grad(x, grid, cells, grads, "torch")
-    exact = backends.call("multigrain_pool_backward", "torch",
-                          [torch.zeros(x.shape[0], (grid // c) ** 2, x.shape[2], device=x.device,
-                                       dtype=torch.float64) if g is None else g.double()
-                           for g, c in zip(grads, cells)], grid, cells)
-    assert fast.dtype == x.dtype and fast.shape == x.shape
-    assert_close_to_exact(fast, ref, exact, tol(exact, x.dtype))
 
 
 def check_deterministic(x, backend):
