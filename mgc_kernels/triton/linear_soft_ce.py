@@ -189,7 +189,6 @@ def _dx_kernel(X, W, T, VT, C, LSE, TLSE, G, DX,
     lse = tl.load(LSE + rows, mask=rmask, other=0.0)
     tlse = tl.load(TLSE + rows, mask=rmask, other=0.0)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    # prototypes past K load as 0 rows of W, so their (finite) p - t multiplies nothing
     for start in range(0, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
         cmask = cols < K
@@ -239,7 +238,6 @@ def _dw_kernel(X, W, T, VT, C, LSE, TLSE, G, DW,
     if HAS_CENTER:
         c = tl.load(C + cols, mask=cmask, other=0.0)
     acc = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
-    # rows past N load as 0 rows of x with g = 0: they add nothing
     for start in range(0, N, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         rmask = rows < N

@@ -75,25 +75,13 @@ def assert_outputs(fast, ref, exact):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("given_logits", [False, True])
-def test_adclr_size_against_reference(dtype, given_logits):
-    (x, w, teacher, teacher_weight, center, grad), ref, exact = adclr_case(given_logits)
-    ops = kernels()
-    args = [x.to(dtype), w.to(dtype), teacher.to(dtype),
-            None if teacher_weight is None else teacher_weight.to(dtype), center]
-    out = ops.linear_soft_ce(*args, TAU_S, TAU_T)
-    grads = ops.linear_soft_ce_backward(grad, *args, out[1], out[2], TAU_S, TAU_T)
-    assert_outputs(out, ref[:4], exact[:4])
-    assert_grads(grads, ref[4:], exact[4:], dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("width", [512, 1000])
-@pytest.mark.parametrize("given_logits", [False, True])
-def test_wide_rows_walked_in_chunks(width, dtype, given_logits):
-    """Rows wider than 256 go through the kernels in 256-wide chunks (a ragged last one at
-    1000): at D = 1024 in fp32 whole rows would need 394 KB of shared memory per block."""
-    (x, w, teacher, teacher_weight, center, grad), ref, exact = problem(1000, 4099, width,
-                                                                        given_logits)
+@pytest.mark.parametrize("n, k, d", [(N, K, D), (1000, 4099, 512), (1000, 4099, 1000)],
+                         ids=["adclr", "wide-512", "wide-1000"])
+def test_against_reference(n, k, d, dtype, given_logits):
+    """ADCLR's size, and rows wider than 256, which go through the kernels in 256-wide chunks
+    (a ragged last one at 1000): at D = 1024 in fp32 whole rows would need 394 KB of shared
+    memory per block."""
+    (x, w, teacher, teacher_weight, center, grad), ref, exact = problem(n, k, d, given_logits)
     ops = kernels()
     args = [x.to(dtype), w.to(dtype), teacher.to(dtype),
             None if teacher_weight is None else teacher_weight.to(dtype), center]
