@@ -6,7 +6,6 @@ its time and kills it if it hangs): ``python -m benchmarks.gpu_check.phases PHAS
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import shutil
@@ -16,6 +15,8 @@ import time
 from pathlib import Path
 
 import torch
+
+import mgc_kernels as mk
 
 from .. import device as devices
 from .. import results, runner
@@ -44,30 +45,21 @@ def _command(*argv: str) -> str:
     return lines[-1] if lines else f"{argv[0]}: no output"
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def env(args, device):
     from mgc_kernels import env as report
 
     yield {"gpu": _command("nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,"
                            "clocks.max.sm,clocks.mem,memory.total", "--format=csv,noheader"),
            "device": devices.name(device), "torch": torch.__version__,
-           "torch_cuda": torch.version.cuda, "triton": _version("triton"),
+           "torch_cuda": torch.version.cuda, "triton": results.versions()["triton"],
            "nvcc": _command("nvcc", "--version"), "python": sys.version.split()[0],
            "commit": results.versions()["commit"]}
     text = report.report()  # loads (and on first use builds) the native extension
     print(text, flush=True)
-    yield {"backends": {b: mk_status(b) for b in ("torch", "triton", "native")}}
+    yield {"backends": {b: _backend_status(b) for b in ("torch", "triton", "native")}}
 
 
-def mk_status(backend: str) -> str:
-    import mgc_kernels as mk
-
+def _backend_status(backend: str) -> str:
     loads, why = mk.backends.backend_status(backend)
     return f"{'yes' if loads else 'no'}: {why}"
 
