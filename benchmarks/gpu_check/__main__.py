@@ -137,6 +137,9 @@ def child_env(args, work: Path, phase: Phase, deadline: float) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TRITON_CACHE_DIR": str(work / "triton")}
     # tests/gpu's conftest skips what would start after this, so pytest ends with its report
     env["MGC_GPU_CHECK_DEADLINE"] = str(deadline - TEST_TIMEOUT_S / 2)
+    # the interpreter only where a dry run computes (the kernels phase compiles for a GPU), never
+    # inherited (pytest's conftest sets it on CPU machines)
+    env.pop("TRITON_INTERPRET", None)
     if args.dry_run and phase.name != "kernels":
         env["TRITON_INTERPRET"] = "1"
     return env
