@@ -22,6 +22,10 @@ Where each figure comes from:
   ``REG`` is the register count the driver reports, and ``STACK + LOCAL`` the local memory per
   thread that the driver reports as ``LOCAL_SIZE_BYTES``. Triton kernels declare no local
   arrays and make no calls, so that local memory is the register spill area; 0 means no spill.
+- ``loops`` (from the cubin, always): the kernel's loops in its SASS (``cuobjdump -sass``), each
+  a backward branch and the instructions it jumps over: ``instructions`` is what one thread
+  executes per iteration, i.e. per tile of a tiled loop, ``mma`` how many of them are
+  tensor-core instructions (``HGMMA``/``HMMA``), ``spill`` how many touch local memory.
   (ptxas's own ``-v`` report, with its spill store/load byte counts, is written to a temporary
   file that Triton deletes unless ``TRITON_DUMP_PTXAS_LOG=1``, and a kernel read back from the
   cache has none, so it is not used.) ``source`` says which of the two was read.
@@ -52,20 +56,41 @@ SM90 = Limits("sm_90", shared_per_block=232448, registers_per_block=65536,
               registers_per_thread=255, threads_per_block=1024)
 
 _USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """``cuobjdump flag`` on ``cubin`` with Triton's bundled tool (no GPU needed)."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([knobs.nvidia.cuobjdump.path, flag, path], check=True,
+                              capture_output=True, text=True).stdout
+
+
+def sass_loops(sass: str) -> list[dict]:
+    """``[{instructions, mma, spill}]`` of each loop in ``sass``, innermost first: a loop is a
+    branch to an earlier address, and its body the instructions from that address to the
+    branch (an outer loop's count includes its inner loops')."""
+    lines = [(int(addr, 16), op, rest) for addr, _, op, rest in _SASS.findall(sass)]
+    loops = []
+    for end, (addr, op, rest) in enumerate(lines):
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            body = [o for a, o, _ in lines[:end + 1] if a >= int(target.group(1), 16)]
+            loops.append(dict(instructions=len(body),
+                              mma=sum(o.startswith(("HGMMA", "HMMA")) for o in body),
+                              spill=sum(o.startswith(("LDL", "STL")) for o in body)))
+    return sorted(loops, key=lambda loop: loop["instructions"])
 
 
 def cubin_resources(cubin: bytes) -> dict:
     """``{regs, spill_bytes, static_shared_bytes}`` of the one kernel in ``cubin``, from
     ``cuobjdump --dump-resource-usage`` (no GPU needed)."""
-    from triton import knobs
-
-    tool = knobs.nvidia.cuobjdump.path
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        out = subprocess.run([tool, "--dump-resource-usage", path], check=True,
-                             capture_output=True, text=True).stdout
+    out = cuobjdump(cubin, "--dump-resource-usage")
     found = _USAGE.findall(out)
     if len(found) != 1:
         raise RuntimeError(f"expected one kernel's resource usage from cuobjdump, got:\n{out}")
@@ -74,7 +99,7 @@ def cubin_resources(cubin: bytes) -> dict:
 
 
 def kernel_resources(compiled) -> dict:
-    """``{regs, spill_bytes, shared_bytes, num_warps, num_stages, threads, source}`` of a
+    """``{regs, spill_bytes, shared_bytes, num_warps, num_stages, threads, source, loops}`` of a
     compiled kernel: ``triton.compile``'s result or a kernel from a ``JITFunction``'s cache
     (see the module docstring for where each figure comes from)."""
     meta = compiled.metadata
@@ -87,6 +112,7 @@ def kernel_resources(compiled) -> dict:
     else:
         usage = cubin_resources(compiled.asm["cubin"])
         out.update(regs=usage["regs"], spill_bytes=usage["spill_bytes"], source="cuobjdump")
+    out["loops"] = sass_loops(cuobjdump(compiled.asm["cubin"], "-sass"))
     return out
 
 
