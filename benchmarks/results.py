@@ -108,7 +108,7 @@ def load(path) -> list[dict]:
 
 # --- the printed table -----------------------------------------------------------------------
 
-COLUMNS = (("case", 18), ("variant", 22), ("B", 4), ("mode", 7), ("provider", 13), ("dtype", 5),
+COLUMNS = (("case", 18), ("variant", 22), ("B", 4), ("mode", 7), ("provider", 15), ("dtype", 5),
            ("median ms", 10), ("p20-p80 ms", 17), ("peak MiB", 9), ("TFLOP/s", 8),
            ("GB/s", 8), ("% peak", 6))
 

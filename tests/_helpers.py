@@ -100,3 +100,29 @@ def check_pool_backward(x, grid, cells, grads, backend):
                            for g, c in zip(grads, cells)], grid, cells)
     assert fast.dtype == x.dtype and fast.shape == x.shape
     assert_close_to_exact(fast, ref, exact, pool_tol(exact, x.dtype))
+
+
+def info_nce_op(ops, q, k, queue, index, weight, grad, temperature, grad_lse=None):
+    """``(row_loss, lse, dq, dk)`` of a backend module's ``info_nce`` (``mgc_kernels.triton`` or
+    ``.reference``) for row-loss gradient ``grad``, put together as the op's autograd does:
+    ``dq`` from the forward's ``v``, ``dk`` from the backward."""
+    from mgc_kernels.ops.info_nce import query_grad
+
+    row_loss, lse, v = ops.info_nce(q, k, queue, index, weight, temperature)
+    g = grad.to(v.dtype)
+    c = None if grad_lse is None else grad_lse.to(v.dtype)
+    dq = query_grad(v, g, c, index, weight, k, temperature).to(q.dtype)
+    dk = ops.info_nce_backward(g, q, k, queue, index, weight, lse, temperature, grad_lse=c)
+    return row_loss, lse, dq, dk
+
+
+def geometric_info_nce_op(ops, q, k, q_regions, k_regions, q_image, k_image, grad, temperature,
+                          metric):
+    """``(row_loss, lse, rho, dq, dk)`` of a backend module's ``geometric_info_nce``, as
+    :func:`info_nce_op`."""
+    geometry = (q_regions, k_regions, q_image, k_image)
+    row_loss, lse, rho, v = ops.geometric_info_nce(q, k, *geometry, temperature, metric)
+    g = grad.to(v.dtype)
+    dq = (g[:, None] * v / temperature).to(q.dtype)
+    dk = ops.geometric_info_nce_backward(g, q, k, *geometry, lse, rho, temperature, metric)
+    return row_loss, lse, rho, dq, dk

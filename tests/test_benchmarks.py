@@ -29,7 +29,8 @@ WORK_CASES = {"multigrain_pool", "info_nce_sparse", "geometric_info_nce", "info_
 # (case, provider) of every baseline the cases declare
 BASELINES = {("sample_pairs", "released"), ("info_nce_sparse", "released"),
              ("loss_mgc", "released"), ("geometric_info_nce", "lightly"),
-             ("info_nce_queue", "lightly"), ("linear_soft_ce", "lightly"), ("loss_smog", "lightly")}
+             ("info_nce_queue", "lightly"), ("linear_soft_ce", "lightly"), ("loss_smog", "lightly"),
+             ("geometric_info_nce", "torch_attention"), ("info_nce_queue", "torch_attention")}
 
 
 def run_module(*args, timeout=60):

@@ -490,7 +490,7 @@ def test_opcheck(dtype, metric):
     q, k, qr, kr, qi, ki = _small_case(dtype, gen)
     q, k = l2n(q).detach().requires_grad_(True), l2n(k).detach().requires_grad_(True)
     torch.library.opcheck(torch.ops.mgc_kernels.geometric_info_nce.default,
-                          (q, k, qr.to(dtype), kr.to(dtype), qi, ki, 0.1, metric, "torch"))
+                          (q, k, qr.to(dtype), kr.to(dtype), qi, ki, 0.1, metric, True, "torch"))
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -567,7 +567,7 @@ def _op_args(dtype, with_queue):
     weight[3] = 0  # a row without target
     weight = weight / weight.sum(1, keepdim=True).clamp_min(1e-30)
     # the op receives target weights in the accumulation dtype (as mk.info_nce builds them)
-    return (q, k, queue, index, weight.to(loss_dtype(dtype)), 0.1, "torch")
+    return (q, k, queue, index, weight.to(loss_dtype(dtype)), 0.1, True, "torch")
 
 
 @pytest.mark.parametrize("with_queue", [True, False])

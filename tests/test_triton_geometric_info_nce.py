@@ -16,12 +16,14 @@ import mgc_kernels as mk
 from mgc_kernels.reference import geometric_info_nce as reference
 
 try:
-    from ._helpers import INTERPRETER_DTYPES, leaf, rand, requires_triton, unit_rows
+    from ._helpers import (INTERPRETER_DTYPES, geometric_info_nce_op, leaf, rand,
+                           requires_triton, unit_rows)
     from .test_geometric_info_nce import METRICS, random_boxes
     from .test_triton_info_nce import (assert_obeys_rule, assert_op_results, cotangent,
                                        error_scales, small_blocks)
 except ImportError:
-    from _helpers import INTERPRETER_DTYPES, leaf, rand, requires_triton, unit_rows
+    from _helpers import (INTERPRETER_DTYPES, geometric_info_nce_op, leaf, rand,
+                          requires_triton, unit_rows)
     from test_geometric_info_nce import METRICS, random_boxes
     from test_triton_info_nce import (assert_obeys_rule, assert_op_results, cotangent,
                                       error_scales, small_blocks)
@@ -97,7 +99,8 @@ def test_random_against_reference(dtype, n, m, d, images, metric, box_dtype, id_
 
 
 def op_results(dtype, q, k, geometry, grad, temperature, metric):
-    """``(row_loss, lse, rho, dq, dk)`` of the op itself: Triton's on the features rounded to
+    """``(row_loss, lse, rho, dq, dk)`` of the op itself (``dq`` from the forward's ``v`` as the
+    op's autograd forms it): Triton's on the features rounded to
     ``dtype``, then the reference's on the same values in fp32 (for 16-bit features: its result
     before the final rounding) and in fp64 (exact)."""
     from mgc_kernels.triton import geometric_info_nce as kernels
@@ -105,10 +108,7 @@ def op_results(dtype, q, k, geometry, grad, temperature, metric):
     results = []
     for ops, dt in ((kernels, dtype), (reference, torch.float32), (reference, torch.float64)):
         x, y = q.to(dtype).to(dt), k.to(dtype).to(dt)
-        out = ops.geometric_info_nce(x, y, *geometry, temperature, metric)
-        grads = ops.geometric_info_nce_backward(grad.to(out[0].dtype), x, y, *geometry, out[1],
-                                                temperature, metric)
-        results.append((*out, *grads))
+        results.append(geometric_info_nce_op(ops, x, y, *geometry, grad, temperature, metric))
     return results
 
 

@@ -26,11 +26,11 @@ import mgc_kernels as mk
 from mgc_kernels._dtypes import accumulate
 
 try:
-    from ._helpers import (GRAD_SLACK, INTERPRETER_DTYPES, assert_close_to_exact, l2n, leaf,
-                           rand, representable, requires_triton, ulp_tol, unit_rows)
+    from ._helpers import (GRAD_SLACK, INTERPRETER_DTYPES, assert_close_to_exact, info_nce_op,
+                           l2n, leaf, rand, representable, requires_triton, ulp_tol, unit_rows)
 except ImportError:
-    from _helpers import (GRAD_SLACK, INTERPRETER_DTYPES, assert_close_to_exact, l2n, leaf, rand,
-                          representable, requires_triton, ulp_tol, unit_rows)
+    from _helpers import (GRAD_SLACK, INTERPRETER_DTYPES, assert_close_to_exact, info_nce_op, l2n,
+                          leaf, rand, representable, requires_triton, ulp_tol, unit_rows)
 
 # Slack on top of the reference's own error, in units of the inherent fp32 error scale: with
 # L = max |logit| + log(keys) bounding |logit| and |lse|, a loss row is good to about eps * L and
@@ -178,7 +178,8 @@ def test_random_against_reference(dtype, n, m, nq, d, p, normalize, weighted, re
 
 def op_results(dtype, q, k, queue, index, weight, grad, temperature, grad_lse=None):
     """``(row_loss, lse, dq, dk)`` of the op itself (no public API, so the saved lse and an LSE
-    gradient are reachable): Triton's on the inputs rounded to ``dtype``, then the reference's on
+    gradient are reachable; ``dq`` from the forward's ``v`` as the op's autograd forms it):
+    Triton's on the inputs rounded to ``dtype``, then the reference's on
     the same values in fp32 (for 16-bit inputs: its result before the final rounding) and in
     fp64 (exact)."""
     from mgc_kernels.reference import info_nce as reference
@@ -189,11 +190,8 @@ def op_results(dtype, q, k, queue, index, weight, grad, temperature, grad_lse=No
         acc = accumulate(dt)
         x, y = q.to(dtype).to(dt), k.to(dtype).to(dt)
         u = None if queue is None else queue.to(dtype).to(dt)
-        w, c = weight.to(acc), None if grad_lse is None else grad_lse.to(acc)
-        row_loss, lse = ops.info_nce(x, y, u, index, w, temperature)
-        grads = ops.info_nce_backward(grad.to(acc), x, y, u, index, w, lse, temperature,
-                                      grad_lse=c)
-        results.append((row_loss, lse, *grads))
+        results.append(info_nce_op(ops, x, y, u, index, weight.to(acc), grad, temperature,
+                                   grad_lse))
     return results
 
 

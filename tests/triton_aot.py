@@ -162,14 +162,16 @@ def toy_info_nce(rec, dtype, gen):
     weight = torch.rand(6, 2, generator=gen)
     lse, g = torch.zeros(6), torch.ones(6)
     nce = rec["info_nce"]
-    nce.info_nce(q, k, u, index, weight, 0.1)
-    nce.info_nce_backward(g, q, k, u, index, weight, lse, 0.1, torch.ones(6), True)
+    for need_v in (True, False):
+        nce.info_nce(q, k, u, index, weight, 0.1, need_v)
+    nce.info_nce_backward(g, q, k, u, index, weight, lse, 0.1, torch.ones(6))
     regions = torch.tensor([[0.0, 0, 2, 2]]).repeat(6, 1)
     image = torch.zeros(6, dtype=torch.long)
     geo = rec["geometric_info_nce"]
     for metric in ("mgc", "iou", "ioa"):
         geo.geometric_info_nce(q, q, regions, regions, image, image, 0.1, metric)
-        geo.geometric_info_nce_backward(g, q, q, regions, regions, image, image, lse, 0.1, metric)
+        geo.geometric_info_nce_backward(g, q, q, regions, regions, image, image, lse, g, 0.1,
+                                        metric)
 
 
 def toy_linear_soft_ce(module, dtype, gen):
@@ -207,7 +209,7 @@ def record_real(rec: Recording) -> None:
 
 def real_geometric_info_nce(rec: Recording, dtype: torch.dtype) -> None:
     """Dense MGC (``geometric_info_nce``), B = 256, cells 1, 2, 7 (N = M = B * (14 / c)**2,
-    50176 at cell 1), D = 128; forward, rho, dq and dk kernels. Metric ``mgc`` in every dtype,
+    50176 at cell 1), D = 128; forward and dk kernels. Metric ``mgc`` in every dtype,
     ``iou`` and ``ioa`` in bf16 (the metric only changes a few lines of the tile's targets; the
     fp32 variants are the slowest to compile)."""
     geo = rec["geometric_info_nce"]
@@ -221,7 +223,7 @@ def real_geometric_info_nce(rec: Recording, dtype: torch.dtype) -> None:
             with rec.labelled(f"geometric_info_nce B={BATCH} cell={cell} N={rows} "
                               f"metric={metric}", dtype):
                 geo.geometric_info_nce(q, k, regions, regions, image, image, 0.1, metric)
-                geo.geometric_info_nce_backward(g, q, k, regions, regions, image, image, lse,
+                geo.geometric_info_nce_backward(g, q, k, regions, regions, image, image, lse, g,
                                                 0.1, metric)
 
 
@@ -248,8 +250,8 @@ def real_info_nce(rec: Recording, dtype: torch.dtype) -> None:
         lse, g = meta(n), meta(n)
         with rec.labelled(case, dtype):
             nce.info_nce(q, k, queue, index, weight, 0.2)
-            nce.info_nce_backward(g, q, k, queue, index, weight, lse, 0.2,
-                                  grad_lse=meta(n) if paired else None, need_dk=not paired)
+            if not paired:  # the paired form's k is the queue: no dk
+                nce.info_nce_backward(g, q, k, queue, index, weight, lse, 0.2)
 
 
 def real_linear_soft_ce(rec: Recording, dtype: torch.dtype, width: int) -> None:

@@ -13,7 +13,7 @@ import torch
 
 import mgc_kernels as mk
 
-from .. import formulas, lightly_baselines, released_mgc
+from .. import attention_baseline, formulas, lightly_baselines, released_mgc
 from .base import (DIM, FWD, FWD_BWD, GRID, TEMPERATURE, TRAIN_BATCHES, Problem, batches, case,
                    embeddings, matmul_flops, randn, view_boxes)
 
@@ -116,7 +116,8 @@ def geometric_info_nce(batch: int, cell: int, dtype, device) -> Problem:
     """Dense MGC at one granularity: every region of view 1 against every region of view 2 in
     the batch, targets from the regions' boxes (metric ``mgc``), N = M = B * (14 / cell)**2.
     ``lightly``: DetConB's loss on the same regions (mask = region index), which contrasts both
-    directions against both views: 4x the logits of one direction here."""
+    directions against both views: 4x the logits of one direction here. ``torch_attention``:
+    the same loss and gradients from PyTorch's fused attention kernels."""
     regions = (GRID // cell) ** 2
     rows = batch * regions
     boxes1, flips1, boxes2, flips2 = view_boxes(batch)
@@ -135,7 +136,9 @@ def geometric_info_nce(batch: int, cell: int, dtype, device) -> Problem:
         op=op, formula=partial(formulas.geometric_info_nce, q, k, *geometry, TEMPERATURE),
         dtype=dtype, grad_inputs=(q, k), flops=matmul_flops(rows, rows, DIM, rows),
         baselines={"lightly": partial(lightly_baselines.detconb, q, k, batch, regions,
-                                      TEMPERATURE)},
+                                      TEMPERATURE),
+                   "torch_attention": partial(attention_baseline.geometric_step, q, k,
+                                              q_regions, k_regions, batch, TEMPERATURE)},
         flops_scale={"lightly": 4.0})
 
 
@@ -144,7 +147,8 @@ def geometric_info_nce(batch: int, cell: int, dtype, device) -> Problem:
 def info_nce_queue(batch: int, queue: int, dtype, device, regions: int = 49) -> Problem:
     """DenseCL-style: N = B * 49 rows, each with one positive key, against the N keys and a
     queue of negatives (no gradient to the queue). ``lightly``: ``NTXentLoss`` with a memory
-    bank of the same size (MoCo-style: the positive and the bank, no in-batch negatives)."""
+    bank of the same size (MoCo-style: the positive and the bank, no in-batch negatives).
+    ``torch_attention``: the same loss and gradients from PyTorch's fused attention kernels."""
     rows = batch * regions
     q, k = embeddings(rows, DIM, dtype, device, 1), embeddings(rows, DIM, dtype, device, 2)
     negatives = embeddings(queue, DIM, dtype, device, 3)
@@ -160,7 +164,9 @@ def info_nce_queue(batch: int, queue: int, dtype, device, regions: int = 49) -> 
         op=op, formula=partial(formulas.info_nce_queue, q, k, negatives, targets, TEMPERATURE),
         dtype=dtype, grad_inputs=(q, k), flops=flops,
         baselines={"lightly": partial(lightly_baselines.ntxent_queue, q, k, negatives,
-                                      TEMPERATURE)},
+                                      TEMPERATURE),
+                   "torch_attention": partial(attention_baseline.queue_step, q, k, negatives,
+                                              TEMPERATURE)},
         flops_scale={"lightly": lightly_forward / flops[FWD]})
 
 

@@ -8,7 +8,7 @@ from .._dtypes import accumulate
 from ..reference import correspondence as geometry
 from ..reference import geometric_info_nce as reference
 from .info_nce import (REDUCTIONS, check_embeddings, check_temperature, l2_normalize,
-                       reduce_rows)
+                       needs_grad, reduce_rows)
 
 backends.register("geometric_info_nce", "torch")(reference.geometric_info_nce)
 backends.register("geometric_info_nce_backward", "torch")(reference.geometric_info_nce_backward)
@@ -21,42 +21,53 @@ backends.register_lazy("geometric_info_nce_backward", "triton",
 @torch.library.custom_op("mgc_kernels::geometric_info_nce", mutates_args=())
 def _geometric_info_nce(q: torch.Tensor, k: torch.Tensor, q_regions: torch.Tensor,
                         k_regions: torch.Tensor, q_image: torch.Tensor, k_image: torch.Tensor,
-                        temperature: float, metric: str,
-                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        temperature: float, metric: str, need_v: bool,
+                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                               torch.Tensor]:
     return backends.call("geometric_info_nce", backend, q, k, q_regions, k_regions, q_image,
-                         k_image, temperature, metric)
+                         k_image, temperature, metric, need_v)
 
 
 @_geometric_info_nce.register_fake
-def _(q, k, q_regions, k_regions, q_image, k_image, temperature, metric, backend):
-    return tuple(q.new_empty(q.shape[0], dtype=accumulate(q.dtype)) for _ in range(3))
+def _(q, k, q_regions, k_regions, q_image, k_image, temperature, metric, need_v, backend):
+    acc = accumulate(q.dtype)
+    rows = tuple(q.new_empty(q.shape[0], dtype=acc) for _ in range(3))
+    return rows + (q.new_empty(q.shape[0] if need_v else 0, q.shape[1], dtype=acc),)
 
 
 @torch.library.custom_op("mgc_kernels::geometric_info_nce_backward", mutates_args=())
 def _geometric_info_nce_backward(grad_row_loss: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                                  q_regions: torch.Tensor, k_regions: torch.Tensor,
                                  q_image: torch.Tensor, k_image: torch.Tensor, lse: torch.Tensor,
-                                 temperature: float, metric: str,
-                                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                                 rho: torch.Tensor, temperature: float, metric: str,
+                                 backend: str) -> torch.Tensor:
     return backends.call("geometric_info_nce_backward", backend, grad_row_loss, q, k, q_regions,
-                         k_regions, q_image, k_image, lse, temperature, metric)
+                         k_regions, q_image, k_image, lse, rho, temperature, metric)
 
 
 @_geometric_info_nce_backward.register_fake
-def _(grad_row_loss, q, k, q_regions, k_regions, q_image, k_image, lse, temperature, metric,
+def _(grad_row_loss, q, k, q_regions, k_regions, q_image, k_image, lse, rho, temperature, metric,
       backend):
-    return torch.empty_like(q), torch.empty_like(k)
+    return torch.empty_like(k)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, q_regions, k_regions, q_image, k_image, ctx.temperature, ctx.metric, ctx.backend = inputs
-    ctx.save_for_backward(q, k, q_regions, k_regions, q_image, k_image, output[1])
+    (q, k, q_regions, k_regions, q_image, k_image, ctx.temperature, ctx.metric, _,
+     ctx.backend) = inputs
+    ctx.save_for_backward(q, k, q_regions, k_regions, q_image, k_image, *output[1:])
+    ctx.mark_non_differentiable(*output[1:])  # the backward uses only the row losses' gradient
 
 
-def _backward(ctx, grad_row_loss, grad_lse, grad_rho):
-    dq, dk = _geometric_info_nce_backward(grad_row_loss.contiguous(), *ctx.saved_tensors,
-                                          ctx.temperature, ctx.metric, ctx.backend)
-    return dq, dk, None, None, None, None, None, None, None
+def _backward(ctx, grad_row_loss, grad_lse, grad_rho, grad_v):
+    q, k, q_regions, k_regions, q_image, k_image, lse, rho, v = ctx.saved_tensors
+    dq = dk = None
+    if ctx.needs_input_grad[0]:  # v is 0 on rows without overlap
+        dq = (grad_row_loss.to(v.dtype)[:, None] * v / ctx.temperature).to(q.dtype)
+    if ctx.needs_input_grad[1]:
+        dk = _geometric_info_nce_backward(grad_row_loss.contiguous(), q, k, q_regions, k_regions,
+                                          q_image, k_image, lse, rho, ctx.temperature,
+                                          ctx.metric, ctx.backend)
+    return dq, dk, None, None, None, None, None, None, None, None
 
 
 _geometric_info_nce.register_autograd(_backward, setup_context=_setup_context)
@@ -101,7 +112,8 @@ def geometric_info_nce(q: torch.Tensor, k: torch.Tensor, q_regions: torch.Tensor
     if normalize:
         q, k = l2_normalize(q), l2_normalize(k)
     backend = backends.resolve("geometric_info_nce", backend, q.device, q.dtype)
-    row_loss, _, rho = _geometric_info_nce(q.contiguous(), k.contiguous(), q_regions.contiguous(),
-                                           k_regions.contiguous(), q_image.contiguous(),
-                                           k_image.contiguous(), temperature, metric, backend)
+    row_loss, _, rho, _ = _geometric_info_nce(q.contiguous(), k.contiguous(),
+                                              q_regions.contiguous(), k_regions.contiguous(),
+                                              q_image.contiguous(), k_image.contiguous(),
+                                              temperature, metric, needs_grad(q), backend)
     return reduce_rows(row_loss, rho, rho > 0, reduction)

@@ -22,50 +22,71 @@ REDUCTIONS = ("mean", "sum", "none")
 @torch.library.custom_op("mgc_kernels::info_nce", mutates_args=())
 def _info_nce(q: torch.Tensor, k: torch.Tensor, queue: Optional[torch.Tensor],
               target_index: torch.Tensor, target_weight: torch.Tensor, temperature: float,
-              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+              need_v: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return backends.call("info_nce", backend, q, k, queue, target_index, target_weight,
-                         temperature)
+                         temperature, need_v)
 
 
 @_info_nce.register_fake
-def _(q, k, queue, target_index, target_weight, temperature, backend):
-    return tuple(q.new_empty(q.shape[0], dtype=accumulate(q.dtype)) for _ in range(2))
+def _(q, k, queue, target_index, target_weight, temperature, need_v, backend):
+    acc = accumulate(q.dtype)
+    return (q.new_empty(q.shape[0], dtype=acc), q.new_empty(q.shape[0], dtype=acc),
+            q.new_empty(q.shape[0] if need_v else 0, q.shape[1], dtype=acc))
 
 
 @torch.library.custom_op("mgc_kernels::info_nce_backward", mutates_args=())
 def _info_nce_backward(grad_row_loss: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                        queue: Optional[torch.Tensor], target_index: torch.Tensor,
                        target_weight: torch.Tensor, lse: torch.Tensor, temperature: float,
-                       grad_lse: Optional[torch.Tensor], need_dk: bool,
-                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                       grad_lse: Optional[torch.Tensor], backend: str) -> torch.Tensor:
     return backends.call("info_nce_backward", backend, grad_row_loss, q, k, queue, target_index,
-                         target_weight, lse, temperature, grad_lse, need_dk)
+                         target_weight, lse, temperature, grad_lse)
 
 
 @_info_nce_backward.register_fake
 def _(grad_row_loss, q, k, queue, target_index, target_weight, lse, temperature, grad_lse,
-      need_dk, backend):
-    return torch.empty_like(q), torch.empty_like(k) if need_dk else k.new_empty(0, k.shape[1])
+      backend):
+    return torch.empty_like(k)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, queue, target_index, target_weight, ctx.temperature, ctx.backend = inputs
-    ctx.save_for_backward(q, k, queue, target_index, target_weight, output[1])
+    q, k, queue, target_index, target_weight, ctx.temperature, _, ctx.backend = inputs
+    ctx.save_for_backward(q, k, queue, target_index, target_weight, output[1], output[2])
+    ctx.mark_non_differentiable(output[2])
 
 
-def _backward(ctx, grad_row_loss, grad_lse):
-    q, k, queue, target_index, target_weight, lse = ctx.saved_tensors
+def _backward(ctx, grad_row_loss, grad_lse, grad_v):
+    q, k, queue, target_index, target_weight, lse, v = ctx.saved_tensors
     if grad_row_loss is None:
         grad_row_loss = torch.zeros_like(lse)
-    need_dk = ctx.needs_input_grad[1]
-    dq, dk = _info_nce_backward(grad_row_loss.contiguous(), q, k, queue, target_index,
+    dq = dk = None
+    if ctx.needs_input_grad[0]:
+        dq = query_grad(v, grad_row_loss, grad_lse, target_index, target_weight, k,
+                        ctx.temperature).to(q.dtype)
+    if ctx.needs_input_grad[1]:
+        dk = _info_nce_backward(grad_row_loss.contiguous(), q, k, queue, target_index,
                                 target_weight, lse, ctx.temperature,
-                                None if grad_lse is None else grad_lse.contiguous(), need_dk,
-                                ctx.backend)
-    return dq, dk if need_dk else None, None, None, None, None, None
+                                None if grad_lse is None else grad_lse.contiguous(), ctx.backend)
+    return dq, dk, None, None, None, None, None, None
 
 
 _info_nce.register_autograd(_backward, setup_context=_setup_context)
+
+
+def query_grad(v, grad_row_loss, grad_lse, target_index, target_weight, k,
+               temperature: float) -> torch.Tensor:
+    """``dq`` from the forward's ``v_i = a_i O_i - T_i`` (``O = softmax @ [k; queue]``,
+    ``T_i = sum_p t_ip k[index_ip]``, ``a_i = sum(t_i)``, or ``v_i = O_i`` where ``a_i = 0``):
+    ``tau dq_i = (g_i a_i + c_i) O_i - g_i T_i``, which is ``g_i v_i`` without an LSE gradient
+    ``c`` and needs ``T`` (a gather) only with one."""
+    g = grad_row_loss.to(v.dtype)
+    mass = target_weight.to(v.dtype).sum(1)
+    if grad_lse is None:
+        return torch.where(mass > 0, g, 0.0)[:, None] * v / temperature
+    picked = (target_weight.to(v.dtype)[..., None] * k.to(v.dtype)[target_index]).sum(1)
+    coef = g * mass + grad_lse.to(v.dtype)
+    attention = (v + picked) / torch.where(mass > 0, mass, 1.0)[:, None]
+    return (coef[:, None] * attention - g[:, None] * picked) / temperature
 
 
 def parse_targets(targets, n: int, m: int, device: torch.device, dtype: torch.dtype):
@@ -99,6 +120,11 @@ def parse_targets(targets, n: int, m: int, device: torch.device, dtype: torch.dt
     _checks.on_device("targets", index, device)
     _checks.index_range("targets", index, m, "the rows of k")
     return index.contiguous(), weight.contiguous()
+
+
+def needs_grad(q: torch.Tensor) -> bool:
+    """Whether the forward must save what ``dq`` needs (autograd will ask for it)."""
+    return torch.is_grad_enabled() and q.requires_grad
 
 
 def check_temperature(temperature) -> float:
@@ -182,9 +208,9 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, targets, temperature: float = 0.1
     if paired:
         row_loss = paired_rows(q.contiguous(), k, queue.contiguous(), temperature, backend)
         return reduce_rows(row_loss, row_weights, torch.ones_like(row_loss), reduction)
-    row_loss, _ = _info_nce(q.contiguous(), k.contiguous(),
-                            None if queue is None else queue.contiguous(), index, weight,
-                            temperature, backend)
+    row_loss, _, _ = _info_nce(q.contiguous(), k.contiguous(),
+                               None if queue is None else queue.contiguous(), index, weight,
+                               temperature, needs_grad(q), backend)
     row_loss = torch.where(stray_rows, torch.nan, row_loss)
     return reduce_rows(row_loss, row_weights, weight.sum(1) > 0, reduction)
 
@@ -212,6 +238,6 @@ def paired_rows(q, k, queue, temperature: float, backend: str) -> torch.Tensor:
     acc = accumulate(q.dtype)
     positive = (q.to(acc) * k.to(acc)).sum(-1) / temperature
     no_target = torch.zeros(len(q), 0, device=q.device, dtype=torch.long)
-    _, lse_negatives = _info_nce(q, queue, None, no_target, no_target.to(acc), temperature,
-                                 backend)
+    _, lse_negatives, _ = _info_nce(q, queue, None, no_target, no_target.to(acc), temperature,
+                                    needs_grad(q), backend)
     return torch.logaddexp(positive, lse_negatives) - positive

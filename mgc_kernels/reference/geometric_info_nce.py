@@ -37,40 +37,41 @@ def chunk_logits(q, k, temperature: float, rows: slice) -> torch.Tensor:
     return q[rows].to(acc) @ k.to(acc).T / temperature
 
 
-def chunk_softmax_minus_target(q, k, w, lse_rows, temperature, rows):
+def chunk_softmax_minus_target(logits, w, lse_rows, rho_rows):
     """``(softmax - target)`` of a chunk's rows (zero for rows without any overlap)."""
-    logits = chunk_logits(q, k, temperature, rows)
-    rho = w.sum(1, keepdim=True)
-    has_target = (rho > 0).to(rho.dtype)
-    return torch.exp(logits - lse_rows[:, None]) * has_target - w / rho.clamp_min(1e-30)
+    has_target = (rho_rows > 0).to(logits.dtype)[:, None]
+    return (torch.exp(logits - lse_rows[:, None]) * has_target
+            - w / rho_rows.clamp_min(1e-30)[:, None])
 
 
 def geometric_info_nce(q, k, q_regions, k_regions, q_image, k_image, temperature: float,
-                       metric: str):
-    """``(row_loss, lse, rho)``, ``[N]`` each in the accumulation dtype; ``row_loss`` is 0 where
-    ``rho`` is 0."""
+                       metric: str, need_v: bool = True):
+    """``(row_loss, lse, rho, v)``: ``[N]`` each in the accumulation dtype (``row_loss`` is 0
+    where ``rho`` is 0) and ``v_i = sum_j (softmax_ij - t_ij) k_j`` (``[N, D]``, 0 where ``rho``
+    is 0; ``[0, D]`` without ``need_v``), from which ``dq`` follows."""
     n, acc = len(q), accumulate(q.dtype)
     row_loss, lse, rho = (torch.zeros(n, device=q.device, dtype=acc) for _ in range(3))
+    v = torch.zeros(n if need_v else 0, k.shape[1], device=q.device, dtype=acc)
     for rows in row_chunks(n, len(k)):
         w = geometric_targets(q_regions, k_regions, q_image, k_image, metric, rows, acc)
         logits = chunk_logits(q, k, temperature, rows)
         lse[rows] = torch.logsumexp(logits, dim=1)
         rho[rows] = w.sum(1)
-        t = w / rho[rows].clamp_min(1e-30)[:, None]
-        row_loss[rows] = (rho[rows] > 0).to(acc) * lse[rows] - (t * logits).sum(1)
-    return row_loss, lse, rho
+        row_loss[rows] = ((rho[rows] > 0).to(acc) * lse[rows]
+                          - (w * logits).sum(1) / rho[rows].clamp_min(1e-30))
+        if need_v:
+            v[rows] = chunk_softmax_minus_target(logits, w, lse[rows], rho[rows]) @ k.to(acc)
+    return row_loss, lse, rho, v
 
 
 def geometric_info_nce_backward(grad_row_loss, q, k, q_regions, k_regions, q_image, k_image,
-                                lse, temperature: float, metric: str):
-    """``(dq, dk)`` in the dtypes of ``q`` and ``k``, recomputing each chunk's logits."""
+                                lse, rho, temperature: float, metric: str):
+    """``dk`` in ``k``'s dtype, recomputing each chunk's logits (``rho`` is the forward's)."""
     acc = accumulate(q.dtype)
-    dq = torch.empty(q.shape, device=q.device, dtype=acc)
     dk = torch.zeros(k.shape, device=k.device, dtype=acc)
     for rows in row_chunks(len(q), len(k)):
         w = geometric_targets(q_regions, k_regions, q_image, k_image, metric, rows, acc)
-        g = chunk_softmax_minus_target(q, k, w, lse[rows], temperature, rows)
-        g = g * grad_row_loss[rows, None] / temperature
-        dq[rows] = g @ k.to(acc)
-        dk += g.T @ q[rows].to(acc)
-    return dq.to(q.dtype), dk.to(k.dtype)
+        logits = chunk_logits(q, k, temperature, rows)
+        g = chunk_softmax_minus_target(logits, w, lse[rows], rho[rows].to(acc))
+        dk += (g * grad_row_loss[rows, None] / temperature).T @ q[rows].to(acc)
+    return dk.to(k.dtype)

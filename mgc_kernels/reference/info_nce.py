@@ -17,31 +17,38 @@ def all_keys(k: torch.Tensor, queue: torch.Tensor | None) -> torch.Tensor:
     return k if queue is None else torch.cat([k, queue.to(k.dtype)])
 
 
-def info_nce(q, k, queue, target_index, target_weight, temperature: float):
-    """``(row_loss, lse)``, both ``[N]`` in the accumulation dtype (fp32, or fp64 for fp64)."""
-    acc = accumulate(q.dtype)
-    logits = q.to(acc) @ all_keys(k, queue).to(acc).T / temperature
-    lse = torch.logsumexp(logits, dim=1)
-    picked = logits.gather(1, target_index)
-    target_weight = target_weight.to(acc)
-    row_loss = target_weight.sum(1) * lse - (target_weight * picked).sum(1)
-    return row_loss, lse
-
-
-def info_nce_backward(grad_row_loss, q, k, queue, target_index, target_weight, lse,
-                      temperature: float, grad_lse=None, need_dk: bool = True):
-    """``(dq, dk)`` in the dtypes of ``q`` and ``k``; the queue gets no gradient. ``grad_lse``
-    (the gradient of the returned LSE, whose derivative is the softmax) may be ``None``; without
-    ``need_dk``, ``dk`` is an empty ``[0, D]`` tensor."""
+def info_nce(q, k, queue, target_index, target_weight, temperature: float,
+             need_v: bool = True):
+    """``(row_loss, lse, v)``: ``row_loss`` and ``lse`` ``[N]`` in the accumulation dtype (fp32,
+    or fp64 for fp64), and ``v_i = sum_j (a_i softmax_ij - t_ij) key_j`` over the keys and the
+    queue (``[N, D]``; ``[0, D]`` without ``need_v``), with ``a_i = sum(t_i)`` or 1 for a row
+    without a target. ``dq`` follows from ``v`` (``ops/info_nce.py::query_grad``)."""
     acc = accumulate(q.dtype)
     keys = all_keys(k, queue).to(acc)
     logits = q.to(acc) @ keys.T / temperature
+    lse = torch.logsumexp(logits, dim=1)
+    picked = logits.gather(1, target_index)
+    target_weight = target_weight.to(acc)
+    mass = target_weight.sum(1)
+    row_loss = mass * lse - (target_weight * picked).sum(1)
+    if not need_v:
+        return row_loss, lse, keys.new_empty(0, keys.shape[1])
+    softmax_coef = torch.where(mass > 0, mass, 1.0)
+    g = torch.exp(logits - lse[:, None]) * softmax_coef[:, None]
+    return row_loss, lse, g.scatter_add(1, target_index, -target_weight) @ keys
+
+
+def info_nce_backward(grad_row_loss, q, k, queue, target_index, target_weight, lse,
+                      temperature: float, grad_lse=None):
+    """``dk`` in ``k``'s dtype (the queue gets no gradient): ``dk_j = sum_i (c'_i softmax_ij -
+    g_i t_ij) q_i / tau`` with ``c'_i = g_i a_i + c_i``, ``g`` the row losses' gradient and ``c``
+    the LSE's (whose derivative is the softmax; may be ``None``)."""
+    acc = accumulate(q.dtype)
+    logits = q.to(acc) @ k.to(acc).T / temperature
     target_weight = target_weight.to(acc)
     softmax_coef = grad_row_loss * target_weight.sum(1)
     if grad_lse is not None:
         softmax_coef = softmax_coef + grad_lse
     g = torch.exp(logits - lse[:, None]) * softmax_coef[:, None]
     g = g.scatter_add(1, target_index, -target_weight * grad_row_loss[:, None]) / temperature
-    dq = g @ keys
-    dk = g[:, : len(k)].T @ q.to(acc) if need_dk else k.new_empty(0, k.shape[1])
-    return dq.to(q.dtype), dk.to(k.dtype)
+    return (g.T @ q.to(acc)).to(k.dtype)

@@ -1,57 +1,52 @@
 """Fused dense InfoNCE with geometric targets: the kernels of ``triton/info_nce.py`` with
-``GEOMETRIC=True``, so each tile's targets ``w_ij`` are made in registers from the region boxes
-and image ids, and neither the logits nor the target matrix is ever stored.
+``GEOMETRIC=True``, so the band tiles' targets ``w_ij`` are made in registers from the region
+boxes and image ids, and neither the logits nor the target matrix is ever stored.
 
-The backward op receives only ``lse`` from the forward, but every row's target is ``w_ij / rho_i``:
-``_rho_kernel`` re-sums ``rho`` first (geometry only, no dot), so that the dq and dk kernels can
-form ``softmax - target`` in fp32 in a single pass.
+Targets pair only regions of one image, so with the rows sorted by image they lie in a band of
+key tiles around each query block's diagonal (about 1 % of the tiles at B = 256): the launchers
+sort both sides by image (a stable argsort, the identity for the losses' own layouts) and find
+each block's band by binary search, then undo the order on the way out.
 """
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
-from .info_nce import _load_boxes, _tile_weights, backward, config, forward, geometry
+from .info_nce import dk_config, forward, forward_config, geometry, image_band, key_grad
 
 
-@triton.jit
-def _rho_kernel(QBOX, QIMG, KBOX, KIMG, RHO, N, M, METRIC: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < N
-    qx0, qy0, qx1, qy1, q_img = _load_boxes(QBOX, QIMG, rows, rmask)
-    rho = tl.zeros([BLOCK_R], tl.float32)
-    for start in range(0, M, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
-        cmask = cols < M
-        kx0, ky0, kx1, ky1, k_img = _load_boxes(KBOX, KIMG, cols, cmask)
-        same = (q_img[:, None] == k_img[None, :]) & rmask[:, None] & cmask[None, :]
-        rho += tl.sum(_tile_weights(qx0[:, None], qy0[:, None], qx1[:, None], qy1[:, None],
-                                    kx0[None, :], ky0[None, :], kx1[None, :], ky1[None, :],
-                                    same, METRIC), 1)
-    tl.store(RHO + rows, rho, mask=rmask)
+def by_image(image: torch.Tensor):
+    """``(order, inverse)`` that sort rows by image id and put them back."""
+    order = torch.argsort(image, stable=True)
+    return order, torch.argsort(order)
 
 
 def geometric_info_nce(q, k, q_regions, k_regions, q_image, k_image, temperature: float,
-                       metric: str):
-    """``(row_loss, lse, rho)``, ``[N]`` fp32 each, as
-    ``reference/geometric_info_nce.py::geometric_info_nce`` (geometry in fp32)."""
-    boxes = geometry(q_regions, k_regions, q_image, k_image)
-    return forward(q, k, None, None, boxes, temperature, metric)
+                       metric: str, need_v: bool = True):
+    """``(row_loss, lse, rho, v)``, as ``reference/geometric_info_nce.py::geometric_info_nce``
+    (geometry in fp32)."""
+    q_order, q_back = by_image(q_image)
+    k_order, _ = by_image(k_image)
+    q, k = q[q_order], k[k_order]
+    boxes = geometry(q_regions[q_order], k_regions[k_order], q_image[q_order], k_image[k_order])
+    cfg = forward_config(q, k)
+    band = image_band(boxes[1], boxes[3], cfg["BLOCK_R"], cfg["BAND_C"])
+    row_loss, lse, rho, v = forward(q, k, None, None, boxes, band, temperature, metric, need_v)
+    return row_loss[q_back], lse[q_back], rho[q_back], v[q_back] if need_v else v
 
 
 def geometric_info_nce_backward(grad_row_loss, q, k, q_regions, k_regions, q_image, k_image,
-                                lse, temperature: float, metric: str):
-    """``(dq, dk)`` in the dtypes of ``q`` and ``k``."""
-    boxes = geometry(q_regions, k_regions, q_image, k_image)
-    n, m = len(q), len(k)
-    rho = torch.empty(n, device=q.device, dtype=torch.float32)
-    cfg = config(n, m, 4, torch.float32)
-    _rho_kernel[(triton.cdiv(n, cfg["BLOCK_R"]),)](*boxes, rho, n, m, METRIC=metric,
-                                                     BLOCK_R=cfg["BLOCK_R"],
-                                                     BLOCK_C=cfg["BLOCK_C"])
+                                lse, rho, temperature: float, metric: str):
+    """``dk`` in ``k``'s dtype, as ``reference/geometric_info_nce.py::
+    geometric_info_nce_backward``."""
+    q_order, _ = by_image(q_image)
+    k_order, k_back = by_image(k_image)
+    q, k = q[q_order], k[k_order]
+    boxes = geometry(q_regions[q_order], k_regions[k_order], q_image[q_order], k_image[k_order])
+    cfg = dk_config(q, k)
+    band = image_band(boxes[3], boxes[1], cfg["BLOCK_R"], cfg["BAND_C"])
+    g, rho = grad_row_loss.float()[q_order], rho[q_order]
     has_target = rho > 0
-    inv_rho = torch.where(has_target, rho.reciprocal(), 0.0)
-    return backward(grad_row_loss, q, k, None, None, boxes, lse, has_target.float(), inv_rho,
-                    temperature, metric)
+    coef = torch.where(has_target, g, 0.0)
+    tcoef = torch.where(has_target, g / torch.where(has_target, rho, 1.0), 0.0)
+    dk = key_grad(q, k, None, boxes, band, lse[q_order], coef, tcoef, temperature, metric)
+    return dk[k_back]

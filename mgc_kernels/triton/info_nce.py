@@ -1,28 +1,38 @@
-"""Fused flash-style InfoNCE: the logits live only as register tiles, never in memory.
+"""Fused InfoNCE shaped like attention: the logits live only as register tiles, never in memory.
 
-One kernel family serves ``info_nce`` and ``geometric_info_nce`` (constexpr ``GEOMETRIC``):
+One kernel family serves ``info_nce`` and ``geometric_info_nce`` (constexpr ``GEOMETRIC``). With
+``s = q k^T / tau``, ``p = softmax(s)`` over the keys and the queue, row coefficient ``a_i`` (the
+target mass, or ``[rho_i > 0]``) and targets ``t_ij``, the row gradient splits exactly into a dense
+softmax part and a sparse target part: ``dlogit_i = a_i p_i - t_i``. The targets are non-zero only
+in a few key tiles per query block (the *band*: a pair's own key, the regions of the same image),
+which the launcher finds from the targets (or the sorted image ids) before the kernels run.
 
-* ``_forward_kernel``: a program per ``BLOCK_R`` query rows loops over tiles of ``k`` and then of
-  the queue (never concatenated), keeping an online max / sum-exp in fp32; it stores only
-  ``lse [N]`` and ``row_loss [N]`` (and ``rho [N]`` when geometric). The sparse targets of
-  ``info_nce`` are gathered by index; geometric targets ``w_ij`` are made from region boxes in
-  registers, per tile.
-* ``_dq_kernel``: per query block, recomputes each tile's softmax from the saved lse, forms
-  ``ds = a_i * p_ij - t_ij`` in fp32 and accumulates ``ds @ keys``. The targets ``t_ij`` enter
-  the tile before its rounding to the input dtype: sparse targets spread over the tile's
-  columns (P compares a tile), geometric ones ``b_i * w_ij`` made from the boxes. Subtracted
-  after the dot, a target whose softmax is near 1 would cancel against the rounded tile and
-  leave ``u * |k| / tau`` of error (9 % of the gradient in fp16 on confident rows).
-* ``_dk_kernel``: per block of ``k`` rows (the queue gets no gradient), loops over query blocks
-  and accumulates ``ds^T @ q`` from the same tiles (no atomics: deterministic).
+* ``_forward_kernel``, a program per ``BLOCK_R`` query rows: attention's forward with the keys as
+  the values. Sweep 1 visits the band tiles (the running max and sum only, plus the geometric
+  ``rho_i`` and ``sum_j w_ij s_ij``), then every other key tile and the queue (never
+  concatenated) in the hot loop: a load, two dots, ``exp`` and the running max, ``acc`` holding
+  ``sum_j exp(s_ij - m_i) k_j``. Sweep 2 revisits the band tiles with the final log-sum-exp and
+  adds ``(a_i p_ij - t_ij) k_j``, formed in fp32 before the tile is rounded to the input dtype.
+  It stores ``lse``, the row loss, ``rho`` and ``v_i = sum_j (a_i p_ij - t_ij) k_j``, from which
+  ``dq_i = g_i v_i / tau`` follows with no further pass.
+* ``_dk_kernel``, a program per ``BLOCK_R`` keys (skipped when ``k`` needs no gradient, and the
+  queue never gets one): the same loop shape over query tiles, ``p^T`` recomputed from the saved
+  lse, ``acc += (coef * p)^T q``; the band tiles subtract the targets in fp32 first. No atomics:
+  deterministic.
 
-Logits stay in natural units (``exp``/``log``, not flash-attention's base 2): the saved lse then
-cancels exactly against the identically rounded logits that the backward recomputes (a saturated
-row gets p = 1, not 1 - ulp(lse) from converting the lse between bases). fp32 inputs use
-full-precision dots (``input_precision="ieee"``; tf32 would not meet the tolerance rule);
-fp16/bf16 tiles feed the tensor cores with fp32 accumulation. Row offsets are int64 (``rows * D``
-passes 2**31 for a large queue). Tiles are fixed per feature width (the interpreter cannot
-autotune).
+Why the band is handled apart and not rounded with the rest (the precision study,
+``python -m benchmarks.info_nce_precision``): rounding ``p`` to bf16 costs each entry ``u p``;
+outside the targets that is relative to the gradient itself, but where a row is converged the
+gradient ``a p - t`` is the small difference of two large terms, and rounding ``p`` before
+subtracting ``t`` loses ``u / (1 - p_pos)`` of it. Four N x M x D matmul passes in all (two
+without dk) plus the band tiles' extra dot.
+
+Logits stay in natural units (``exp``/``log``): the saved lse then cancels exactly against the
+identically rounded logits that the dk kernel recomputes (a saturated row gets p = 1, not
+1 - ulp(lse) from converting the lse between bases). fp32 inputs use full-precision dots
+(``input_precision="ieee"``; tf32 would not meet the tolerance rule); fp16/bf16 tiles feed the
+tensor cores with fp32 accumulation. Row offsets are int64 (``rows * D`` passes 2**31 for a large
+queue). Tiles are fixed per feature width (the interpreter cannot autotune).
 """
 from __future__ import annotations
 
@@ -55,21 +65,41 @@ def _load_boxes(BOX, IMG, idx, mask):
     box = BOX + idx.to(tl.int64) * 4
     return (tl.load(box, mask=mask, other=0.0), tl.load(box + 1, mask=mask, other=0.0),
             tl.load(box + 2, mask=mask, other=1.0), tl.load(box + 3, mask=mask, other=1.0),
-            tl.load(IMG + idx, mask=mask, other=0))
+            tl.load(IMG + idx, mask=mask, other=-1))
 
 
 @triton.jit
-def _tile_weights(qx0, qy0, qx1, qy1, kx0, ky0, kx1, ky1, same, METRIC: tl.constexpr):
-    """Targets ``w`` of a tile: ``metric(query box, key box)`` where ``same`` (same image, both
-    valid), else 0. The boxes broadcast to ``same``'s shape (queries on either axis)."""
-    w = tl.zeros(same.shape, tl.float32)
-    if tl.max(same.to(tl.int32)) > 0:  # most tiles of a large batch pair different images
-        w = tl.where(same, box_metric(qx0, qy0, qx1, qy1, kx0, ky0, kx1, ky1, METRIC), 0.0)
-    return w
+def _geometric_tile(QBOX, QIMG, KBOX, KIMG, rows, rmask, keys, kmask, METRIC: tl.constexpr,
+                    KEYS_FIRST: tl.constexpr):
+    """``w_ij = metric(query box i, key box j)`` where both come from one image, else 0."""
+    qx0, qy0, qx1, qy1, q_img = _load_boxes(QBOX, QIMG, rows, rmask)
+    kx0, ky0, kx1, ky1, k_img = _load_boxes(KBOX, KIMG, keys, kmask)
+    if KEYS_FIRST:
+        same = (k_img[:, None] == q_img[None, :]) & kmask[:, None] & rmask[None, :]
+        w = box_metric(qx0[None, :], qy0[None, :], qx1[None, :], qy1[None, :],
+                       kx0[:, None], ky0[:, None], kx1[:, None], ky1[:, None], METRIC)
+    else:
+        same = (q_img[:, None] == k_img[None, :]) & rmask[:, None] & kmask[None, :]
+        w = box_metric(qx0[:, None], qy0[:, None], qx1[:, None], qy1[:, None],
+                       kx0[None, :], ky0[None, :], kx1[None, :], ky1[None, :], METRIC)
+    return tl.where(same, w, 0.0)
 
 
 @triton.jit
-def _target_tile(TI, TW, rows, rmask, keys, P, M, KEYS_FIRST: tl.constexpr):
+def _target(TI, TW, rows, rmask, p, P, M):
+    """Key index and weight of target ``p`` of each row. Padding (weight 0) and indices outside
+    ``[0, M)`` are masked out with weight 0: whatever the index tensor holds (value checks off,
+    or skipped under torch.compile), no lane reads or writes outside ``k`` (the op turns such a
+    row's loss into NaN)."""
+    offs = rows.to(tl.int64) * P + p
+    t = tl.load(TW + offs, mask=rmask, other=0.0)
+    idx = tl.load(TI + offs, mask=rmask & (t != 0), other=0)
+    valid = rmask & (t != 0) & (idx >= 0) & (idx < M)
+    return idx, tl.where(valid, t, 0.0), valid
+
+
+@triton.jit
+def _sparse_tile(TI, TW, rows, rmask, keys, P, M, KEYS_FIRST: tl.constexpr):
     """``t[i, j] = sum_p weight_ip * [index_ip == keys_j]``: the sparse targets of query
     ``rows`` spread over a logit tile, ``[rows, keys]`` (``[keys, rows]`` with ``KEYS_FIRST``)."""
     if KEYS_FIRST:
@@ -86,35 +116,59 @@ def _target_tile(TI, TW, rows, rmask, keys, P, M, KEYS_FIRST: tl.constexpr):
 
 
 @triton.jit
-def _online_lse(s, valid, m_i, l_i):
-    """One tile's step of the running (max, sum exp) of logits ``s`` per row."""
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
-    return m_new, l_i
+def _targets(TI, TW, QBOX, QIMG, KBOX, KIMG, rows, rmask, keys, kmask, P, M,
+             GEOMETRIC: tl.constexpr, METRIC: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """A band tile's targets: the geometric weights ``w`` (not yet divided by ``rho``) or the
+    sparse target distribution."""
+    if GEOMETRIC:
+        return _geometric_tile(QBOX, QIMG, KBOX, KIMG, rows, rmask, keys, kmask, METRIC,
+                               KEYS_FIRST)
+    return _sparse_tile(TI, TW, rows, rmask, keys, P, M, KEYS_FIRST)
 
 
 @triton.jit
-def _target(TI, TW, rows, rmask, p, P, M):
-    """Key index and weight of target ``p`` of each row. Padding (weight 0) and indices outside
-    ``[0, M)`` are masked out with weight 0: whatever the index tensor holds (value checks off,
-    or skipped under torch.compile), no lane reads or writes outside ``k`` (the op turns such a
-    row's loss into NaN)."""
-    offs = rows.to(tl.int64) * P + p
-    t = tl.load(TW + offs, mask=rmask, other=0.0)
-    idx = tl.load(TI + offs, mask=rmask & (t != 0), other=0)
-    valid = rmask & (t != 0) & (idx >= 0) & (idx < M)
-    return idx, tl.where(valid, t, 0.0), valid
+def _logits(q, X, first, n, D, offs_d, inv_tau, PRECISION: tl.constexpr,
+            BLOCK_C: tl.constexpr):
+    """``(columns, their mask, the key tile, q x^T / tau)`` of the tile starting at ``first``."""
+    cols = first + tl.arange(0, BLOCK_C)
+    cmask = cols < n
+    x = load_rows(X, cols, cmask, D, offs_d)
+    return cols, cmask, x, tl.dot(q, tl.trans(x), input_precision=PRECISION) * inv_tau
+
+
+@triton.jit
+def _softmax_tiles(q, X, start, stop, n, D, offs_d, inv_tau, m_i, l_i, acc,
+                   WITH_V: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The hot loop over tiles ``[start, stop)`` of ``X``'s ``n`` rows, keys and values at once:
+    the running max ``m``, sum ``l`` and ``acc = sum_j exp(s_ij - m_i) x_j``."""
+    for first in range(start, stop, BLOCK_C):
+        cols, cmask, x, s = _logits(q, X, first, n, D, offs_d, inv_tau, PRECISION, BLOCK_C)
+        s = tl.where(cmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if WITH_V:
+            acc = tl.dot(p.to(x.dtype), x, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _band(BAND, block):
+    """``[lo, hi)``: the tile-aligned range of the looped-over rows where ``block`` has targets."""
+    return tl.load(BAND + 2 * block), tl.load(BAND + 2 * block + 1)
 
 
 # --------------------------------------------------------------------------- kernels
 
 
 @triton.jit
-def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, LOSS, RHO,
+def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, LOSS, RHO, V,
                     N, M, NU, P, D, inv_tau,
-                    GEOMETRIC: tl.constexpr, METRIC: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                    GEOMETRIC: tl.constexpr, METRIC: tl.constexpr, WITH_V: tl.constexpr,
+                    PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BAND_C: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
     offs_d = tl.arange(0, BLOCK_D)
@@ -123,133 +177,104 @@ def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, LOSS, RHO,
     l_i = tl.zeros([BLOCK_R], tl.float32)
     rho = tl.zeros([BLOCK_R], tl.float32)
     w_logit = tl.zeros([BLOCK_R], tl.float32)
-    if GEOMETRIC:
-        qx0, qy0, qx1, qy1, q_img = _load_boxes(QBOX, QIMG, rows, rmask)
-    for start in range(0, M, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
-        cmask = cols < M
-        kt = load_rows(K, cols, cmask, D, offs_d)
-        s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * inv_tau
-        m_i, l_i = _online_lse(s, cmask, m_i, l_i)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    lo, hi = _band(BAND, tl.program_id(0))
+    # sweep 1: the band first, while acc is still 0 (its softmax enters acc exactly in sweep 2)
+    for first in range(lo, hi, BAND_C):
+        cols, cmask, kt, s = _logits(q, K, first, M, D, offs_d, inv_tau, PRECISION, BAND_C)
+        s = tl.where(cmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        m_i = m_new
         if GEOMETRIC:
-            kx0, ky0, kx1, ky1, k_img = _load_boxes(KBOX, KIMG, cols, cmask)
-            same = (q_img[:, None] == k_img[None, :]) & rmask[:, None] & cmask[None, :]
-            w = _tile_weights(qx0[:, None], qy0[:, None], qx1[:, None], qy1[:, None],
-                              kx0[None, :], ky0[None, :], kx1[None, :], ky1[None, :],
-                              same, METRIC)
+            w = _geometric_tile(QBOX, QIMG, KBOX, KIMG, rows, rmask, cols, cmask, METRIC, False)
             rho += tl.sum(w, 1)
-            w_logit += tl.sum(w * s, 1)
-    for start in range(0, NU, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
-        ut = load_rows(U, cols, cols < NU, D, offs_d)
-        s = tl.dot(q, tl.trans(ut), input_precision=PRECISION) * inv_tau
-        m_i, l_i = _online_lse(s, cols < NU, m_i, l_i)
+            w_logit += tl.sum(tl.where(w > 0, w * s, 0.0), 1)
+    m_i, l_i, acc = _softmax_tiles(q, K, 0, lo, M, D, offs_d, inv_tau, m_i, l_i, acc,
+                                   WITH_V, PRECISION, BLOCK_C)
+    m_i, l_i, acc = _softmax_tiles(q, K, hi, M, M, D, offs_d, inv_tau, m_i, l_i, acc,
+                                   WITH_V, PRECISION, BLOCK_C)
+    m_i, l_i, acc = _softmax_tiles(q, U, 0, NU, NU, D, offs_d, inv_tau, m_i, l_i, acc,
+                                   WITH_V, PRECISION, BLOCK_C)
     lse = m_i + tl.log(l_i)
     if GEOMETRIC:
         # rho_i * CE_i / rho_i: [rho > 0] * lse - sum_j w_ij * logit_ij / rho_i
-        mean_logit = tl.math.div_rn(w_logit, tl.where(rho > 0, rho, 1.0))
-        loss = tl.where(rho > 0, lse - mean_logit, 0.0)
+        a = tl.where(rho > 0, 1.0, 0.0)
+        inv_rho = tl.math.div_rn(a, tl.where(rho > 0, rho, 1.0))
+        loss = a * lse - w_logit * inv_rho
         tl.store(RHO + rows, rho, mask=rmask)
     else:
-        total = tl.zeros([BLOCK_R], tl.float32)
+        a = tl.zeros([BLOCK_R], tl.float32)
         picked = tl.zeros([BLOCK_R], tl.float32)
         q32 = q.to(tl.float32)
         for p in range(P):
             idx, t, tmask = _target(TI, TW, rows, rmask, p, P, M)
             k_row = load_rows(K, idx, tmask, D, offs_d).to(tl.float32)
-            total += t
+            a += t
             picked += t * tl.sum(q32 * k_row, 1)
-        loss = total * lse - picked * inv_tau
+        loss = a * lse - picked * inv_tau
+        # rows without targets keep the plain attention output (the lse gradient's direction)
+        a = tl.where(a > 0, a, 1.0)
     tl.store(LSE + rows, lse, mask=rmask)
     tl.store(LOSS + rows, loss, mask=rmask)
+    if WITH_V:
+        acc = acc * (a / l_i)[:, None]
+        # sweep 2: the band's a p - t in fp32, rounded once
+        for first in range(lo, hi, BAND_C):
+            cols, cmask, kt, s = _logits(q, K, first, M, D, offs_d, inv_tau, PRECISION, BAND_C)
+            t = _targets(TI, TW, QBOX, QIMG, KBOX, KIMG, rows, rmask, cols, cmask, P, M,
+                         GEOMETRIC, METRIC, False)
+            if GEOMETRIC:
+                t = t * inv_rho[:, None]
+            ds = tl.where(cmask[None, :], tl.exp(s - lse[:, None]) * a[:, None] - t, 0.0)
+            acc = tl.dot(ds.to(kt.dtype), kt, acc, input_precision=PRECISION)
+        tl.store(V + rows.to(tl.int64)[:, None] * D + offs_d[None, :], acc,
+                 mask=rmask[:, None] & (offs_d < D)[None, :])
 
 
 @triton.jit
-def _dq_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, G, A, B, DQ,
-               N, M, NU, P, D, inv_tau,
-               GEOMETRIC: tl.constexpr, METRIC: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < N
-    offs_d = tl.arange(0, BLOCK_D)
-    q = load_rows(Q, rows, rmask, D, offs_d)
-    lse = tl.load(LSE + rows, mask=rmask, other=0.0)
-    a = tl.load(A + rows, mask=rmask, other=0.0)  # softmax coefficient: s_i or [rho_i > 0]
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    if GEOMETRIC:
-        b = tl.load(B + rows, mask=rmask, other=0.0)  # 1 / rho_i, 0 without overlap
-        qx0, qy0, qx1, qy1, q_img = _load_boxes(QBOX, QIMG, rows, rmask)
-    # keys past M / NU are masked out of ds: their zero logits can exceed a row's lse by more
-    # than exp's range (inf * 0 = NaN in the dot)
-    for start in range(0, M, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
-        cmask = cols < M
-        kt = load_rows(K, cols, cmask, D, offs_d)
-        s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * inv_tau
-        ds = tl.exp(s - lse[:, None]) * a[:, None]
-        if GEOMETRIC:
-            kx0, ky0, kx1, ky1, k_img = _load_boxes(KBOX, KIMG, cols, cmask)
-            same = (q_img[:, None] == k_img[None, :]) & rmask[:, None] & cmask[None, :]
-            w = _tile_weights(qx0[:, None], qy0[:, None], qx1[:, None], qy1[:, None],
-                              kx0[None, :], ky0[None, :], kx1[None, :], ky1[None, :],
-                              same, METRIC)
-            ds -= w * b[:, None]
-        else:
-            ds -= _target_tile(TI, TW, rows, rmask, cols, P, M, False)
-        ds = tl.where(cmask[None, :], ds, 0.0)
-        acc = tl.dot(ds.to(kt.dtype), kt, acc, input_precision=PRECISION)
-    for start in range(0, NU, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C)
-        ut = load_rows(U, cols, cols < NU, D, offs_d)
-        s = tl.dot(q, tl.trans(ut), input_precision=PRECISION) * inv_tau
-        ds = tl.where((cols < NU)[None, :], tl.exp(s - lse[:, None]) * a[:, None], 0.0)
-        acc = tl.dot(ds.to(ut.dtype), ut, acc, input_precision=PRECISION)
-    g = tl.load(G + rows, mask=rmask, other=0.0)
-    dq = acc * (g * inv_tau)[:, None]
-    tl.store(DQ + rows.to(tl.int64)[:, None] * D + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=rmask[:, None] & (offs_d < D)[None, :])
-
-
-@triton.jit
-def _dk_kernel(Q, K, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, G, A, B, DK,
+def _dk_kernel(Q, K, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, COEF, TCOEF, SCALE, DK,
                N, M, P, D, inv_tau,
                GEOMETRIC: tl.constexpr, METRIC: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BAND_C: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """``dk_j = scale / tau * sum_i (coef_i p_ij - tcoef_i t_ij) q_i``; ``coef`` and ``tcoef``
+    are the rows' gradients divided by ``scale`` so that fp16 tiles cannot underflow."""
     keys = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     kmask = keys < M
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = kmask[:, None] & (offs_d < D)[None, :]
     kt = load_rows(K, keys, kmask, D, offs_d)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    if GEOMETRIC:
-        kx0, ky0, kx1, ky1, k_img = _load_boxes(KBOX, KIMG, keys, kmask)
-    # queries past N load as 0 rows with a = g = 0: they add nothing
-    for start in range(0, N, BLOCK_C):
-        rows = start + tl.arange(0, BLOCK_C)
-        rmask = rows < N
-        q = load_rows(Q, rows, rmask, D, offs_d)
+    lo, hi = _band(BAND, tl.program_id(0))
+    acc = _dk_tiles(kt, Q, LSE, COEF, 0, lo, N, D, offs_d, inv_tau, acc, PRECISION, BLOCK_C)
+    # the band: the targets enter the tile in fp32, before its rounding
+    for first in range(lo, hi, BAND_C):
+        rows, rmask, q, s = _logits(kt, Q, first, N, D, offs_d, inv_tau, PRECISION, BAND_C)
+        t = _targets(TI, TW, QBOX, QIMG, KBOX, KIMG, rows, rmask, keys, kmask, P, M,
+                     GEOMETRIC, METRIC, True)
         lse = tl.load(LSE + rows, mask=rmask, other=0.0)
-        a = tl.load(A + rows, mask=rmask, other=0.0)
-        s = tl.dot(kt, tl.trans(q), input_precision=PRECISION) * inv_tau  # [keys, queries]
-        ds = tl.exp(s - lse[None, :]) * a[None, :]
-        if GEOMETRIC:
-            qx0, qy0, qx1, qy1, q_img = _load_boxes(QBOX, QIMG, rows, rmask)
-            b = tl.load(B + rows, mask=rmask, other=0.0)
-            same = (k_img[:, None] == q_img[None, :]) & kmask[:, None] & rmask[None, :]
-            w = _tile_weights(qx0[None, :], qy0[None, :], qx1[None, :], qy1[None, :],
-                              kx0[:, None], ky0[:, None], kx1[:, None], ky1[:, None],
-                              same, METRIC)
-            ds -= w * b[None, :]
-        else:
-            ds -= _target_tile(TI, TW, rows, rmask, keys, P, M, True)
-        # fold the row gradients in scaled to |g| <= 1 so that fp16 tiles cannot underflow
-        g = tl.load(G + rows, mask=rmask, other=0.0)
-        g_max = tl.max(tl.abs(g), 0)
-        g_max = tl.where(g_max > 0, g_max, 1.0)
-        ds = ds * (g * (1.0 / g_max))[None, :]
-        acc += tl.dot(ds.to(q.dtype), q, input_precision=PRECISION) * g_max
+        coef = tl.load(COEF + rows, mask=rmask, other=0.0)
+        tcoef = tl.load(TCOEF + rows, mask=rmask, other=0.0)
+        ds = tl.exp(s - lse[None, :]) * coef[None, :] - t * tcoef[None, :]
+        acc = tl.dot(ds.to(q.dtype), q, acc, input_precision=PRECISION)
+    acc = _dk_tiles(kt, Q, LSE, COEF, hi, N, N, D, offs_d, inv_tau, acc, PRECISION, BLOCK_C)
+    scale = tl.load(SCALE) * inv_tau
     tl.store(DK + keys.to(tl.int64)[:, None] * D + offs_d[None, :],
-             (acc * inv_tau).to(DK.dtype.element_ty), mask=dmask)
+             (acc * scale).to(DK.dtype.element_ty), mask=kmask[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _dk_tiles(kt, Q, LSE, COEF, start, stop, N, D, offs_d, inv_tau, acc,
+              PRECISION: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dk's hot loop over query tiles ``[start, stop)``: ``acc += (coef * p)^T q``. Queries past
+    ``N`` load as 0 rows with ``coef = 0``: they add nothing."""
+    for first in range(start, stop, BLOCK_C):
+        rows, rmask, q, s = _logits(kt, Q, first, N, D, offs_d, inv_tau, PRECISION, BLOCK_C)
+        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+        coef = tl.load(COEF + rows, mask=rmask, other=0.0)
+        ds = tl.exp(s - lse[None, :]) * coef[None, :]
+        acc = tl.dot(ds.to(q.dtype), q, acc, input_precision=PRECISION)
+    return acc
 
 
 # --------------------------------------------------------------------------- launchers
@@ -258,14 +283,66 @@ def _dk_kernel(Q, K, TI, TW, QBOX, QIMG, KBOX, KIMG, LSE, G, A, B, DK,
 def config(rows: int, cols: int, d: int, dtype: torch.dtype) -> dict:
     """Fixed tiles for a program owning ``rows`` rows and looping over ``cols``: at most
     ``MAX_ROWS x MAX_COLS`` at D <= 128, shrunk for wider rows and for fp32 (twice the bytes, no
-    tensor cores) so that the resident block stays in registers; at least 16 (``tl.dot``)."""
+    tensor cores) so that the resident block stays in registers; at least 16 (``tl.dot``). The
+    band's tiles (``BAND_C``) are half as wide: their targets hold several more tiles live, and
+    they are few."""
     block_d = max(16, triton.next_power_of_2(d))
     shrink = max(1, block_d // 128) * (2 if dtype == torch.float32 else 1)
     block_r = max(16, min(MAX_ROWS // shrink, triton.next_power_of_2(max(rows, 1))))
     block_c = max(16, min(MAX_COLS // shrink, triton.next_power_of_2(max(cols, 1))))
-    return dict(BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_D=block_d,
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, BAND_C=max(16, block_c // 4), BLOCK_D=block_d,
                 num_warps=8 if block_r * block_d >= 128 * 128 else 4,
                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
+
+
+def tile_band(lo: torch.Tensor, hi: torch.Tensor, tile: int, limit: int) -> torch.Tensor:
+    """``[blocks, 2]`` int32: each block's ``[lo, hi)`` widened to whole band tiles of ``tile``
+    rows (capped at ``limit``), ``[0, 0)`` where ``hi <= lo`` (no targets). The hot loops around
+    the band start and stop where it does, at any row."""
+    empty = hi <= lo
+    lo = torch.div(lo, tile, rounding_mode="floor") * tile
+    hi = torch.clamp(-torch.div(-hi, tile, rounding_mode="floor") * tile, max=limit)
+    band = torch.stack([torch.where(empty, 0, lo), torch.where(empty, 0, hi)], 1)
+    return band.to(torch.int32).contiguous()
+
+
+def sparse_bands(index, weight, n: int, m: int, cfg: dict, dk_cfg: dict | None):
+    """The bands of sparse targets: per query block the keys it targets (forward, tiles of
+    ``cfg``), and per key block the queries that target it (dk, tiles of ``dk_cfg``)."""
+    valid = (weight != 0) & (index >= 0) & (index < m)
+    rows = torch.arange(n, device=index.device)[:, None].expand_as(index)
+    forward = _block_range(rows, index, valid, triton.cdiv(n, cfg["BLOCK_R"]), cfg["BLOCK_R"],
+                           cfg["BAND_C"], m)
+    if dk_cfg is None:
+        return forward, None
+    dk = _block_range(index, rows, valid, triton.cdiv(m, dk_cfg["BLOCK_R"]), dk_cfg["BLOCK_R"],
+                      dk_cfg["BAND_C"], n)
+    return forward, dk
+
+
+def _block_range(owner, other, valid, blocks: int, per_block: int, tile: int, limit: int):
+    """For each block of ``per_block`` owners, the tile-aligned range of the ``other`` entries
+    that valid targets pair with it."""
+    owner, other, valid = (x.reshape(-1) for x in (owner, other, valid))
+    block = torch.where(valid, torch.div(owner, per_block, rounding_mode="floor"), blocks)
+    lo = torch.full((blocks + 1,), limit, device=owner.device, dtype=torch.int64)
+    hi = torch.zeros(blocks + 1, device=owner.device, dtype=torch.int64)
+    lo = lo.scatter_reduce(0, block, other, "amin")
+    hi = hi.scatter_reduce(0, block, other + 1, "amax")
+    return tile_band(lo[:blocks], hi[:blocks], tile, limit)
+
+
+def image_band(own_image, other_image, per_block: int, tile: int) -> torch.Tensor:
+    """For blocks of ``per_block`` rows of sorted ``own_image``, the range of sorted
+    ``other_image`` with an image of the block (the only entries with geometric targets)."""
+    n = len(own_image)
+    starts = torch.arange(0, n, per_block, device=own_image.device)
+    ends = torch.clamp(starts + per_block, max=n) - 1
+    other = other_image.to(torch.int64)
+    own = own_image.to(torch.int64)
+    lo = torch.searchsorted(other, own[starts], side="left")
+    hi = torch.searchsorted(other, own[ends], side="right")
+    return tile_band(lo, hi, tile, len(other))
 
 
 def geometry(q_regions, k_regions, q_image, k_image):
@@ -274,76 +351,74 @@ def geometry(q_regions, k_regions, q_image, k_image):
             k_regions.float().contiguous(), k_image.contiguous())
 
 
-def forward(q, k, queue, targets, boxes, temperature: float, metric: str = "mgc"):
-    """``(row_loss, lse, rho)`` in fp32; ``targets = (index, weight)`` for info_nce, or
-    ``boxes = geometry(...)`` for geometric targets (then ``rho`` is filled)."""
+def forward(q, k, queue, targets, boxes, band, temperature: float, metric: str, with_v: bool):
+    """``(row_loss, lse, rho, v)`` in fp32 (``v`` empty without ``with_v``); ``targets =
+    (index, weight)`` for info_nce, or ``boxes = geometry(...)`` (rows sorted by image) for
+    geometric targets (then ``rho`` is filled); ``band`` from :func:`sparse_bands` or
+    :func:`image_band` with :func:`forward_config`'s tiles."""
     q, k = q.contiguous(), k.contiguous()
     queue = k[:0] if queue is None else queue.contiguous()
     n, d = q.shape
     row_loss, lse, rho = (torch.empty(n, device=q.device, dtype=torch.float32) for _ in range(3))
-    index, weight = (q, q) if targets is None else (t.contiguous() for t in targets)
+    v = torch.empty(n if with_v else 0, d, device=q.device, dtype=torch.float32)
+    index, weight = (q, q) if targets is None else targets
     qbox, qimg, kbox, kimg = (q,) * 4 if boxes is None else boxes
-    cfg = config(n, len(k) + len(queue), d, q.dtype)
+    cfg = forward_config(q, k, queue)
     _forward_kernel[(triton.cdiv(n, cfg["BLOCK_R"]),)](
-        q, k, queue, index, weight, qbox, qimg, kbox, kimg, lse, row_loss, rho,
+        q, k, queue, index, weight, qbox, qimg, kbox, kimg, band, lse, row_loss, rho, v,
         n, len(k), len(queue), 0 if targets is None else index.shape[1], d, 1.0 / temperature,
-        GEOMETRIC=boxes is not None, METRIC=metric, **cfg)
-    return row_loss, lse, rho
+        GEOMETRIC=boxes is not None, METRIC=metric, WITH_V=with_v, **cfg)
+    return row_loss, lse, rho, v
 
 
-def backward(grad_row_loss, q, k, queue, targets, boxes, lse, a, b, temperature: float,
-             metric: str = "mgc", need_dk: bool = True):
-    """``(dq, dk)`` of ``sum_i grad_i * row_loss_i``, where ``dlogit_ij = a_i * softmax_ij -
-    b_i * w_ij`` (geometric ``w`` from ``boxes``) minus the sparse ``targets``, all over tau."""
+def forward_config(q, k, queue=None) -> dict:
+    return config(len(q), len(k) + (0 if queue is None else len(queue)), q.shape[1], q.dtype)
+
+
+def dk_config(q, k) -> dict:
+    return config(len(k), len(q), q.shape[1], q.dtype)
+
+
+def key_grad(q, k, targets, boxes, band, lse, coef, tcoef, temperature: float,
+             metric: str = "mgc"):
+    """``dk_j = sum_i (coef_i p_ij - tcoef_i t_ij) q_j / tau`` in ``k``'s dtype; ``band`` from
+    :func:`sparse_bands` or :func:`image_band` with :func:`dk_config`'s tiles."""
     q, k = q.contiguous(), k.contiguous()
-    queue = k[:0] if queue is None else queue.contiguous()
     (n, d), m = q.shape, len(k)
-    g, lse, a = grad_row_loss.float().contiguous(), lse.contiguous(), a.float().contiguous()
-    b = a if b is None else b.float().contiguous()
-    index, weight = (q, q) if targets is None else (t.contiguous() for t in targets)
+    scale = torch.maximum(coef.abs().amax(), tcoef.abs().amax()) if n else coef.new_ones(())
+    scale = torch.where(scale > 0, scale, 1.0).reshape(1)
+    coef, tcoef = (coef / scale).contiguous(), (tcoef / scale).contiguous()
+    index, weight = (q, q) if targets is None else targets
     qbox, qimg, kbox, kimg = (q,) * 4 if boxes is None else boxes
-    dq, dk = torch.empty_like(q), torch.empty_like(k)
-    flags = dict(GEOMETRIC=boxes is not None, METRIC=metric)
-    p = 0 if targets is None else index.shape[1]
-    cfg = config(n, m + len(queue), d, q.dtype)
-    _dq_kernel[(triton.cdiv(n, cfg["BLOCK_R"]),)](
-        q, k, queue, index, weight, qbox, qimg, kbox, kimg, lse, g, a, b, dq,
-        n, m, len(queue), p, d, 1.0 / temperature, **flags, **cfg)
-    if not need_dk:
-        return dq, k.new_empty(0, d)
-    cfg = config(m, n, d, q.dtype)
+    dk = torch.empty_like(k)
+    cfg = dk_config(q, k)
     _dk_kernel[(triton.cdiv(m, cfg["BLOCK_R"]),)](
-        q, k, index, weight, qbox, qimg, kbox, kimg, lse, g, a, b, dk, n, m, p, d,
-        1.0 / temperature, **flags, **cfg)
-    return dq, dk
+        q, k, index, weight, qbox, qimg, kbox, kimg, band, lse.contiguous(), coef, tcoef, scale,
+        dk, n, m, 0 if targets is None else index.shape[1], d, 1.0 / temperature,
+        GEOMETRIC=boxes is not None, METRIC=metric, **cfg)
+    return dk
 
 
 # --------------------------------------------------------------------------- the op
 
 
-def info_nce(q, k, queue, target_index, target_weight, temperature: float):
-    """``(row_loss, lse)``, ``[N]`` fp32 each, as ``reference/info_nce.py::info_nce``."""
-    row_loss, lse, _ = forward(q, k, queue, (target_index, target_weight.float()), None,
-                               temperature)
-    return row_loss, lse
+def info_nce(q, k, queue, target_index, target_weight, temperature: float, need_v: bool = True):
+    """``(row_loss, lse, v)`` as ``reference/info_nce.py::info_nce``."""
+    targets = (target_index.contiguous(), target_weight.float().contiguous())
+    band, _ = sparse_bands(*targets, len(q), len(k), forward_config(q, k, queue), None)
+    row_loss, lse, _, v = forward(q, k, queue, targets, None, band, temperature, "mgc", need_v)
+    return row_loss, lse, v
 
 
 def info_nce_backward(grad_row_loss, q, k, queue, target_index, target_weight, lse,
-                      temperature: float, grad_lse=None, need_dk: bool = True):
-    """``(dq, dk)`` in the dtypes of ``q`` and ``k``; the queue gets no gradient (see
-    ``reference/info_nce.py::info_nce_backward`` for ``grad_lse`` and ``need_dk``).
-
-    The kernels compute ``dlogit = g_i * (a_i * softmax - t_i)``. With an LSE gradient ``c_i``
-    the softmax coefficient is ``g_i * s_i + c_i``, so rows are rescaled to ``g'_i = |g_i| + |c_i|``
-    with ``a'_i = (g_i * s_i + c_i) / g'_i`` and ``t'_i = t_i * g_i / g'_i``: the same products,
-    and every factor stays O(1) for the kernels' fp16 underflow guard."""
-    weight = target_weight.float()
+                      temperature: float, grad_lse=None):
+    """``dk`` in ``k``'s dtype, as ``reference/info_nce.py::info_nce_backward``: the softmax
+    coefficient of row ``i`` is ``g_i * a_i + c_i`` (``c`` the LSE gradient), its targets'
+    ``g_i``."""
+    targets = (target_index.contiguous(), target_weight.float().contiguous())
     g = grad_row_loss.float()
-    a = weight.sum(1)
+    coef = g * targets[1].sum(1)
     if grad_lse is not None:
-        c = grad_lse.float()
-        scale = g.abs() + c.abs()
-        safe = torch.where(scale > 0, scale, 1.0)
-        a, weight, g = (g * a + c) / safe, weight * (g / safe)[:, None], scale
-    return backward(g, q, k, queue, (target_index, weight), None, lse, a, None, temperature,
-                    need_dk=need_dk)
+        coef = coef + grad_lse.float()
+    _, band = sparse_bands(*targets, len(q), len(k), forward_config(q, k), dk_config(q, k))
+    return key_grad(q, k, targets, None, band, lse, coef, g, temperature)

@@ -31,9 +31,9 @@ from mgc_kernels.transforms import sample_view_boxes
 from ._tolerances import assert_grads, unit_rows
 
 try:
-    from .._helpers import assert_close_to_exact, leaf
+    from .._helpers import assert_close_to_exact, geometric_info_nce_op, info_nce_op, leaf
 except ImportError:
-    from _helpers import assert_close_to_exact, leaf
+    from _helpers import assert_close_to_exact, geometric_info_nce_op, info_nce_op, leaf
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -62,9 +62,8 @@ def reference_in(dtype, q, k, queue, index, weight, grad, temperature, rows=1024
     parts, dk = [], torch.zeros_like(k)
     for start in range(0, len(q), rows):
         r = slice(start, start + rows)
-        row_loss, lse = reference.info_nce(q[r], k, queue, index[r], weight[r], temperature)
-        dq, dk_part = reference.info_nce_backward(grad[r], q[r], k, queue, index[r], weight[r],
-                                                  lse, temperature)
+        row_loss, lse, dq, dk_part = info_nce_op(reference, q[r], k, queue, index[r],
+                                                 weight[r], grad[r], temperature)
         parts.append((row_loss, lse, dq))
         dk += dk_part
     return (*(torch.cat(p) for p in zip(*parts)), dk)
@@ -97,8 +96,7 @@ def test_info_nce_densecl_size(densecl, dtype):
     (q, k, queue, index, weight, grad, temperature), ref, exact = densecl
     ops, _ = kernels()
     q, k, queue = q.to(dtype), k.to(dtype), queue.to(dtype)
-    row_loss, lse = ops.info_nce(q, k, queue, index, weight, temperature)
-    dq, dk = ops.info_nce_backward(grad, q, k, queue, index, weight, lse, temperature)
+    row_loss, lse, dq, dk = info_nce_op(ops, q, k, queue, index, weight, grad, temperature)
     assert_outputs((row_loss, lse), ref[:2], exact[:2])
     assert_grads((dq, dk), ref[2:], exact[2:], dtype)
 
@@ -114,8 +112,7 @@ def test_info_nce_awkward_sizes_no_queue(dtype):
     problem = (q, k, None, index, weight, grad, 0.07)
     ops, _ = kernels()
     qd, kd = q.to(dtype), k.to(dtype)
-    row_loss, lse = ops.info_nce(qd, kd, None, index, weight, 0.07)
-    dq, dk = ops.info_nce_backward(grad, qd, kd, None, index, weight, lse, 0.07)
+    row_loss, lse, dq, dk = info_nce_op(ops, qd, kd, None, index, weight, grad, 0.07)
     ref, exact = reference_in(torch.float32, *problem), reference_in(torch.float64, *problem)
     assert_outputs((row_loss, lse), ref[:2], exact[:2])
     assert_grads((dq, dk), ref[2:], exact[2:], dtype)
@@ -127,8 +124,7 @@ def test_info_nce_rows_times_keys_beyond_int32():
     q, k, queue, index, weight, grad, temperature = densecl_problem(40000, 60000, seed=2)
     ops, _ = kernels()
     args = [x.to(torch.bfloat16) for x in (q, k, queue)]
-    row_loss, lse = ops.info_nce(*args, index, weight, temperature)
-    dq, dk = ops.info_nce_backward(grad, *args, index, weight, lse, temperature)
+    row_loss, lse, dq, dk = info_nce_op(ops, *args, index, weight, grad, temperature)
     assert torch.isfinite(dk).all()
     rows = torch.tensor([0, 1, 127, 128, 4095, 4096, 20001, 32768, 39998, 39999], device="cuda")
     picked = (q[rows], k, queue, index[rows], weight[rows], grad[rows], temperature)
@@ -153,8 +149,7 @@ def test_info_nce_queue_offsets_beyond_int32():
     grad = torch.ones(n, device="cuda")
     ops, _ = kernels()
     qb, kb = q.to(torch.bfloat16), k.to(torch.bfloat16)
-    row_loss, lse = ops.info_nce(qb, kb, queue, index, weight, temperature)
-    dq, dk = ops.info_nce_backward(grad, qb, kb, queue, index, weight, lse, temperature)
+    row_loss, lse, dq, dk = info_nce_op(ops, qb, kb, queue, index, weight, grad, temperature)
 
     q64, k64 = q.double(), k.double()
     logits_k = q64 @ k64.T / temperature
@@ -200,12 +195,8 @@ def geometric_case(batch, metric, temperature=0.1):
     q, k, qr, kr, qi, ki, grad = dense_views(batch, seed=batch)
     results = []
     for dtype in (torch.float32, torch.float64):
-        out = geometric_reference.geometric_info_nce(q.to(dtype), k.to(dtype), qr, kr, qi, ki,
-                                                     temperature, metric)
-        grads = geometric_reference.geometric_info_nce_backward(
-            grad.to(dtype), q.to(dtype), k.to(dtype), qr, kr, qi, ki, out[1], temperature,
-            metric)
-        results.append((*out, *grads))
+        results.append(geometric_info_nce_op(geometric_reference, q.to(dtype), k.to(dtype), qr,
+                                             kr, qi, ki, grad, temperature, metric))
     return ((q, k, qr, kr, qi, ki, grad, temperature), *results)
 
 
@@ -217,12 +208,10 @@ def test_geometric_dense_mgc_size(batch, metric, dtype):
     assert (exact[2] == 0).any() and (exact[2] > 0).any()  # rows with and without overlap
     _, ops = kernels()
     q, k = q.to(dtype), k.to(dtype)
-    out = ops.geometric_info_nce(q, k, qr, kr, qi, ki, temperature, metric)
-    grads = ops.geometric_info_nce_backward(grad, q, k, qr, kr, qi, ki, out[1], temperature,
-                                            metric)
+    *out, dq, dk = geometric_info_nce_op(ops, q, k, qr, kr, qi, ki, grad, temperature, metric)
     assert_outputs(out, ref[:3], exact[:3])
     assert torch.equal(out[2] > 0, exact[2] > 0)
-    assert_grads(grads, ref[3:], exact[3:], dtype)
+    assert_grads((dq, dk), ref[3:], exact[3:], dtype)
 
 
 # --------------------------------------------------------------------------- determinism
@@ -239,10 +228,15 @@ def test_forward_is_deterministic():
     args = (q.to(torch.bfloat16), k.to(torch.bfloat16), qr, kr, qi, ki, 0.1, "mgc")
     first, again = geometric.geometric_info_nce(*args), geometric.geometric_info_nce(*args)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
-    # the geometric backward has no atomics either (info_nce's dk scatter does)
-    grads = [geometric.geometric_info_nce_backward(grad, *args[:6], first[1], 0.1, "mgc")
-             for _ in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    # no atomics anywhere: the backward is deterministic too
+    grads = [geometric.geometric_info_nce_backward(grad, *args[:6], first[1], first[2], 0.1,
+                                                   "mgc") for _ in range(2)]
+    assert torch.equal(*grads)
+    problem = densecl_problem(4096, 8192, seed=4)
+    args = [x.to(torch.bfloat16) for x in problem[:3]] + list(problem[3:5])
+    lse = ops.info_nce(*args, 0.2)[1]
+    grads = [ops.info_nce_backward(problem[5], *args, lse, 0.2) for _ in range(2)]
+    assert torch.equal(*grads)
 
 
 # --------------------------------------------------------------------------- public API
