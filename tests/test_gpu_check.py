@@ -72,6 +72,7 @@ def test_dry_run_tests_and_benchmarks(dry_run):
     done = {(r["case"], r["provider"]) for r in rows if r["status"] == "ok"}
     assert {(case, "torch") for case, _ in gpu_check_cases()} <= done
     assert ("multigrain_pool", "native") in done
+    assert ("geometric_info_nce", "torch_attention") in done
 
 
 def test_dry_run_reads_the_compiled_kernels(dry_run):

@@ -284,13 +284,14 @@ def config(rows: int, cols: int, d: int, dtype: torch.dtype) -> dict:
     """Fixed tiles for a program owning ``rows`` rows and looping over ``cols``: at most
     ``MAX_ROWS x MAX_COLS`` at D <= 128, shrunk for wider rows and for fp32 (twice the bytes, no
     tensor cores) so that the resident block stays in registers; at least 16 (``tl.dot``). The
-    band's tiles (``BAND_C``) are half as wide: their targets hold several more tiles live, and
-    they are few."""
+    band's tiles (``BAND_C``) are a quarter as wide: their targets hold several more tiles live
+    (at half the width the bf16 forward spills), and they are few."""
     block_d = max(16, triton.next_power_of_2(d))
     shrink = max(1, block_d // 128) * (2 if dtype == torch.float32 else 1)
     block_r = max(16, min(MAX_ROWS // shrink, triton.next_power_of_2(max(rows, 1))))
     block_c = max(16, min(MAX_COLS // shrink, triton.next_power_of_2(max(cols, 1))))
-    return dict(BLOCK_R=block_r, BLOCK_C=block_c, BAND_C=max(16, block_c // 4), BLOCK_D=block_d,
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, BAND_C=max(16, block_c // 4),
+                BLOCK_D=block_d,
                 num_warps=8 if block_r * block_d >= 128 * 128 else 4,
                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
