@@ -82,6 +82,7 @@ def test_dry_run_reads_the_compiled_kernels(dry_run):
     rows = [json.loads(line) for line in (out / "kernels.jsonl").read_text().splitlines()]
     assert rows == report["kernels"] and rows
     assert all(r["regs"] > 0 and r["launch_problems"] == [] for r in rows)
+    assert all(loop["instructions"] > 0 for r in rows for loop in r["loops"])
     assert "region_boxes_kernel" in {r["kernel"] for r in rows}
 
 

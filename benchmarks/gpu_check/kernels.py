@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..triton_resources import cubin_resources, launch_problems
+from ..triton_resources import cubin_resources, cuobjdump, launch_problems, sass_loops
 
 
 def variants(cache: Path) -> Iterator[dict]:
@@ -29,7 +29,8 @@ def variants(cache: Path) -> Iterator[dict]:
                   "hash": meta_path.parent.name[:12]}
         try:
             usage = cubin_resources(cubin.read_bytes())
-            record.update(regs=usage["regs"], spill_bytes=usage["spill_bytes"])
+            record.update(regs=usage["regs"], spill_bytes=usage["spill_bytes"],
+                          loops=sass_loops(cuobjdump(cubin.read_bytes(), "-sass")))
             record["launch_problems"] = launch_problems(record)
         except Exception as err:  # a record, whatever cuobjdump says
             record["error"] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
