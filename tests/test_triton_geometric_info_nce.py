@@ -14,19 +14,20 @@ from hypothesis import strategies as st
 
 import mgc_kernels as mk
 from mgc_kernels.reference import geometric_info_nce as reference
+from mgc_kernels.transforms import sample_view_boxes
 
 try:
     from ._helpers import (INTERPRETER_DTYPES, geometric_info_nce_op, leaf, rand,
                            requires_triton, unit_rows)
     from .test_geometric_info_nce import METRICS, random_boxes
     from .test_triton_info_nce import (assert_obeys_rule, assert_op_results, cotangent,
-                                       error_scales, small_blocks)
+                                       error_scales, small_blocks, tiles)
 except ImportError:
     from _helpers import (INTERPRETER_DTYPES, geometric_info_nce_op, leaf, rand,
                           requires_triton, unit_rows)
     from test_geometric_info_nce import METRICS, random_boxes
     from test_triton_info_nce import (assert_obeys_rule, assert_op_results, cotangent,
-                                      error_scales, small_blocks)
+                                      error_scales, small_blocks, tiles)
 
 pytestmark = requires_triton
 
@@ -130,6 +131,23 @@ def test_op_outputs_match_reference(metric, small, dtype):
     # rows 3, 4 and 6 of each copy of the hand-made queries have no overlap
     assert torch.equal(fast[2] > 0, ref[2] > 0) and (fast[2] == 0).sum() == 4 * 3 + 2
     assert_op_results(dtype, fast, ref, exact, 0.1, outputs=3)
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+def test_band_starts_inside_a_hot_loop_tile(dtype):
+    """Three images of 49 regions, rows sorted by image as the losses build them: a block's band
+    of same-image keys (tiles of 16) starts inside a tile of the hot loop (32 or 64 wide), whose
+    keys from the band on must be left to the band (counted once, targets included); the same
+    for dk's band of queries."""
+    gen = torch.Generator().manual_seed(7)
+    views = [sample_view_boxes(480, 640, generator=gen) for _ in range(3)]
+    flips = torch.tensor([[False, True, False], [True, False, False]])
+    q_regions, k_regions = (mk.region_boxes(torch.stack([v[i] for v in views]), flips[i], 14, 2)
+                            .reshape(-1, 4) for i in (0, 1))
+    image = torch.arange(3).repeat_interleave(49)
+    q0, k0 = rand(gen, 147, 16, dtype=torch.float32), rand(gen, 147, 16, dtype=torch.float32)
+    with tiles(64):
+        check(q0, k0, (q_regions, k_regions, image, image), dtype=dtype)
 
 
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)

@@ -190,7 +190,8 @@ def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, LOSS, RH
             w = _geometric_tile(QBOX, QIMG, KBOX, KIMG, rows, rmask, cols, cmask, METRIC, False)
             rho += tl.sum(w, 1)
             w_logit += tl.sum(tl.where(w > 0, w * s, 0.0), 1)
-    m_i, l_i, acc = _softmax_tiles(q, K, 0, lo, M, D, offs_d, inv_tau, m_i, l_i, acc,
+    # the hot loop's tiles overshoot lo: the keys from lo on are masked out of the first part
+    m_i, l_i, acc = _softmax_tiles(q, K, 0, lo, lo, D, offs_d, inv_tau, m_i, l_i, acc,
                                    WITH_V, PRECISION, BLOCK_C)
     m_i, l_i, acc = _softmax_tiles(q, K, hi, M, M, D, offs_d, inv_tau, m_i, l_i, acc,
                                    WITH_V, PRECISION, BLOCK_C)
@@ -246,7 +247,8 @@ def _dk_kernel(Q, K, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, COEF, TCOEF, SCA
     kt = load_rows(K, keys, kmask, D, offs_d)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
     lo, hi = _band(BAND, tl.program_id(0))
-    acc = _dk_tiles(kt, Q, LSE, COEF, 0, lo, N, D, offs_d, inv_tau, acc, PRECISION, BLOCK_C)
+    # the queries from lo on are masked out of the first part (its tiles overshoot lo)
+    acc = _dk_tiles(kt, Q, LSE, COEF, 0, lo, lo, D, offs_d, inv_tau, acc, PRECISION, BLOCK_C)
     # the band: the targets enter the tile in fp32, before its rounding
     for first in range(lo, hi, BAND_C):
         rows, rmask, q, s = _logits(kt, Q, first, N, D, offs_d, inv_tau, PRECISION, BAND_C)
