@@ -27,9 +27,11 @@ gradient ``a p - t`` is the small difference of two large terms, and rounding ``
 subtracting ``t`` loses ``u / (1 - p_pos)`` of it. Four N x M x D matmul passes in all (two
 without dk) plus the band tiles' extra dot.
 
-Logits stay in natural units (``exp``/``log``): the saved lse then cancels exactly against the
-identically rounded logits that the dk kernel recomputes (a saturated row gets p = 1, not
-1 - ulp(lse) from converting the lse between bases). fp32 inputs use full-precision dots
+The forward works in base 2 (``log2(e) / tau`` folded into the logits' scale, ``exp2`` in the
+loops: one multiply less per logit) and returns the lse in natural units; its band sweep uses its
+own base-2 lse, so the two sweeps agree exactly. dk stays in natural units: the saved lse then
+cancels exactly against the identically rounded logits it recomputes (a saturated row gets
+p = 1, not 1 - ulp(lse) from converting the lse between bases). fp32 inputs use full-precision dots
 (``input_precision="ieee"``; tf32 would not meet the tolerance rule); fp16/bf16 tiles feed the
 tensor cores with fp32 accumulation. Row offsets are int64 (``rows * D`` passes 2**31 for a large
 queue). Tiles are fixed per feature width (the interpreter cannot autotune).
@@ -127,26 +129,26 @@ def _targets(TI, TW, QBOX, QIMG, KBOX, KIMG, rows, rmask, keys, kmask, P, M,
 
 
 @triton.jit
-def _logits(q, X, first, n, D, offs_d, inv_tau, PRECISION: tl.constexpr,
-            BLOCK_C: tl.constexpr):
-    """``(columns, their mask, the key tile, q x^T / tau)`` of the tile starting at ``first``."""
+def _logits(q, X, first, n, D, offs_d, scale, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``(columns, their mask, the key tile, q x^T * scale)`` of the tile starting at ``first``."""
     cols = first + tl.arange(0, BLOCK_C)
     cmask = cols < n
     x = load_rows(X, cols, cmask, D, offs_d)
-    return cols, cmask, x, tl.dot(q, tl.trans(x), input_precision=PRECISION) * inv_tau
+    return cols, cmask, x, tl.dot(q, tl.trans(x), input_precision=PRECISION) * scale
 
 
 @triton.jit
-def _softmax_tiles(q, X, start, stop, n, D, offs_d, inv_tau, m_i, l_i, acc,
+def _softmax_tiles(q, X, start, stop, n, D, offs_d, scale, m_i, l_i, acc,
                    WITH_V: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr):
     """The hot loop over tiles ``[start, stop)`` of ``X``'s ``n`` rows, keys and values at once:
-    the running max ``m``, sum ``l`` and ``acc = sum_j exp(s_ij - m_i) x_j``."""
+    the running max ``m``, sum ``l`` and ``acc = sum_j 2**(s_ij - m_i) x_j`` of the base-2
+    logits ``s = q x^T * scale``."""
     for first in range(start, stop, BLOCK_C):
-        cols, cmask, x, s = _logits(q, X, first, n, D, offs_d, inv_tau, PRECISION, BLOCK_C)
+        cols, cmask, x, s = _logits(q, X, first, n, D, offs_d, scale, PRECISION, BLOCK_C)
         s = tl.where(cmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if WITH_V:
             acc = tl.dot(p.to(x.dtype), x, acc * alpha[:, None], input_precision=PRECISION)
@@ -173,6 +175,7 @@ def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, LOSS, RH
     rmask = rows < N
     offs_d = tl.arange(0, BLOCK_D)
     q = load_rows(Q, rows, rmask, D, offs_d)
+    scale = inv_tau * 1.4426950408889634  # log2(e) / tau: base-2 logits, exp2 in the loops
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_R], tl.float32)
     rho = tl.zeros([BLOCK_R], tl.float32)
@@ -181,28 +184,29 @@ def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, LOSS, RH
     lo, hi = _band(BAND, tl.program_id(0))
     # sweep 1: the band first, while acc is still 0 (its softmax enters acc exactly in sweep 2)
     for first in range(lo, hi, BAND_C):
-        cols, cmask, kt, s = _logits(q, K, first, M, D, offs_d, inv_tau, PRECISION, BAND_C)
+        cols, cmask, kt, s = _logits(q, K, first, M, D, offs_d, scale, PRECISION, BAND_C)
         s = tl.where(cmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
         m_i = m_new
         if GEOMETRIC:
             w = _geometric_tile(QBOX, QIMG, KBOX, KIMG, rows, rmask, cols, cmask, METRIC, False)
             rho += tl.sum(w, 1)
             w_logit += tl.sum(tl.where(w > 0, w * s, 0.0), 1)
     # the hot loop's tiles overshoot lo: the keys from lo on are masked out of the first part
-    m_i, l_i, acc = _softmax_tiles(q, K, 0, lo, lo, D, offs_d, inv_tau, m_i, l_i, acc,
+    m_i, l_i, acc = _softmax_tiles(q, K, 0, lo, lo, D, offs_d, scale, m_i, l_i, acc,
                                    WITH_V, PRECISION, BLOCK_C)
-    m_i, l_i, acc = _softmax_tiles(q, K, hi, M, M, D, offs_d, inv_tau, m_i, l_i, acc,
+    m_i, l_i, acc = _softmax_tiles(q, K, hi, M, M, D, offs_d, scale, m_i, l_i, acc,
                                    WITH_V, PRECISION, BLOCK_C)
-    m_i, l_i, acc = _softmax_tiles(q, U, 0, NU, NU, D, offs_d, inv_tau, m_i, l_i, acc,
+    m_i, l_i, acc = _softmax_tiles(q, U, 0, NU, NU, D, offs_d, scale, m_i, l_i, acc,
                                    WITH_V, PRECISION, BLOCK_C)
-    lse = m_i + tl.log(l_i)
+    lse2 = m_i + tl.log2(l_i)
+    lse = lse2 * 0.6931471805599453  # ln(2): the natural-unit lse the op returns
     if GEOMETRIC:
         # rho_i * CE_i / rho_i: [rho > 0] * lse - sum_j w_ij * logit_ij / rho_i
         a = tl.where(rho > 0, 1.0, 0.0)
         inv_rho = tl.math.div_rn(a, tl.where(rho > 0, rho, 1.0))
-        loss = a * lse - w_logit * inv_rho
+        loss = a * lse - w_logit * 0.6931471805599453 * inv_rho
         tl.store(RHO + rows, rho, mask=rmask)
     else:
         a = tl.zeros([BLOCK_R], tl.float32)
@@ -222,12 +226,12 @@ def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, LOSS, RH
         acc = acc * (a / l_i)[:, None]
         # sweep 2: the band's a p - t in fp32, rounded once
         for first in range(lo, hi, BAND_C):
-            cols, cmask, kt, s = _logits(q, K, first, M, D, offs_d, inv_tau, PRECISION, BAND_C)
+            cols, cmask, kt, s = _logits(q, K, first, M, D, offs_d, scale, PRECISION, BAND_C)
             t = _targets(TI, TW, QBOX, QIMG, KBOX, KIMG, rows, rmask, cols, cmask, P, M,
                          GEOMETRIC, METRIC, False)
             if GEOMETRIC:
                 t = t * inv_rho[:, None]
-            ds = tl.where(cmask[None, :], tl.exp(s - lse[:, None]) * a[:, None] - t, 0.0)
+            ds = tl.where(cmask[None, :], tl.exp2(s - lse2[:, None]) * a[:, None] - t, 0.0)
             acc = tl.dot(ds.to(kt.dtype), kt, acc, input_precision=PRECISION)
         tl.store(V + rows.to(tl.int64)[:, None] * D + offs_d[None, :], acc,
                  mask=rmask[:, None] & (offs_d < D)[None, :])
