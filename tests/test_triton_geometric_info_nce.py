@@ -20,14 +20,14 @@ try:
     from ._helpers import (INTERPRETER_DTYPES, geometric_info_nce_op, leaf, rand,
                            requires_triton, unit_rows)
     from .test_geometric_info_nce import METRICS, random_boxes
-    from .test_triton_info_nce import (assert_obeys_rule, assert_op_results, cotangent,
-                                       error_scales, small_blocks, tiles)
+    from .test_triton_info_nce import (assert_obeys_rule, assert_op_results, autotuned,
+                                       cotangent, error_scales, small_blocks, tiles)
 except ImportError:
     from _helpers import (INTERPRETER_DTYPES, geometric_info_nce_op, leaf, rand,
                           requires_triton, unit_rows)
     from test_geometric_info_nce import METRICS, random_boxes
-    from test_triton_info_nce import (assert_obeys_rule, assert_op_results, cotangent,
-                                      error_scales, small_blocks, tiles)
+    from test_triton_info_nce import (assert_obeys_rule, assert_op_results, autotuned,
+                                      cotangent, error_scales, small_blocks, tiles)
 
 pytestmark = requires_triton
 
@@ -147,6 +147,8 @@ def test_band_starts_inside_a_hot_loop_tile(dtype):
     image = torch.arange(3).repeat_interleave(49)
     q0, k0 = rand(gen, 147, 16, dtype=torch.float32), rand(gen, 147, 16, dtype=torch.float32)
     with tiles(64):
+        check(q0, k0, (q_regions, k_regions, image, image), dtype=dtype)
+    with autotuned(32, 32):  # CUDA's launch path: blocks of two band groups
         check(q0, k0, (q_regions, k_regions, image, image), dtype=dtype)
 
 

@@ -57,6 +57,15 @@ def tiles(rows: int, cols: int | None = None):
     return mock.patch.multiple(kernels, MAX_ROWS=rows, MAX_COLS=cols or rows)
 
 
+def autotuned(rows: int = 32, cols: int = 16, band_rows: int = 16):
+    """CUDA's launch path, through Triton's autotuner, on the CPU: one candidate (so nothing is
+    timed) of ``rows x cols`` tiles, band groups of ``band_rows`` (two per block by default)."""
+    import mgc_kernels.triton.info_nce as kernels
+
+    return mock.patch.multiple(kernels, TUNED=((rows, cols, 4, 1),), TUNED_BAND_R=band_rows,
+                               tunes=lambda *args: True)
+
+
 def run(backend, dtype, q0, k0, targets, queue=None, cot=None, **kwargs):
     q, k = leaf(q0, dtype), leaf(k0, dtype)
     loss = mk.info_nce(q, k, targets, queue=None if queue is None else queue.to(dtype),
@@ -171,6 +180,20 @@ def test_random_against_reference(dtype, n, m, nq, d, p, normalize, weighted, re
     with small_blocks(small):
         check(q0, k0, targets, queue, reduction, seed, temperature=temperature,
               row_weights=row_weights, normalize=normalize, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
+def test_autotuned_launch_path(dtype):
+    """The launch CUDA takes (autotuner, grid from the chosen tiles, a block's band the union of
+    its groups'), with near-diagonal targets, so that the two groups of a block have different
+    bands."""
+    gen = torch.Generator().manual_seed(9)
+    q0, k0, u0 = (rand(gen, n, 16, dtype=torch.float32) for n in (70, 90, 20))
+    index = torch.stack([torch.arange(70), torch.arange(70) + 10], 1)
+    weight = torch.rand(70, 2, generator=gen) + 0.1
+    weight[5] = 0  # a row without a target
+    with autotuned():
+        check(q0, k0, (index, weight), u0, seed=9, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- the op itself

@@ -17,7 +17,8 @@ Which launches:
   dtypes, strides and (for the JIT's alignment specialisation) addresses, so nothing of the
   real size is allocated. A meta tensor's ``data_ptr()`` is 0 plus its storage offset in
   bytes, which is what the JIT sees of a fresh CUDA allocation (the caching allocator hands
-  out 512-byte aligned blocks): aligned base pointers, views at their true offsets.
+  out 512-byte aligned blocks): aligned base pointers, views at their true offsets. Plus the
+  InfoNCE kernels with each tile config the CUDA autotuner may pick (:func:`with_tuned_tiles`).
 
 The JIT's own specialisation: ``JITFunction.run`` binds the arguments with
 ``create_function_from_signature`` (integers equal to 1 become constexprs, integers and
@@ -415,7 +416,27 @@ def record(modes: tuple) -> list[Launch]:
         record_toy(rec)
     if "real" in modes:
         record_real(rec)
+        return with_tuned_tiles(rec.launches)
     return rec.launches
+
+
+def with_tuned_tiles(launches: list[Launch]) -> list[Launch]:
+    """``launches`` and, for each InfoNCE launch that CUDA hands to Triton's autotuner, one per
+    candidate tile config (``info_nce.TUNED``). The recordings run on meta tensors, which take
+    the fixed-tile path; the candidates are compiled in bf16 for metric ``mgc`` (fp16 and the
+    other metrics compile to the same loops)."""
+    from mgc_kernels.triton import info_nce
+
+    out = list(launches)
+    for launch in launches:
+        if (launch.module in ("info_nce", "geometric_info_nce") and launch.dtype == "bf16"
+                and launch.kwargs["BLOCK_D"] <= 128 and "metric=i" not in launch.case):
+            for rows, cols, warps, stages in info_nce.TUNED:
+                kwargs = dict(launch.kwargs, BLOCK_R=rows, BLOCK_C=cols,
+                              BAND_R=info_nce.TUNED_BAND_R, num_warps=warps, num_stages=stages)
+                out.append(launch._replace(kwargs=kwargs, case=f"{launch.case} tuned {rows}x"
+                                           f"{cols} warps={warps} stages={stages}"))
+    return out
 
 
 def main() -> int:

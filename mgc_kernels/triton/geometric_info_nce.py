@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .info_nce import dk_config, forward, forward_config, geometry, image_band, key_grad
+from .info_nce import dk_plan, forward, forward_plan, geometry, image_band, key_grad
 
 
 def by_image(image: torch.Tensor):
@@ -28,8 +28,7 @@ def geometric_info_nce(q, k, q_regions, k_regions, q_image, k_image, temperature
     k_order, _ = by_image(k_image)
     q, k = q[q_order], k[k_order]
     boxes = geometry(q_regions[q_order], k_regions[k_order], q_image[q_order], k_image[k_order])
-    cfg = forward_config(q, k)
-    band = image_band(boxes[1], boxes[3], cfg["BLOCK_R"], cfg["BAND_C"])
+    band = image_band(boxes[1], boxes[3], forward_plan(q, k))
     row_loss, lse, rho, v = forward(q, k, None, None, boxes, band, temperature, metric, need_v)
     return row_loss[q_back], lse[q_back], rho[q_back], v[q_back] if need_v else v
 
@@ -42,8 +41,7 @@ def geometric_info_nce_backward(grad_row_loss, q, k, q_regions, k_regions, q_ima
     k_order, k_back = by_image(k_image)
     q, k = q[q_order], k[k_order]
     boxes = geometry(q_regions[q_order], k_regions[k_order], q_image[q_order], k_image[k_order])
-    cfg = dk_config(q, k)
-    band = image_band(boxes[3], boxes[1], cfg["BLOCK_R"], cfg["BAND_C"])
+    band = image_band(boxes[3], boxes[1], dk_plan(q, k))
     g, rho = grad_row_loss.float()[q_order], rho[q_order]
     has_target = rho > 0
     coef = torch.where(has_target, g, 0.0)

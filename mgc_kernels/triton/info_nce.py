@@ -34,9 +34,14 @@ cancels exactly against the identically rounded logits it recomputes (a saturate
 p = 1, not 1 - ulp(lse) from converting the lse between bases). fp32 inputs use full-precision dots
 (``input_precision="ieee"``; tf32 would not meet the tolerance rule); fp16/bf16 tiles feed the
 tensor cores with fp32 accumulation. Row offsets are int64 (``rows * D`` passes 2**31 for a large
-queue). Tiles are fixed per feature width (the interpreter cannot autotune).
+queue). On CUDA, 16-bit rows up to 128 wide, Triton's autotuner picks the tiles among ``TUNED``
+once per problem; elsewhere (fp32, wider rows, the interpreter) they are fixed per feature width.
+The band arrays are made before the tiles are known, per group of ``BAND_R`` rows; a block's band
+is the union of its groups'.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -46,6 +51,14 @@ from .region_boxes import box_metric
 
 # the largest tiles at D <= 128: a program's own rows, and the rows of the tiles it loops over
 MAX_ROWS, MAX_COLS = 128, 64
+# CUDA, 16-bit rows up to 128 wide: the (BLOCK_R, BLOCK_C, warps, stages) Triton's autotuner
+# picks from once per problem (each compiles for sm_90 without spills, as
+# tests/test_triton_compile.py checks), and the band groups' rows, which divide every BLOCK_R
+TUNED = ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2))
+TUNED_BAND_R = 64
+# what a tuned choice holds for: the sizes, the variant, and (Triton adds them) the dtypes
+FORWARD_KEY = ("N", "M", "NU", "P", "D", "GEOMETRIC", "METRIC", "WITH_V")
+DK_KEY = ("N", "M", "P", "D", "GEOMETRIC", "METRIC")
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -129,23 +142,40 @@ def _targets(TI, TW, QBOX, QIMG, KBOX, KIMG, rows, rmask, keys, kmask, P, M,
 
 
 @triton.jit
-def _logits(q, X, first, n, D, offs_d, scale, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr):
-    """``(columns, their mask, the key tile, q x^T * scale)`` of the tile starting at ``first``."""
+def _logits(q, X, first, n, D, offs_d, scale, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
+            MASKED: tl.constexpr):
+    """``(columns, their mask, the key tile, q x^T * scale)`` of the tile starting at ``first``;
+    without ``MASKED`` the tile lies within the ``n`` rows and loads unmasked."""
     cols = first + tl.arange(0, BLOCK_C)
     cmask = cols < n
-    x = load_rows(X, cols, cmask, D, offs_d)
+    if MASKED:
+        x = load_rows(X, cols, cmask, D, offs_d)
+    else:
+        x = tl.load(X + cols.to(tl.int64)[:, None] * D + offs_d[None, :],
+                    mask=(offs_d < D)[None, :], other=0.0)
     return cols, cmask, x, tl.dot(q, tl.trans(x), input_precision=PRECISION) * scale
 
 
 @triton.jit
-def _softmax_tiles(q, X, start, stop, n, D, offs_d, scale, m_i, l_i, acc,
-                   WITH_V: tl.constexpr, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The hot loop over tiles ``[start, stop)`` of ``X``'s ``n`` rows, keys and values at once:
-    the running max ``m``, sum ``l`` and ``acc = sum_j 2**(s_ij - m_i) x_j`` of the base-2
-    logits ``s = q x^T * scale``."""
+def _softmax_tiles(q, X, start, stop, D, offs_d, scale, m_i, l_i, acc, WITH_V: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The hot loop over rows ``[start, stop)`` of ``X``, keys and values at once: the running
+    max ``m``, sum ``l`` and ``acc = sum_j 2**(s_ij - m_i) x_j`` of the base-2 logits
+    ``s = q x^T * scale``; whole tiles unmasked, then the ragged last one."""
+    full = start + (stop - start) // BLOCK_C * BLOCK_C
+    m_i, l_i, acc = _softmax_loop(q, X, start, full, stop, D, offs_d, scale, m_i, l_i, acc,
+                                  WITH_V, PRECISION, BLOCK_C, False)
+    return _softmax_loop(q, X, full, stop, stop, D, offs_d, scale, m_i, l_i, acc, WITH_V,
+                         PRECISION, BLOCK_C, True)
+
+
+@triton.jit
+def _softmax_loop(q, X, start, stop, n, D, offs_d, scale, m_i, l_i, acc, WITH_V: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, MASKED: tl.constexpr):
     for first in range(start, stop, BLOCK_C):
-        cols, cmask, x, s = _logits(q, X, first, n, D, offs_d, scale, PRECISION, BLOCK_C)
-        s = tl.where(cmask[None, :], s, float("-inf"))
+        cols, cmask, x, s = _logits(q, X, first, n, D, offs_d, scale, PRECISION, BLOCK_C, MASKED)
+        if MASKED:
+            s = tl.where(cmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -157,9 +187,14 @@ def _softmax_tiles(q, X, start, stop, n, D, offs_d, scale, m_i, l_i, acc,
 
 
 @triton.jit
-def _band(BAND, block):
-    """``[lo, hi)``: the tile-aligned range of the looped-over rows where ``block`` has targets."""
-    return tl.load(BAND + 2 * block), tl.load(BAND + 2 * block + 1)
+def _band(BAND, block, GROUPS: tl.constexpr):
+    """``[lo, hi)``: the range of the looped-over rows where ``block`` has targets, the union of
+    its ``GROUPS`` groups' ranges (empty ones are ``[limit, 0)``), or ``[0, 0)``."""
+    group = block * GROUPS + tl.arange(0, GROUPS)
+    lo = tl.min(tl.load(BAND + 2 * group), 0)
+    hi = tl.max(tl.load(BAND + 2 * group + 1), 0)
+    empty = hi <= lo
+    return tl.where(empty, 0, lo), tl.where(empty, 0, hi)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -170,7 +205,7 @@ def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, LOSS, RH
                     N, M, NU, P, D, inv_tau,
                     GEOMETRIC: tl.constexpr, METRIC: tl.constexpr, WITH_V: tl.constexpr,
                     PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                    BAND_C: tl.constexpr, BLOCK_D: tl.constexpr):
+                    BAND_R: tl.constexpr, BAND_C: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
     offs_d = tl.arange(0, BLOCK_D)
@@ -181,10 +216,10 @@ def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, LOSS, RH
     rho = tl.zeros([BLOCK_R], tl.float32)
     w_logit = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    lo, hi = _band(BAND, tl.program_id(0))
+    lo, hi = _band(BAND, tl.program_id(0), BLOCK_R // BAND_R)
     # sweep 1: the band first, while acc is still 0 (its softmax enters acc exactly in sweep 2)
     for first in range(lo, hi, BAND_C):
-        cols, cmask, kt, s = _logits(q, K, first, M, D, offs_d, scale, PRECISION, BAND_C)
+        cols, cmask, kt, s = _logits(q, K, first, M, D, offs_d, scale, PRECISION, BAND_C, True)
         s = tl.where(cmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
@@ -193,13 +228,13 @@ def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, LOSS, RH
             w = _geometric_tile(QBOX, QIMG, KBOX, KIMG, rows, rmask, cols, cmask, METRIC, False)
             rho += tl.sum(w, 1)
             w_logit += tl.sum(tl.where(w > 0, w * s, 0.0), 1)
-    # the hot loop's tiles overshoot lo: the keys from lo on are masked out of the first part
-    m_i, l_i, acc = _softmax_tiles(q, K, 0, lo, lo, D, offs_d, scale, m_i, l_i, acc,
-                                   WITH_V, PRECISION, BLOCK_C)
-    m_i, l_i, acc = _softmax_tiles(q, K, hi, M, M, D, offs_d, scale, m_i, l_i, acc,
-                                   WITH_V, PRECISION, BLOCK_C)
-    m_i, l_i, acc = _softmax_tiles(q, U, 0, NU, NU, D, offs_d, scale, m_i, l_i, acc,
-                                   WITH_V, PRECISION, BLOCK_C)
+    # the hot loop's last tile before the band is masked at lo (it may overshoot into the band)
+    m_i, l_i, acc = _softmax_tiles(q, K, 0, lo, D, offs_d, scale, m_i, l_i, acc, WITH_V,
+                                   PRECISION, BLOCK_C)
+    m_i, l_i, acc = _softmax_tiles(q, K, hi, M, D, offs_d, scale, m_i, l_i, acc, WITH_V,
+                                   PRECISION, BLOCK_C)
+    m_i, l_i, acc = _softmax_tiles(q, U, 0, NU, D, offs_d, scale, m_i, l_i, acc, WITH_V,
+                                   PRECISION, BLOCK_C)
     lse2 = m_i + tl.log2(l_i)
     lse = lse2 * 0.6931471805599453  # ln(2): the natural-unit lse the op returns
     if GEOMETRIC:
@@ -226,7 +261,7 @@ def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, LOSS, RH
         acc = acc * (a / l_i)[:, None]
         # sweep 2: the band's a p - t in fp32, rounded once
         for first in range(lo, hi, BAND_C):
-            cols, cmask, kt, s = _logits(q, K, first, M, D, offs_d, scale, PRECISION, BAND_C)
+            cols, cmask, kt, s = _logits(q, K, first, M, D, offs_d, scale, PRECISION, BAND_C, True)
             t = _targets(TI, TW, QBOX, QIMG, KBOX, KIMG, rows, rmask, cols, cmask, P, M,
                          GEOMETRIC, METRIC, False)
             if GEOMETRIC:
@@ -241,8 +276,8 @@ def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, LOSS, RH
 def _dk_kernel(Q, K, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, COEF, TCOEF, SCALE, DK,
                N, M, P, D, inv_tau,
                GEOMETRIC: tl.constexpr, METRIC: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BAND_C: tl.constexpr,
-               BLOCK_D: tl.constexpr):
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BAND_R: tl.constexpr,
+               BAND_C: tl.constexpr, BLOCK_D: tl.constexpr):
     """``dk_j = scale / tau * sum_i (coef_i p_ij - tcoef_i t_ij) q_i``; ``coef`` and ``tcoef``
     are the rows' gradients divided by ``scale`` so that fp16 tiles cannot underflow."""
     keys = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -250,12 +285,12 @@ def _dk_kernel(Q, K, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, COEF, TCOEF, SCA
     offs_d = tl.arange(0, BLOCK_D)
     kt = load_rows(K, keys, kmask, D, offs_d)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-    lo, hi = _band(BAND, tl.program_id(0))
-    # the queries from lo on are masked out of the first part (its tiles overshoot lo)
-    acc = _dk_tiles(kt, Q, LSE, COEF, 0, lo, lo, D, offs_d, inv_tau, acc, PRECISION, BLOCK_C)
+    lo, hi = _band(BAND, tl.program_id(0), BLOCK_R // BAND_R)
+    # the last tile before the band is masked at lo (it may overshoot into the band)
+    acc = _dk_tiles(kt, Q, LSE, COEF, 0, lo, D, offs_d, inv_tau, acc, PRECISION, BLOCK_C)
     # the band: the targets enter the tile in fp32, before its rounding
     for first in range(lo, hi, BAND_C):
-        rows, rmask, q, s = _logits(kt, Q, first, N, D, offs_d, inv_tau, PRECISION, BAND_C)
+        rows, rmask, q, s = _logits(kt, Q, first, N, D, offs_d, inv_tau, PRECISION, BAND_C, True)
         t = _targets(TI, TW, QBOX, QIMG, KBOX, KIMG, rows, rmask, keys, kmask, P, M,
                      GEOMETRIC, METRIC, True)
         lse = tl.load(LSE + rows, mask=rmask, other=0.0)
@@ -263,21 +298,37 @@ def _dk_kernel(Q, K, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, COEF, TCOEF, SCA
         tcoef = tl.load(TCOEF + rows, mask=rmask, other=0.0)
         ds = tl.exp(s - lse[None, :]) * coef[None, :] - t * tcoef[None, :]
         acc = tl.dot(ds.to(q.dtype), q, acc, input_precision=PRECISION)
-    acc = _dk_tiles(kt, Q, LSE, COEF, hi, N, N, D, offs_d, inv_tau, acc, PRECISION, BLOCK_C)
+    acc = _dk_tiles(kt, Q, LSE, COEF, hi, N, D, offs_d, inv_tau, acc, PRECISION, BLOCK_C)
     scale = tl.load(SCALE) * inv_tau
     tl.store(DK + keys.to(tl.int64)[:, None] * D + offs_d[None, :],
              (acc * scale).to(DK.dtype.element_ty), mask=kmask[:, None] & (offs_d < D)[None, :])
 
 
 @triton.jit
-def _dk_tiles(kt, Q, LSE, COEF, start, stop, N, D, offs_d, inv_tau, acc,
-              PRECISION: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dk's hot loop over query tiles ``[start, stop)``: ``acc += (coef * p)^T q``. Queries past
-    ``N`` load as 0 rows with ``coef = 0``: they add nothing."""
+def _dk_tiles(kt, Q, LSE, COEF, start, stop, D, offs_d, inv_tau, acc, PRECISION: tl.constexpr,
+              BLOCK_C: tl.constexpr):
+    """dk's hot loop over query rows ``[start, stop)``: ``acc += (coef * p)^T q``; whole tiles
+    unmasked, then the ragged last one."""
+    full = start + (stop - start) // BLOCK_C * BLOCK_C
+    acc = _dk_loop(kt, Q, LSE, COEF, start, full, stop, D, offs_d, inv_tau, acc, PRECISION,
+                   BLOCK_C, False)
+    return _dk_loop(kt, Q, LSE, COEF, full, stop, stop, D, offs_d, inv_tau, acc, PRECISION,
+                    BLOCK_C, True)
+
+
+@triton.jit
+def _dk_loop(kt, Q, LSE, COEF, start, stop, n, D, offs_d, inv_tau, acc, PRECISION: tl.constexpr,
+             BLOCK_C: tl.constexpr, MASKED: tl.constexpr):
+    """Queries past ``n`` load as 0 rows with ``coef = 0``: they add nothing."""
     for first in range(start, stop, BLOCK_C):
-        rows, rmask, q, s = _logits(kt, Q, first, N, D, offs_d, inv_tau, PRECISION, BLOCK_C)
-        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
-        coef = tl.load(COEF + rows, mask=rmask, other=0.0)
+        rows, rmask, q, s = _logits(kt, Q, first, n, D, offs_d, inv_tau, PRECISION, BLOCK_C,
+                                    MASKED)
+        if MASKED:
+            lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+            coef = tl.load(COEF + rows, mask=rmask, other=0.0)
+        else:
+            lse = tl.load(LSE + rows)
+            coef = tl.load(COEF + rows)
         ds = tl.exp(s - lse[None, :]) * coef[None, :]
         acc = tl.dot(ds.to(q.dtype), q, acc, input_precision=PRECISION)
     return acc
@@ -296,60 +347,92 @@ def config(rows: int, cols: int, d: int, dtype: torch.dtype) -> dict:
     shrink = max(1, block_d // 128) * (2 if dtype == torch.float32 else 1)
     block_r = max(16, min(MAX_ROWS // shrink, triton.next_power_of_2(max(rows, 1))))
     block_c = max(16, min(MAX_COLS // shrink, triton.next_power_of_2(max(cols, 1))))
-    return dict(BLOCK_R=block_r, BLOCK_C=block_c, BAND_C=max(16, block_c // 4),
-                BLOCK_D=block_d,
-                num_warps=8 if block_r * block_d >= 128 * 128 else 4,
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, BAND_R=block_r, BAND_C=max(16, block_c // 4),
+                BLOCK_D=block_d, num_warps=8 if block_r * block_d >= 128 * 128 else 4,
                 PRECISION="ieee" if dtype == torch.float32 else "tf32")
 
 
+def plan(rows: int, cols: int, d: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The launch's settings: :func:`config`'s fixed tiles, or on CUDA for 16-bit rows up to 128
+    wide, what the autotuner leaves open (the band groups of ``TUNED_BAND_R`` rows)."""
+    cfg = config(rows, cols, d, dtype)
+    if not tunes(device, dtype, d):
+        return cfg
+    return dict(BAND_R=TUNED_BAND_R, BAND_C=cfg["BAND_C"], BLOCK_D=cfg["BLOCK_D"],
+                PRECISION=cfg["PRECISION"])
+
+
+def tunes(device: torch.device, dtype: torch.dtype, d: int) -> bool:
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and d <= 128
+
+
+@functools.cache
+def autotuned(kernel, configs: tuple, key: tuple):
+    """``kernel`` under Triton's autotuner over ``configs`` (``(BLOCK_R, BLOCK_C, warps,
+    stages)``), tuned once per ``key`` arguments and dtypes."""
+    return triton.autotune([triton.Config(dict(BLOCK_R=r, BLOCK_C=c), num_warps=w, num_stages=s)
+                            for r, c, w, s in configs], key=list(key))(kernel)
+
+
+def launch(kernel, key: tuple, cfg: dict, rows: int, *args, **flags):
+    """``kernel`` over blocks of ``rows`` with ``cfg`` from :func:`plan`."""
+    if "BLOCK_R" in cfg:
+        kernel[(triton.cdiv(rows, cfg["BLOCK_R"]),)](*args, **flags, **cfg)
+    else:
+        autotuned(kernel, TUNED, key)[lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),)](
+            *args, **flags, **cfg)
+
+
 def tile_band(lo: torch.Tensor, hi: torch.Tensor, tile: int, limit: int) -> torch.Tensor:
-    """``[blocks, 2]`` int32: each block's ``[lo, hi)`` widened to whole band tiles of ``tile``
-    rows (capped at ``limit``), ``[0, 0)`` where ``hi <= lo`` (no targets). The hot loops around
-    the band start and stop where it does, at any row."""
+    """``[groups, 2]`` int32: each group's ``[lo, hi)`` widened to whole band tiles of ``tile``
+    rows (capped at ``limit``), ``[limit, 0)`` where ``hi <= lo`` (no targets: neutral for the
+    kernels' union over a block's groups), and one more empty group where the count is odd (a
+    block spans at most two). The hot loops around the band start and stop where it does, at any
+    row."""
     empty = hi <= lo
     lo = torch.div(lo, tile, rounding_mode="floor") * tile
     hi = torch.clamp(-torch.div(-hi, tile, rounding_mode="floor") * tile, max=limit)
-    band = torch.stack([torch.where(empty, 0, lo), torch.where(empty, 0, hi)], 1)
+    band = torch.stack([torch.where(empty, limit, lo), torch.where(empty, 0, hi)], 1)
+    if len(band) % 2:
+        band = torch.cat([band, band.new_tensor([[limit, 0]])])
     return band.to(torch.int32).contiguous()
 
 
 def sparse_bands(index, weight, n: int, m: int, cfg: dict, dk_cfg: dict | None):
-    """The bands of sparse targets: per query block the keys it targets (forward, tiles of
-    ``cfg``), and per key block the queries that target it (dk, tiles of ``dk_cfg``)."""
+    """The bands of sparse targets: per group of query rows the keys it targets (forward, groups
+    and tiles of ``cfg``), and per group of keys the queries that target it (dk, ``dk_cfg``)."""
     valid = (weight != 0) & (index >= 0) & (index < m)
     rows = torch.arange(n, device=index.device)[:, None].expand_as(index)
-    forward = _block_range(rows, index, valid, triton.cdiv(n, cfg["BLOCK_R"]), cfg["BLOCK_R"],
-                           cfg["BAND_C"], m)
+    forward = _group_range(rows, index, valid, n, cfg["BAND_R"], cfg["BAND_C"], m)
     if dk_cfg is None:
         return forward, None
-    dk = _block_range(index, rows, valid, triton.cdiv(m, dk_cfg["BLOCK_R"]), dk_cfg["BLOCK_R"],
-                      dk_cfg["BAND_C"], n)
-    return forward, dk
+    return forward, _group_range(index, rows, valid, m, dk_cfg["BAND_R"], dk_cfg["BAND_C"], n)
 
 
-def _block_range(owner, other, valid, blocks: int, per_block: int, tile: int, limit: int):
-    """For each block of ``per_block`` owners, the tile-aligned range of the ``other`` entries
+def _group_range(owner, other, valid, owners: int, per_group: int, tile: int, limit: int):
+    """For each group of ``per_group`` owners, the tile-aligned range of the ``other`` entries
     that valid targets pair with it."""
+    groups = triton.cdiv(owners, per_group)
     owner, other, valid = (x.reshape(-1) for x in (owner, other, valid))
-    block = torch.where(valid, torch.div(owner, per_block, rounding_mode="floor"), blocks)
-    lo = torch.full((blocks + 1,), limit, device=owner.device, dtype=torch.int64)
-    hi = torch.zeros(blocks + 1, device=owner.device, dtype=torch.int64)
-    lo = lo.scatter_reduce(0, block, other, "amin")
-    hi = hi.scatter_reduce(0, block, other + 1, "amax")
-    return tile_band(lo[:blocks], hi[:blocks], tile, limit)
+    group = torch.where(valid, torch.div(owner, per_group, rounding_mode="floor"), groups)
+    lo = torch.full((groups + 1,), limit, device=owner.device, dtype=torch.int64)
+    hi = torch.zeros(groups + 1, device=owner.device, dtype=torch.int64)
+    lo = lo.scatter_reduce(0, group, other, "amin")
+    hi = hi.scatter_reduce(0, group, other + 1, "amax")
+    return tile_band(lo[:groups], hi[:groups], tile, limit)
 
 
-def image_band(own_image, other_image, per_block: int, tile: int) -> torch.Tensor:
-    """For blocks of ``per_block`` rows of sorted ``own_image``, the range of sorted
-    ``other_image`` with an image of the block (the only entries with geometric targets)."""
+def image_band(own_image, other_image, cfg: dict) -> torch.Tensor:
+    """For groups of ``cfg["BAND_R"]`` rows of sorted ``own_image``, the range of sorted
+    ``other_image`` with an image of the group (the only entries with geometric targets)."""
     n = len(own_image)
-    starts = torch.arange(0, n, per_block, device=own_image.device)
-    ends = torch.clamp(starts + per_block, max=n) - 1
+    starts = torch.arange(0, n, cfg["BAND_R"], device=own_image.device)
+    ends = torch.clamp(starts + cfg["BAND_R"], max=n) - 1
     other = other_image.to(torch.int64)
     own = own_image.to(torch.int64)
     lo = torch.searchsorted(other, own[starts], side="left")
     hi = torch.searchsorted(other, own[ends], side="right")
-    return tile_band(lo, hi, tile, len(other))
+    return tile_band(lo, hi, cfg["BAND_C"], len(other))
 
 
 def geometry(q_regions, k_regions, q_image, k_image):
@@ -362,7 +445,7 @@ def forward(q, k, queue, targets, boxes, band, temperature: float, metric: str, 
     """``(row_loss, lse, rho, v)`` in fp32 (``v`` empty without ``with_v``); ``targets =
     (index, weight)`` for info_nce, or ``boxes = geometry(...)`` (rows sorted by image) for
     geometric targets (then ``rho`` is filled); ``band`` from :func:`sparse_bands` or
-    :func:`image_band` with :func:`forward_config`'s tiles."""
+    :func:`image_band` with :func:`forward_plan`'s settings."""
     q, k = q.contiguous(), k.contiguous()
     queue = k[:0] if queue is None else queue.contiguous()
     n, d = q.shape
@@ -370,26 +453,26 @@ def forward(q, k, queue, targets, boxes, band, temperature: float, metric: str, 
     v = torch.empty(n if with_v else 0, d, device=q.device, dtype=torch.float32)
     index, weight = (q, q) if targets is None else targets
     qbox, qimg, kbox, kimg = (q,) * 4 if boxes is None else boxes
-    cfg = forward_config(q, k, queue)
-    _forward_kernel[(triton.cdiv(n, cfg["BLOCK_R"]),)](
-        q, k, queue, index, weight, qbox, qimg, kbox, kimg, band, lse, row_loss, rho, v,
-        n, len(k), len(queue), 0 if targets is None else index.shape[1], d, 1.0 / temperature,
-        GEOMETRIC=boxes is not None, METRIC=metric, WITH_V=with_v, **cfg)
+    launch(_forward_kernel, FORWARD_KEY, forward_plan(q, k, queue), n,
+           q, k, queue, index, weight, qbox, qimg, kbox, kimg, band, lse, row_loss, rho, v,
+           n, len(k), len(queue), 0 if targets is None else index.shape[1], d, 1.0 / temperature,
+           GEOMETRIC=boxes is not None, METRIC=metric, WITH_V=with_v)
     return row_loss, lse, rho, v
 
 
-def forward_config(q, k, queue=None) -> dict:
-    return config(len(q), len(k) + (0 if queue is None else len(queue)), q.shape[1], q.dtype)
+def forward_plan(q, k, queue=None) -> dict:
+    cols = len(k) + (0 if queue is None else len(queue))
+    return plan(len(q), cols, q.shape[1], q.dtype, q.device)
 
 
-def dk_config(q, k) -> dict:
-    return config(len(k), len(q), q.shape[1], q.dtype)
+def dk_plan(q, k) -> dict:
+    return plan(len(k), len(q), q.shape[1], q.dtype, q.device)
 
 
 def key_grad(q, k, targets, boxes, band, lse, coef, tcoef, temperature: float,
              metric: str = "mgc"):
     """``dk_j = sum_i (coef_i p_ij - tcoef_i t_ij) q_j / tau`` in ``k``'s dtype; ``band`` from
-    :func:`sparse_bands` or :func:`image_band` with :func:`dk_config`'s tiles."""
+    :func:`sparse_bands` or :func:`image_band` with :func:`dk_plan`'s settings."""
     q, k = q.contiguous(), k.contiguous()
     (n, d), m = q.shape, len(k)
     scale = torch.maximum(coef.abs().amax(), tcoef.abs().amax()) if n else coef.new_ones(())
@@ -398,11 +481,10 @@ def key_grad(q, k, targets, boxes, band, lse, coef, tcoef, temperature: float,
     index, weight = (q, q) if targets is None else targets
     qbox, qimg, kbox, kimg = (q,) * 4 if boxes is None else boxes
     dk = torch.empty_like(k)
-    cfg = dk_config(q, k)
-    _dk_kernel[(triton.cdiv(m, cfg["BLOCK_R"]),)](
-        q, k, index, weight, qbox, qimg, kbox, kimg, band, lse.contiguous(), coef, tcoef, scale,
-        dk, n, m, 0 if targets is None else index.shape[1], d, 1.0 / temperature,
-        GEOMETRIC=boxes is not None, METRIC=metric, **cfg)
+    launch(_dk_kernel, DK_KEY, dk_plan(q, k), m,
+           q, k, index, weight, qbox, qimg, kbox, kimg, band, lse.contiguous(), coef, tcoef, scale,
+           dk, n, m, 0 if targets is None else index.shape[1], d, 1.0 / temperature,
+           GEOMETRIC=boxes is not None, METRIC=metric)
     return dk
 
 
@@ -412,7 +494,7 @@ def key_grad(q, k, targets, boxes, band, lse, coef, tcoef, temperature: float,
 def info_nce(q, k, queue, target_index, target_weight, temperature: float, need_v: bool = True):
     """``(row_loss, lse, v)`` as ``reference/info_nce.py::info_nce``."""
     targets = (target_index.contiguous(), target_weight.float().contiguous())
-    band, _ = sparse_bands(*targets, len(q), len(k), forward_config(q, k, queue), None)
+    band, _ = sparse_bands(*targets, len(q), len(k), forward_plan(q, k, queue), None)
     row_loss, lse, _, v = forward(q, k, queue, targets, None, band, temperature, "mgc", need_v)
     return row_loss, lse, v
 
@@ -427,5 +509,5 @@ def info_nce_backward(grad_row_loss, q, k, queue, target_index, target_weight, l
     coef = g * targets[1].sum(1)
     if grad_lse is not None:
         coef = coef + grad_lse.float()
-    _, band = sparse_bands(*targets, len(q), len(k), forward_config(q, k), dk_config(q, k))
+    _, band = sparse_bands(*targets, len(q), len(k), forward_plan(q, k), dk_plan(q, k))
     return key_grad(q, k, targets, None, band, lse, coef, g, temperature)
