@@ -8,6 +8,7 @@ import torch
 
 FORMAT = "mgc_pretrain/1"
 KEYS = ("format", "config", "step", "model", "optimizer", "scaler", "rng")
+_TEMPORARY_PREFIX = ".{}.tmp-"
 
 
 class CheckpointError(RuntimeError):
@@ -19,7 +20,7 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
     ``path``: a crash mid-write leaves the previous file intact, never a truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{_TEMPORARY_PREFIX.format(path.name)}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -28,6 +29,13 @@ def save_atomic(obj, path: str | os.PathLike) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> None:
+    """Delete what a process killed mid-write left beside ``path`` (its ``path`` is intact)."""
+    path = Path(path)
+    for stale in path.parent.glob(f"{_TEMPORARY_PREFIX.format(path.name)}*"):
+        stale.unlink(missing_ok=True)
 
 
 def read(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:

@@ -20,7 +20,12 @@ from .data import stream_seed
 
 class TwoViews(Dataset):
     """``dataset[index]["image"]`` -> :class:`mgc_kernels.transforms.TwoViewTransform` output,
-    with the photometric ops drawn from a generator seeded by the sample's key."""
+    with the photometric ops drawn from a generator seeded by the sample's key.
+
+    The output also carries ``"bad_images"``: 1 where an image folder replaced a file that does
+    not decode (see :class:`mgc_pretrain.data.ImageFolder`), 0 otherwise and for datasets that
+    never replace one, so the trainer can count them batch by batch.
+    """
 
     def __init__(self, dataset: Dataset, transform: TwoViewTransform, seed: int):
         self.dataset, self.transform, self.seed = dataset, transform, seed
@@ -29,11 +34,11 @@ class TwoViews(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: int) -> dict:
-        index = key % len(self.dataset)
-        image = self.dataset[index]["image"]
+        item = self.dataset[key % len(self.dataset)]
         with torch.random.fork_rng(devices=[]):   # torchvision draws from the global RNG
             torch.manual_seed(stream_seed(self.seed, key))
-            return self.transform(image)
+            views = self.transform(item["image"])
+        return {**views, "bad_images": int(item.get("bad_images", 0))}
 
 
 class KeySampler(Sampler[int]):

@@ -16,7 +16,7 @@ from torch import nn
 
 import mgc_kernels as mk
 
-from .models import Arch, create_backbone, patch_tokens, predictor, projector, rows
+from .models import Arch, create_backbone, features, patch_tokens, predictor, projector, rows
 
 Batch = dict[str, Any]
 
@@ -138,7 +138,8 @@ class DenseCL(Method):
 
 
 class SMoG(Method):
-    """SMoG on the CLS token: projector + predictor, groups updated synchronously."""
+    """SMoG on the global feature (a ViT's CLS token, a CNN's pooled map): projector +
+    predictor, groups updated synchronously."""
 
     HEADS = ("projector",)
 
@@ -154,10 +155,10 @@ class SMoG(Method):
         self.make_momentum_copies()
 
     def forward(self, batch: Batch, epoch: float):
-        p1, p2 = (self.predictor(self.projector(self.backbone.forward_features(x)[:, 0]))
+        p1, p2 = (self.predictor(self.projector(features(self.backbone, x)[0]))
                   for x in (batch["view1"], batch["view2"]))
         with torch.no_grad():
-            z1, z2 = (self.momentum_projector(self.momentum_backbone.forward_features(x)[:, 0])
+            z1, z2 = (self.momentum_projector(features(self.momentum_backbone, x)[0])
                       for x in (batch["view1"], batch["view2"]))
         return self.criterion(p1, z2, p2, z1), {}
 
@@ -284,13 +285,16 @@ class ADCLR(Method):
 
 class MCL(Method):
     """MCL on a token grid: montages of each view per ratio, one shared projector, one
-    predictor per level; keys are the momentum embeddings of the plain views."""
+    predictor per level; keys are the momentum embeddings of the plain views. The ratios must
+    divide the grid: by default those of 1, 2, 4, 7, 8 that do (1, 2, 7 on a ViT's 14 x 14;
+    1, 7 on ResNet-50's 7 x 7 at 224 px)."""
 
     HEADS = ("projector",)
 
-    def __init__(self, arch: Arch, drop_path_rate: float, *, ratios=(1, 2, 7), temperature=0.2,
+    def __init__(self, arch: Arch, drop_path_rate: float, *, ratios=None, temperature=0.2,
                  gather_distributed=False, backend=None):
         super().__init__(arch, drop_path_rate)
+        ratios = ratios or tuple(r for r in (1, 2, 4, 7, 8) if arch.grid % r == 0)
         self.criterion = mk.MCLLoss(ratios, temperature=temperature, grid=arch.grid,
                                     gather_distributed=gather_distributed, backend=backend)
         self.projector = projector(arch)

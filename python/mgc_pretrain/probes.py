@@ -1,23 +1,34 @@
-"""Frozen-backbone evaluation probes: how much a pretrained ViT already knows.
+"""Frozen-backbone evaluation probes: how much a pretrained backbone (timm ViT or CNN) already
+knows.
 
-Two probes that need no fine-tuning of the backbone and run in seconds on a CPU:
+Probes that need no fine-tuning of the backbone; on synthetic scenes they run in seconds on a
+CPU:
 
 - a dense linear probe: a linear classifier on each patch token, scored by mIoU against the
   majority class of the mask under that patch (the dense-prediction skill MGC pretrains for);
-- a weighted k-NN probe on the CLS token (DINO's image-level probe).
+- a weighted k-NN probe on the global feature (DINO's image-level probe), on synthetic scenes
+  or on a labelled image folder (:func:`probe_image_folder`).
 
 Everything is deterministic given the seed, so a trained backbone and a random-init one can be
 compared on equal terms.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from .data import LabelledImageFolder
+from .models import features
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -153,38 +164,46 @@ def knn_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
 def extract_features(backbone: nn.Module, images: Tensor | Iterable, *, image_size: int,
                      batch_size: int = 64,
                      device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-    """CLS and patch tokens of a timm ``VisionTransformer`` for a set of uint8 images.
+    """Global features and tokens of a timm ViT or CNN for a set of uint8 images.
 
     Images are preprocessed like the training views (resized to ``image_size``, ImageNet
-    normalisation); the backbone runs in eval mode under ``inference_mode`` and gets its previous
-    mode back afterwards, so probing in the middle of training is harmless.
+    normalisation); the backbone runs frozen (see :func:`_frozen`), so probing in the middle of
+    training is harmless. What "global" and "tokens" are is :func:`mgc_pretrain.models.features`'
+    choice: the CLS and patch tokens of a ViT, the mean and the positions of a CNN's last map.
 
     Args:
         images: a uint8 ``[N, 3, S, S]`` tensor, or an iterable of such images or of dicts with
             an ``"image"`` entry (a dataset).
         device: where the backbone runs; default the device of its parameters.
     Returns:
-        ``(cls [N, C], patches [N, P, C])`` float32 on the CPU. A backbone without a class
-        token gives the mean patch token as its ``cls``.
+        ``(global [N, C], tokens [N, P, C])`` float32 on the CPU.
     """
-    if device is None:
-        device = next(backbone.parameters()).device
-    has_cls = getattr(backbone, "cls_token", None) is not None
+    device = _device(backbone, device)
+    global_parts, token_parts = [], []
+    with _frozen(backbone):
+        for batch in _image_batches(images, batch_size):
+            global_feature, tokens = features(backbone, _preprocess(batch, image_size, device))
+            global_parts.append(global_feature.float().cpu())
+            token_parts.append(tokens.float().cpu())
+    if not global_parts:
+        raise ValueError("images is empty")
+    return torch.cat(global_parts), torch.cat(token_parts)
+
+
+def _device(backbone: nn.Module, device: torch.device | str | None) -> torch.device | str:
+    return next(backbone.parameters()).device if device is None else device
+
+
+@contextmanager
+def _frozen(backbone: nn.Module) -> Iterator[None]:
+    """Eval mode under ``inference_mode``, the previous mode restored afterwards."""
     was_training = backbone.training
     backbone.eval()
-    cls_parts, patch_parts = [], []
     try:
         with torch.inference_mode():
-            for batch in _image_batches(images, batch_size):
-                tokens = backbone.forward_features(_preprocess(batch, image_size, device))
-                patches = tokens[:, backbone.num_prefix_tokens:]
-                cls_parts.append((tokens[:, 0] if has_cls else patches.mean(1)).float().cpu())
-                patch_parts.append(patches.float().cpu())
+            yield
     finally:
         backbone.train(was_training)
-    if not cls_parts:
-        raise ValueError("images is empty")
-    return torch.cat(cls_parts), torch.cat(patch_parts)
 
 
 def _image_batches(images: Tensor | Iterable, batch_size: int) -> Iterator[Tensor]:
@@ -219,11 +238,11 @@ def probe_backbone(backbone: nn.Module, train_set: Iterable[dict], test_set: Ite
                    image_size: int, grid: int, num_classes: int,
                    device: torch.device | str | None = None,
                    batch_size: int = 64) -> dict[str, float]:
-    """Dense linear probe (patch tokens) and k-NN probe (CLS token) of a frozen backbone.
+    """Dense linear probe (tokens) and k-NN probe (global feature) of a frozen backbone.
 
     The datasets yield ``{"image": uint8 [3, S, S], "mask": long [S, S], "label": int}``;
-    ``grid`` is the backbone's patch grid at ``image_size``, and each patch's target is the
-    majority mask class under it.
+    ``grid`` is the backbone's token grid at ``image_size`` (a ViT's patch grid, a CNN's final
+    map), and each token's target is the majority mask class under it.
 
     Returns:
         ``{"dense_miou", "dense_patch_acc", "knn_top1"}`` as fractions in [0, 1].
@@ -243,6 +262,116 @@ def probe_backbone(backbone: nn.Module, train_set: Iterable[dict], test_set: Ite
     knn_top1 = knn_probe(train_cls, train_image_y, test_cls, test_image_y, num_classes)
     return {"dense_miou": dense["miou"], "dense_patch_acc": dense["patch_acc"],
             "knn_top1": knn_top1}
+
+
+def probe_image_folder(backbone: nn.Module, root: str | os.PathLike, *, image_size: int,
+                       device: torch.device | str | None = None, batch_size: int = 64,
+                       k: int = 20, workers: int = 0) -> dict[str, float | int]:
+    """k-NN top-1 of a frozen backbone's global feature on a labelled image folder.
+
+    ``root`` holds one subfolder per class (ImageNet's layout, see
+    :class:`mgc_pretrain.data.LabelledImageFolder`). If it has both a ``train/`` and a ``val/``
+    subfolder, each laid out so, the probe fits on train and scores on val; otherwise each
+    class of ``root`` is split by :func:`hash_split` (about 80 % fit, 20 % scored). Images are
+    resized (shorter side to ``image_size``, antialiased) and centre-cropped to ``image_size``,
+    then normalised like :func:`extract_features`; the feature is the global one of
+    :func:`mgc_pretrain.models.features` (CLS token of a ViT, mean-pooled last map of a CNN).
+    ``workers`` loader processes decode the images. Files that open but do not decode are
+    left out of both sides (the dataset's replacement would be a duplicate of another image,
+    possibly one of the other side) and counted.
+
+    Returns:
+        ``{"knn_top1", "num_train", "num_test", "num_classes", "bad_images"}``: top-1 in
+        [0, 1], the counts of images used, and how many files were left out when loaded.
+    """
+    fit, test, classes = _probe_splits(Path(root))
+    device = _device(backbone, device)
+    fit_x, fit_y = _folder_features(backbone, fit, image_size, device, batch_size, workers)
+    test_x, test_y = _folder_features(backbone, test, image_size, device, batch_size, workers)
+    return {"knn_top1": knn_probe(fit_x, fit_y, test_x, test_y, len(classes), k=k),
+            "num_train": len(fit_y), "num_test": len(test_y), "num_classes": len(classes),
+            "bad_images": len(fit) + len(test) - len(fit_y) - len(test_y)}
+
+
+def hash_split(dataset: LabelledImageFolder,
+               test_fraction: float = 0.2) -> tuple[list[int], list[int]]:
+    """Deterministic per-class split of a labelled folder into fit and test indices.
+
+    Within each class the files are ordered by the SHA-1 of their path relative to the
+    dataset's root; the first ``round(n * test_fraction)`` of a class of ``n`` go to test, at
+    least 1 and at most ``n - 1``, so every class with 2 or more images is on both sides (a class
+    with one image is fit only). A file's side depends only on its class's file names, never on
+    the machine, the file order or other classes.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction!r}")
+    per_class: dict[int, list[tuple[bytes, int]]] = {}
+    for index, (path, label) in enumerate(zip(dataset.files, dataset.labels)):
+        name = path.relative_to(dataset.root).as_posix().encode()
+        per_class.setdefault(label, []).append((hashlib.sha1(name).digest(), index))
+    fit, test = [], []
+    for members in per_class.values():
+        order = [index for _, index in sorted(members)]
+        num_test = min(max(round(len(order) * test_fraction), 1), len(order) - 1)
+        test += order[:num_test]
+        fit += order[num_test:]
+    return sorted(fit), sorted(test)
+
+
+def _probe_splits(root: Path) -> tuple[Dataset, Dataset, list[str]]:
+    """Fit and test sets of a labelled folder (its train/val layout or :func:`hash_split`)."""
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        fit = LabelledImageFolder(root / "train")
+        return fit, LabelledImageFolder(root / "val", classes=fit.classes), fit.classes
+    dataset = LabelledImageFolder(root)
+    fit_indices, test_indices = hash_split(dataset)
+    if not test_indices:
+        raise ValueError(f"labelled image folder {str(root)!r} has no class with 2 or more "
+                         "readable images, so nothing is left to score the probe on")
+    return Subset(dataset, fit_indices), Subset(dataset, test_indices), dataset.classes
+
+
+class _CentreCropped(Dataset):
+    """A labelled dataset's images resized (shorter side) and centre-cropped to ``size``."""
+
+    def __init__(self, dataset: Dataset, size: int) -> None:
+        self.dataset, self.size = dataset, size
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        return {**item, "image": resize_and_centre_crop(item["image"], self.size)}
+
+
+def resize_and_centre_crop(image: Tensor, size: int) -> Tensor:
+    """uint8 ``[3, H, W]`` -> uint8 ``[3, size, size]``: the shorter side resized to ``size``
+    (bilinear, antialiased), then the centre ``size x size`` kept (the usual evaluation view)."""
+    height, width = image.shape[-2:]
+    scale = size / min(height, width)
+    new_size = (max(size, round(height * scale)), max(size, round(width * scale)))
+    resized = F.interpolate(image[None].float(), size=new_size, mode="bilinear",
+                            align_corners=False, antialias=True)[0]
+    top, left = (new_size[0] - size) // 2, (new_size[1] - size) // 2
+    crop = resized[:, top:top + size, left:left + size]
+    return crop.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _folder_features(backbone: nn.Module, dataset: Dataset, image_size: int,
+                     device: torch.device | str, batch_size: int,
+                     workers: int) -> tuple[Tensor, Tensor]:
+    """Global features and labels of a labelled dataset's items, replaced ones left out."""
+    loader = DataLoader(_CentreCropped(dataset, image_size), batch_size, num_workers=workers)
+    parts, labels = [], []
+    with _frozen(backbone):
+        for batch in loader:
+            global_feature, _ = features(backbone, _preprocess(batch["image"], image_size,
+                                                               device))
+            decoded = batch["bad_images"] == 0
+            parts.append(global_feature[decoded.to(global_feature.device)].float().cpu())
+            labels.append(batch["label"][decoded])
+    return torch.cat(parts), torch.cat(labels)
 
 
 def _collect(dataset: Iterable[dict], grid: int, num_classes: int,

@@ -1,19 +1,27 @@
 """Frozen-backbone probes: known answers for patch labels and metrics, probe sanity on
-separable vs. random data, feature extraction from a tiny timm ViT."""
+separable vs. random data, feature extraction from a tiny timm ViT and a ResNet, the k-NN probe
+on labelled image folders (both layouts, the deterministic split, clear errors)."""
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from mgc_pretrain.data import BadImageWarning, LabelledImageFolder
 from mgc_pretrain.probes import (
     dense_linear_probe,
     extract_features,
     format_table,
+    hash_split,
     knn_probe,
     patch_labels,
     probe_backbone,
+    probe_image_folder,
+    resize_and_centre_crop,
     segmentation_metrics,
 )
+from PIL import Image
 
 timm = pytest.importorskip("timm")
 
@@ -188,6 +196,19 @@ def test_extract_features_from_dataset_resizes_like_tensor_input():
         torch.testing.assert_close(actual, expected)
 
 
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return timm.create_model("resnet18", pretrained=False, num_classes=0)
+
+
+def test_extract_features_from_a_resnet(resnet):
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    pooled, positions = extract_features(resnet, images, image_size=64, batch_size=2)
+    assert pooled.shape == (3, 512) and positions.shape == (3, 4, 512)  # a 2 x 2 final map
+    torch.testing.assert_close(pooled, positions.mean(1))
+
+
 class FakeScenes(torch.utils.data.Dataset):
     """Images whose colour is the image label; masks with a class-1 left half."""
 
@@ -214,10 +235,108 @@ def test_probe_backbone_reports_fractions():
     assert all(0.0 <= value <= 1.0 for value in result.values())
 
 
+def test_probe_backbone_on_a_resnet(resnet):
+    # 64 px in, a 2 x 2 final map: each of its positions is a token of the dense probe
+    result = probe_backbone(resnet, FakeScenes(12, 0), FakeScenes(6, 1), image_size=64, grid=2,
+                            num_classes=3, batch_size=8)
+    assert set(result) == {"dense_miou", "dense_patch_acc", "knn_top1"}
+    assert all(0.0 <= value <= 1.0 for value in result.values())
+
+
 def test_probe_backbone_rejects_wrong_grid():
     with pytest.raises(ValueError, match="grid"):
         probe_backbone(tiny_vit(), FakeScenes(4, 0), FakeScenes(4, 1), image_size=32, grid=7,
                        num_classes=3)
+
+
+# --- labelled image folders ------------------------------------------------------------------
+
+CLASS_COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 60), "red": (220, 30, 30)}
+
+
+def write_class_folders(root, per_class: int, seed: int = 0) -> None:
+    """One folder per colour of noisy, non-square solid images: a random backbone's k-NN
+    tells them apart."""
+    rng = np.random.default_rng(seed)
+    for name, colour in CLASS_COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            noise = rng.integers(-20, 21, size=(24, 40, 3))
+            pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i:02d}.png")
+
+
+def test_probe_image_folder_with_train_and_val(tmp_path):
+    write_class_folders(tmp_path / "train", per_class=4, seed=0)
+    write_class_folders(tmp_path / "val", per_class=3, seed=1)
+    truncated = tmp_path / "val" / "red" / "01.png"
+    truncated.write_bytes(truncated.read_bytes()[:200])  # opens, does not decode: left out
+    torch.manual_seed(0)
+    with pytest.warns(BadImageWarning, match=re.escape(str(truncated))):
+        result = probe_image_folder(tiny_vit(), tmp_path, image_size=32, batch_size=5, k=3)
+    assert result == {"knn_top1": 1.0, "num_train": 12, "num_test": 8, "num_classes": 3,
+                      "bad_images": 1}
+
+
+def test_probe_image_folder_splits_a_single_folder(tmp_path):
+    write_class_folders(tmp_path, per_class=6)
+    torch.manual_seed(0)
+    result = probe_image_folder(tiny_vit(), tmp_path, image_size=32, batch_size=8, k=3)
+    # round(6 * 0.2) = 1 test image per class
+    assert result == {"knn_top1": 1.0, "num_train": 15, "num_test": 3, "num_classes": 3,
+                      "bad_images": 0}
+
+
+def test_hash_split_is_deterministic_disjoint_and_covers_every_class(tmp_path):
+    counts = {"a": 1, "b": 2, "c": 7, "d": 23}
+    for name, count in counts.items():
+        for i in range(count):
+            (tmp_path / name).mkdir(exist_ok=True)
+            Image.new("RGB", (2, 2)).save(tmp_path / name / f"{i}.png")
+    dataset = LabelledImageFolder(tmp_path)
+    fit, test = hash_split(dataset)
+    assert (fit, test) == hash_split(LabelledImageFolder(tmp_path))
+    assert not set(fit) & set(test) and sorted(fit + test) == list(range(len(dataset)))
+    test_per_class = [sum(dataset.labels[i] == label for i in test) for label in range(4)]
+    assert test_per_class == [0, 1, 1, 5]  # a single image is fit only; round(n / 5) >= 1
+
+
+def test_hash_split_of_a_class_ignores_other_classes(tmp_path):
+    for name in ("a", "b"):
+        for i in range(10):
+            (tmp_path / name).mkdir(exist_ok=True)
+            Image.new("RGB", (2, 2)).save(tmp_path / name / f"{i}.png")
+
+    def test_files_of_a():
+        dataset = LabelledImageFolder(tmp_path)
+        return {dataset.files[i].name for i in hash_split(dataset)[1] if dataset.labels[i] == 0}
+
+    before = test_files_of_a()
+    Image.new("RGB", (2, 2)).save(tmp_path / "b" / "extra.png")
+    assert test_files_of_a() == before and len(before) == 2
+
+
+def test_resize_and_centre_crop_keeps_the_middle():
+    # 40 x 80 -> 20 x 40 -> the middle 20 columns, source columns 20..60; the bright band
+    # reaches 4 columns further so the antialiasing filter at the crop's edge sees only it
+    image = torch.zeros(3, 40, 80, dtype=torch.uint8)
+    image[:, :, 16:64] = 200
+    crop = resize_and_centre_crop(image, 20)
+    assert crop.shape == (3, 20, 20) and crop.dtype == torch.uint8
+    assert (crop == 200).all()
+    tall = resize_and_centre_crop(image.transpose(1, 2), 20)
+    assert torch.equal(tall, crop.transpose(1, 2))
+
+
+def test_probe_image_folder_errors_name_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "missing"))):
+        probe_image_folder(tiny_vit(), tmp_path / "missing", image_size=32)
+    write_class_folders(tmp_path / "train", per_class=1)
+    (tmp_path / "val" / "red").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"missing \['blue', 'green'\]"):
+        probe_image_folder(tiny_vit(), tmp_path, image_size=32)
+    with pytest.raises(ValueError, match="no class with 2 or more"):
+        probe_image_folder(tiny_vit(), tmp_path / "train", image_size=32)
 
 
 # --- table -----------------------------------------------------------------------------------
