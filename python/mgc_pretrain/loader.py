@@ -8,6 +8,7 @@ sees there.
 """
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import torch
@@ -79,9 +80,18 @@ def batches(dataset: Dataset, transform: TwoViewTransform, *, batch_size: int, s
         # the checkpoint restores (drop-path, query boxes, montages draw from it)
         loader = DataLoader(views, batch_size, sampler=sampler, num_workers=workers,
                             drop_last=True, generator=torch.Generator(),
-                            persistent_workers=False, pin_memory=torch.cuda.is_available())
+                            persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                            worker_init_fn=_ignore_stop_signals)
         yield from loader
         epoch, step_in_epoch = epoch + 1, 0
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Ctrl-C reaches the whole process group, and Slurm or systemd send SIGTERM to every
+    process of a job: a worker must not die of them (the trainer would see a dead worker
+    instead of the signal). The trainer saves and stops its workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def steps_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:

@@ -1,23 +1,33 @@
-"""Figures of a pretraining run: the loss curve and MGC's sampled region correspondences.
+"""Drawing primitives for the run's figures: the loss curve, views, numbered region outlines.
 
 Figures are built with ``matplotlib.figure.Figure`` and drawn by the Agg canvas, never through
 ``pyplot``: no global figure registry to leak into, no display backend needed on a headless
-training node, and nothing to close.
+training node, and nothing to close. The per-method figures that compose these primitives live
+in :mod:`mgc_pretrain.figures`.
 """
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib import colormaps
+from matplotlib import colormaps, patheffects
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.patches import ConnectionPatch, Rectangle
 from torch import Tensor
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+FLIP_COLOUR = "crimson"
+# a dark halo under every coloured line and label keeps it readable on any texture
+HALO = [patheffects.withStroke(linewidth=3.2, foreground="black")]
+
+Rect = tuple[float, float, float, float]   # x0, y0, x1, y1 in the image's pixels
 
 
 def plot_loss_curve(steps: list[int], losses: list[float], path: str | Path, *, title: str = "",
@@ -45,7 +55,7 @@ def plot_loss_curve(steps: list[int], losses: list[float], path: str | Path, *, 
         lr_axes.plot(steps, lrs, color="tab:orange", linestyle="--", linewidth=1.2)
         lr_axes.set_ylabel("learning rate", color="tab:orange")
     loss_axes.legend(loc="upper right")
-    _save(figure, path)
+    save(figure, path)
 
 
 def _moving_average(values: list[float]) -> np.ndarray:
@@ -58,62 +68,14 @@ def _moving_average(values: list[float]) -> np.ndarray:
     return sums / counts
 
 
-def plot_correspondences(view1: Tensor, view2: Tensor, idx1: Tensor, idx2: Tensor,
-                         weight: Tensor, *, grid: int, cell: int, path: str | Path,
-                         title: str = "") -> None:
-    """Write a PNG of two views with their sampled region pairs, like MGC's localisation figure.
-
-    Region ``r`` is row ``r // n``, column ``r % n`` of the ``n x n`` grid (``n = grid // cell``)
-    over each view as shown. Each pair is a rectangle in each view joined by a line, one colour a
-    pair; line width and opacity grow with the pair's weight, and zero-weight (padding) pairs are
-    skipped, so the figure shows what the loss actually learns from.
-
-    Args:
-        view1, view2: ``[3, H, W]`` uint8, or float normalised with ImageNet mean/std.
-        idx1, idx2, weight: 1-D tensors of one image's pairs.
-    """
-    regions_per_side = _regions_per_side(grid, cell)
-    _check_pairs(idx1, idx2, weight, regions_per_side ** 2)
-    figure = Figure(figsize=(8, 4.4), layout="constrained")
-    panels = []
-    for axes, view in zip(figure.subplots(1, 2), (view1, view2)):
-        image = _displayable(view)
-        axes.imshow(image, extent=(0, image.shape[1], image.shape[0], 0))
-        axes.set_axis_off()
-        panels.append((axes, image.shape[:2]))
-    if title:
-        figure.suptitle(title)
-    weight = weight.detach().float().cpu()
-    max_weight = float(weight.max()) if weight.numel() else 0.0
-    colours = colormaps["tab10"]
-    pairs = zip(idx1.tolist(), idx2.tolist(), weight.tolist())
-    for pair, (region1, region2, pair_weight) in enumerate(pairs):
-        if pair_weight > 0:
-            _draw_pair(figure, panels, (region1, region2), regions_per_side,
-                       colours(pair % colours.N), pair_weight / max_weight)
-    _save(figure, path)
+def colours(count: int) -> list[tuple]:
+    """``count`` colours, all distinct up to 10 (tab10), then up to 20 (tab20)."""
+    if count <= 10:
+        return [colormaps["tab10"](i) for i in range(count)]
+    return [colormaps["tab20"](i % 20) for i in range(count)]
 
 
-def _regions_per_side(grid: int, cell: int) -> int:
-    if grid <= 0 or cell <= 0 or grid % cell:
-        raise ValueError(f"cell must be a positive divisor of grid, got grid={grid}, cell={cell}")
-    return grid // cell
-
-
-def _check_pairs(idx1: Tensor, idx2: Tensor, weight: Tensor, num_regions: int) -> None:
-    if not (idx1.dim() == idx2.dim() == weight.dim() == 1
-            and idx1.shape == idx2.shape == weight.shape):
-        raise ValueError(f"idx1 {tuple(idx1.shape)}, idx2 {tuple(idx2.shape)} and weight "
-                         f"{tuple(weight.shape)} must be 1-D of equal length")
-    if weight.numel() and float(weight.min()) < 0:
-        raise ValueError("weight must be non-negative")
-    for name, idx in (("idx1", idx1), ("idx2", idx2)):
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_regions):
-            raise ValueError(f"{name} must lie in [0, {num_regions}), got "
-                             f"[{int(idx.min())}, {int(idx.max())}]")
-
-
-def _displayable(view: Tensor) -> np.ndarray:
+def displayable(view: Tensor) -> np.ndarray:
     """``[3, H, W]`` uint8 or ImageNet-normalised float -> ``[H, W, 3]`` floats in [0, 1]."""
     if view.dim() != 3 or view.shape[0] != 3:
         raise ValueError(f"a view must be [3, H, W], got {tuple(view.shape)}")
@@ -127,33 +89,107 @@ def _displayable(view: Tensor) -> np.ndarray:
     return pixels.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def _draw_pair(figure: Figure, panels: list, regions: tuple[int, int], regions_per_side: int,
-               colour: tuple, strength: float) -> None:
-    """Outline one region in each view and join their centres; ``strength`` in (0, 1].
+def flip_label(flipped: bool) -> str:
+    """How a view's panel title states its flip: training flips views after cropping, so the
+    reader must be told which view is a mirror image, or crossing pair lines look wrong."""
+    return "FLIPPED left \u2194 right" if flipped else "not flipped"
 
-    ``panels`` holds ``(axes, (height, width))`` of each view's image.
+
+def show_image(axes: Axes, image: np.ndarray | Tensor, title: str = "", *,
+               flipped: bool | None = None, fontsize: float = 10) -> None:
+    """An image in pixel coordinates (``(0, 0)`` the top-left corner) without ticks.
+
+    ``flipped`` (a view's flip) adds :func:`flip_label` to the title and, when True, turns the
+    title and a thick frame red, so a mirrored view stands out at a glance.
     """
-    centres = []
-    for (axes, image_shape), region in zip(panels, regions):
-        x0, y0, width, height = _region_rect(region, regions_per_side, image_shape)
-        axes.add_patch(Rectangle((x0, y0), width, height, fill=False, edgecolor=colour,
-                                 linewidth=1.5))
-        centres.append((x0 + width / 2, y0 + height / 2))
-    figure.add_artist(ConnectionPatch(
-        xyA=centres[0], coordsA="data", axesA=panels[0][0], xyB=centres[1], coordsB="data",
-        axesB=panels[1][0], color=colour, alpha=0.3 + 0.7 * strength,
-        linewidth=0.5 + 2.5 * strength))
+    if isinstance(image, Tensor):
+        image = displayable(image)
+    height, width = image.shape[:2]
+    axes.imshow(image, extent=(0, width, height, 0))
+    axes.set(xlim=(0, width), ylim=(height, 0), xticks=[], yticks=[])
+    if flipped is not None:
+        title = f"{title}\n{flip_label(flipped)}" if title else flip_label(flipped)
+    axes.set_title(title, fontsize=fontsize,
+                   color=FLIP_COLOUR if flipped else "black")
+    if flipped:
+        for spine in axes.spines.values():
+            spine.set(edgecolor=FLIP_COLOUR, linewidth=3)
 
 
-def _region_rect(region: int, regions_per_side: int,
-                 image_shape: tuple[int, int]) -> tuple[float, float, float, float]:
-    """``(x0, y0, width, height)`` in pixels of row-major ``region`` of an image."""
-    width, height = image_shape[1] / regions_per_side, image_shape[0] / regions_per_side
-    row, col = divmod(region, regions_per_side)
-    return col * width, row * height, width, height
+def nest_depths(keys: Sequence) -> list[int]:
+    """How many earlier entries share each entry's key: ``[5, 5, 7, 5] -> [0, 1, 0, 2]``.
+
+    Pairs that share a region would draw the same rectangle over each other; drawing the
+    ``d``-th one inset by ``d`` steps (:func:`inset`) keeps every pair's outline visible.
+    """
+    seen: Counter = Counter()
+    depths = []
+    for key in keys:
+        depths.append(seen[key])
+        seen[key] += 1
+    return depths
 
 
-def _save(figure: Figure, path: str | Path) -> None:
+def inset(rect: Rect, depth: int, step: float) -> Rect:
+    """``rect`` shrunk by ``depth * step`` on every side, never below a quarter of its size."""
+    x0, y0, x1, y1 = rect
+    step = min(depth * step, (x1 - x0) * 3 / 8, (y1 - y0) * 3 / 8)
+    return x0 + step, y0 + step, x1 - step, y1 - step
+
+
+def outline(axes: Axes, rect: Rect, colour, label: str = "", *, linestyle="-",
+            linewidth: float = 2.0, corner: int = 0, shade: bool = False) -> None:
+    """Outline ``rect`` in ``colour`` with an optional numbered tag at one of its corners
+    (``corner`` 0-3: top-left, top-right, bottom-left, bottom-right), so that tags of nested
+    outlines sit apart. ``shade`` fills it faintly instead of the dark halo: an area (where
+    something should be) rather than a found position."""
+    x0, y0, x1, y1 = rect
+    axes.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, edgecolor=colour, linewidth=linewidth,
+                             linestyle=linestyle, fill=shade, facecolor=to_rgba(colour, 0.3),
+                             path_effects=[] if shade else HALO))
+    if label:
+        x, y = (x0, x1)[corner % 2], (y0, y1)[corner // 2 % 2]
+        axes.annotate(label, (x, y), fontsize=7, fontweight="bold", color="white",
+                      ha="center", va="center", annotation_clip=False,
+                      bbox=dict(boxstyle="round,pad=0.15", facecolor=colour,
+                                edgecolor="black", linewidth=0.6))
+
+
+def outline_all(axes: Axes, rects: Sequence[Rect], keys: Sequence, palette: Sequence,
+                labels: Sequence[str], *, step: float, linewidths: Sequence[float] | None = None,
+                corners: Sequence[int] | None = None) -> list[Rect]:
+    """Outline every rect in its own colour, nesting those with equal ``keys`` (the same
+    region) by :func:`nest_depths` and turning their tags to other corners (or to ``corners``,
+    e.g. round the four for crops that overlap without being equal); returns the rects as
+    drawn."""
+    depths = nest_depths(keys)
+    corners = depths if corners is None else corners
+    drawn = []
+    widths = linewidths or [2.0] * len(rects)
+    for rect, depth, corner, colour, label, width in zip(rects, depths, corners, palette,
+                                                         labels, widths):
+        shown = inset(rect, depth, step)
+        outline(axes, shown, colour, label, linewidth=width, corner=corner)
+        drawn.append(shown)
+    return drawn
+
+
+def connect(figure: Figure, axes_a: Axes, xy_a: tuple[float, float], axes_b: Axes,
+            xy_b: tuple[float, float], colour, *, alpha: float = 0.8) -> None:
+    """A gently bowed line from a point of one panel to a point of another (data
+    coordinates): the bow grows with the line's length, so lines that run along the same row
+    (pairs of a mirrored view) part instead of drawing over each other."""
+    figure.add_artist(ConnectionPatch(xyA=xy_a, coordsA="data", axesA=axes_a, xyB=xy_b,
+                                      coordsB="data", axesB=axes_b, color=colour,
+                                      alpha=alpha, linewidth=1.5,
+                                      connectionstyle="arc3,rad=0.12"))
+
+
+def centre(rect: Rect) -> tuple[float, float]:
+    return (rect[0] + rect[2]) / 2, (rect[1] + rect[3]) / 2
+
+
+def save(figure: Figure, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)

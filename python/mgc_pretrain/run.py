@@ -137,11 +137,13 @@ def draw_loss(log: Path, png: Path, title: str) -> None:
                     title=title, lrs=[float(r["lr"]) for r in rows])
 
 
-def first_batch(trainer: Trainer, size: int = 8) -> dict:
-    """The training stream's first ``size`` samples (what the figure shows the method do)."""
+def first_batch(trainer: Trainer, most: int = 64) -> dict:
+    """The first samples of the training stream, a batch's worth up to ``most`` (what the
+    figure shows the method do: SMoG's groups and MCL's 7 x 7 montages want many images)."""
     views = TwoViews(trainer.dataset, TwoViewTransform(trainer.cfg.architecture.img_size),
                      trainer.cfg.seed)
-    return default_collate([views[i] for i in range(min(size, len(views)))])
+    size = min(trainer.cfg.batch_size, most, len(views))
+    return default_collate([views[i] for i in range(size)])
 
 
 def evaluate(backbone: str | Path, *, num_train: int = 1024, num_test: int = 512,

@@ -475,17 +475,13 @@ class Trainer:
 def _signals_caught():
     """SIGINT and SIGTERM append their number to the yielded list instead of stopping the
     process, so the loop can save first; a second one exits at once (status 128 + signal).
-    Data-loader workers, forked with this handler, ignore them (Ctrl-C reaches the whole
-    process group): the main process stops them."""
+    Data-loader workers ignore both (``loader._ignore_stop_signals``)."""
     caught: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield caught  # signal handlers can only be set from the main thread
         return
-    trainer_pid = os.getpid()
 
     def handle(signum, frame):
-        if os.getpid() != trainer_pid:
-            return
         if caught:
             print(f"\nmgc-pretrain: second {signal.Signals(signum).name}: stopped without "
                   "saving this step; the last checkpoint is intact", file=sys.stderr)

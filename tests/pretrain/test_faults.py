@@ -119,10 +119,10 @@ def test_sigint_and_sigterm_save_the_step_and_exit_with_one_line(tmp_path, child
     assert "Traceback" not in err and "SIGINT: saved" in err and "--resume" in err, err
     saved = checkpoint.read(output / "last.pt")["step"]
     assert saved == len(logged_steps(output)) >= 2  # the step in flight was kept
-    # a scheduler's SIGTERM, to the trainer only
-    child = start(child_script, output, "--workers", "0")
+    # a scheduler's SIGTERM (Slurm, systemd: to every process of the job, workers included)
+    child = start(child_script, output, "--workers", "1")
     wait_for_steps(child, output, saved + 2)
-    child.send_signal(signal.SIGTERM)
+    os.killpg(child.pid, signal.SIGTERM)
     _, err = child.communicate(timeout=120)
     assert child.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err and "SIGTERM: saved" in err, err

@@ -129,10 +129,16 @@ def test_help_and_steps_zero(tmp_path, capsys):
     assert step_of(out) == 2                      # 32 images / 16: --steps 0 means --epochs
 
 
-def test_short_runs_explain_nothing_away_from_timm(tmp_path, caplog):
+def test_short_runs_do_not_print_timms_one_step_cosine_warning(tmp_path, caplog):
+    from timm.scheduler import CosineLRScheduler
+
+    with caplog.at_level(logging.WARNING):
+        CosineLRScheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)]), t_initial=1)
+    assert "no effect" in caplog.text           # what timm says for a one-step cosine ...
+    caplog.clear()
     with caplog.at_level(logging.WARNING):
         Trainer(micro_config(tmp_path, steps=2))   # 1 warm-up step + a one-step cosine
-    assert "no effect" not in caplog.text
+    assert "no effect" not in caplog.text       # ... and the trainer keeps quiet about
 
 
 def test_backends_that_cannot_run_are_refused_at_start(tmp_path, capsys, monkeypatch):
@@ -218,3 +224,12 @@ def test_resnet50_refuses_the_vit_methods(tmp_path, capsys, method):
     err = refused(capsys, "--method", method, "--output", str(tmp_path),
                   command=["--arch", "resnet50"])
     assert f"--method {method} is not offered with --arch resnet50" in err
+
+
+@pytest.mark.parametrize("minutes, saved_after", [(1e-9, [1, 2, 3]), (0, [3])])
+def test_checkpoints_also_come_every_few_minutes(tmp_path, monkeypatch, minutes, saved_after):
+    trainer = Trainer(micro_config(tmp_path, steps=3, save_every=100, save_minutes=minutes))
+    saved = []
+    monkeypatch.setattr(trainer, "save", saved.append)
+    trainer.fit()
+    assert saved == saved_after
