@@ -123,10 +123,11 @@ def build_optimizer(cfg: Config, method: Method) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
 
 
-def build_scheduler(cfg: Config, optimizer, length: int, steps_per_epoch: int):
+def build_scheduler(cfg: Config, optimizer, length: int,
+                    steps_per_epoch: int) -> CosineLRScheduler:
     """timm's warm-up + cosine over ``length`` steps (the schedule's first length). timm warns
     that a one-step cosine "will have no effect"; that is what a run of warm-up + 1 step asks
-    for, so the warning is replaced by a line that says so."""
+    for, so the warning is silenced (the README says why)."""
     warmup = min(round(cfg.warmup_epochs * steps_per_epoch), length - 1)
     timm_log = logging.getLogger("timm.scheduler.cosine_lr")
     level, timm_log.level = timm_log.level, logging.ERROR
@@ -136,7 +137,7 @@ def build_scheduler(cfg: Config, optimizer, length: int, steps_per_epoch: int):
             warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
     finally:
         timm_log.level = level
-    return scheduler, warmup
+    return scheduler
 
 
 class Distributed:
@@ -282,7 +283,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + 1000 * (1 + self.dist.rank))  # per-rank drop-path etc.
         self.params = [p for p in self.method.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg, self.method)
-        self.scheduler, self.warmup_steps = build_scheduler(
+        self.scheduler = build_scheduler(
             cfg, self.optimizer, round(self.schedule.length), self.steps_per_epoch)
         self.amp_dtype = autocast_dtype(cfg.amp, self.dist.device)
         self.scaler = torch.amp.GradScaler(self.dist.device.type,
@@ -337,8 +338,9 @@ class Trainer:
         if ckpt is None:
             return Schedule.straight(self.total_steps)
         # checkpoints of mgc-pretrain/1 before the schedule was saved ran straight
+        first = Config.from_dict(ckpt["config"])
         saved = ckpt.get("schedule") or Schedule.straight(
-            Config.from_dict(ckpt["config"]).steps or self.total_steps).knots
+            first.steps or first.epochs * self.steps_per_epoch).knots
         return Schedule(saved).retimed(int(ckpt["step"]), self.total_steps)
 
     def _restore(self, ckpt: dict) -> None:

@@ -233,3 +233,12 @@ def test_checkpoints_also_come_every_few_minutes(tmp_path, monkeypatch, minutes,
     monkeypatch.setattr(trainer, "save", saved.append)
     trainer.fit()
     assert saved == saved_after
+
+
+def test_a_checkpoint_from_before_saved_schedules_resumes_as_a_straight_run(tmp_path):
+    Trainer(micro_config(tmp_path, steps=2)).fit()
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    del state["schedule"]
+    torch.save(state, tmp_path / "last.pt")
+    longer = Trainer(micro_config(tmp_path, steps=4, resume="auto"))
+    assert longer.schedule.knots == [(0, 0.0), (2, 2.0), (4, 2.0)]
