@@ -463,8 +463,9 @@ class Trainer:
                             or timed_out:
                         self.save(step + 1)
                         last_save = time.monotonic()
-                    if signalled:
-                        raise Interrupted(caught[0], step + 1, self.checkpoint_path)
+                    if signalled:  # here or on another rank (then say SIGTERM here)
+                        raise Interrupted(caught[0] if caught else signal.SIGTERM, step + 1,
+                                          self.checkpoint_path)
         finally:
             bar.close()
             if log is not None:
