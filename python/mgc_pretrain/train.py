@@ -218,15 +218,31 @@ class Log:
     def __init__(self, output: Path, start_step: int, extra: tuple[str, ...]):
         self.path = output / "log.csv"
         self.columns = self.COLUMNS + extra
-        kept = []
-        if start_step > 0 and self.path.exists():
-            with open(self.path, newline="") as f:
-                kept = [row for row in csv.DictReader(f) if int(row["step"]) < start_step]
-        self.file = open(self.path, "w", newline="")
+        self._rewrite(self._rows_before(start_step))
+        self.file = open(self.path, "a", newline="")
         self.writer = csv.DictWriter(self.file, self.columns, extrasaction="ignore")
-        self.writer.writeheader()
-        self.writer.writerows(kept)
         self.tensorboard = _summary_writer(output / "tb", start_step)
+
+    def _rows_before(self, start_step: int) -> list[dict]:
+        """The whole rows of the steps before ``start_step`` (a kill mid-write leaves a torn
+        last row: it lacks fields)."""
+        if start_step == 0 or not self.path.exists():
+            return []
+        with open(self.path, newline="") as f:
+            return [row for row in csv.DictReader(f)
+                    if None not in row.values() and int(row["step"]) < start_step]
+
+    def _rewrite(self, rows: list[dict]) -> None:
+        """Header and ``rows`` to a temporary file renamed over the log: a kill meanwhile
+        leaves the old log, never a truncated one."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def write(self, row: dict) -> None:
         self.writer.writerow(row)

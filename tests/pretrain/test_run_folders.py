@@ -242,3 +242,14 @@ def test_a_checkpoint_from_before_saved_schedules_resumes_as_a_straight_run(tmp_
     torch.save(state, tmp_path / "last.pt")
     longer = Trainer(micro_config(tmp_path, steps=4, resume="auto"))
     assert longer.schedule.knots == [(0, 0.0), (2, 2.0), (4, 2.0)]
+
+
+def test_a_log_row_torn_by_a_kill_is_dropped_on_resume(tmp_path):
+    Trainer(micro_config(tmp_path, steps=3)).fit(until=2)
+    with open(tmp_path / "log.csv", "a") as f:
+        f.write("2,0.25,13.1")   # killed while writing step 2's row ...
+    with open(tmp_path / "log.csv", "a") as f:
+        f.write("\n1")           # ... or with only part of a step number written
+    Trainer(micro_config(tmp_path, steps=3, resume="auto")).fit()
+    assert [int(r["step"]) for r in log_rows(tmp_path)] == [0, 1, 2]
+    assert all(None not in r.values() for r in log_rows(tmp_path))
