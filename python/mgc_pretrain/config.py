@@ -3,6 +3,7 @@ written to ``config.json`` in the run folder and restored from there by ``--resu
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -113,7 +114,10 @@ class Config:
 
 
 def write_json(cfg: Config, path: Path) -> None:
-    path.write_text(json.dumps(cfg.as_dict(), indent=2) + "\n")
+    """Written beside and renamed over ``path``: a kill meanwhile leaves the old settings."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(cfg.as_dict(), indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> Config:
