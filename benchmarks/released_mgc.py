@@ -2,7 +2,7 @@
 loops for the pair sampling, materialised logits for the loss.
 
 Written (our own code, not the released code) from the rule as the released code runs it
-(METHODS.md §1): boxes as
+(docs/methods.md §1.4): boxes as
 (x, y, h, w) source pixels, the crops' overlap expressed in view-1 pixels (a ``view_size``-pixel
 view split into ``n`` cells of ``P = view_size / n`` pixels) with float32 arithmetic, view-1 cells
 visited with an IoU-dependent stride, each visited cell's part of the overlap carried into view 2
@@ -10,8 +10,8 @@ to enumerate the view-2 cells it touches, weight ``overArea * overArea2 / (s1 + 
 the top ``K`` (or zero padding). It shares no code with the library on purpose: the tests
 compare the library with it, and the benchmarks time it as the released pipeline's approach
 (per-sample Python loops in the data workers). The loss (:func:`contrastive_loss`,
-:func:`mgc_loss`) is written from METHODS.md §1 the way the released code computes it: the whole
-logit matrix and a mean cross-entropy in which the pair weights cancel.
+:func:`mgc_loss`) is written from docs/methods.md §1.5 the way the released code computes it:
+the whole logit matrix and a mean cross-entropy in which the pair weights cancel.
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def sample_pairs_batch(boxes1, flips1, boxes2, flips2, grid: int = 14, cells=(1,
 def contrastive_loss(q, k, weights, temperature: float):
     """The released loss of one granularity and direction: the whole ``[N, M]`` logit matrix,
     a mean-reduced cross-entropy (row ``r``'s positive is key ``r``), multiplied by the pair
-    weights and divided by their sum, so that the weights cancel (METHODS.md §1)."""
+    weights and divided by their sum, so that the weights cancel (docs/methods.md §1.6)."""
     q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
     logits = (q @ k.T).to(torch.promote_types(q.dtype, torch.float32)) / temperature
     loss = F.cross_entropy(logits, torch.arange(len(q), device=q.device))

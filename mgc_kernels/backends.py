@@ -2,9 +2,11 @@
 
 Every op has a plain-PyTorch reference (``torch``), registered here by ``reference/``; faster
 backends register their kernels the same way. ``auto`` (the default, or ``MGC_KERNELS_BACKEND``)
-picks Triton for CUDA tensors when Triton imports and has the op, else the reference, warning once
-when a CUDA tensor falls back to the slower reference. A backend asked for by name that cannot run
-raises a ``RuntimeError`` that says why.
+picks, for CUDA tensors, Triton when it imports and has the op, else the reference, warning once
+when a CUDA tensor falls back to the slower reference; for CPU tensors, the native C++ kernels
+when the op has them and the extension loads without compiling (built ahead of time, or an
+earlier build in the cache: ``python -m mgc_kernels.env --build-native``), else the reference.
+A backend asked for by name that cannot run raises a ``RuntimeError`` that says why.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import warnings
 from typing import Callable
 
 import torch
+
+from . import native
 
 BACKENDS = ("auto", "torch", "triton", "native")
 ENV_VAR = "MGC_KERNELS_BACKEND"
@@ -100,8 +104,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def backend_status(backend: str) -> tuple[bool, str]:
-    """``(loads, why)`` for a concrete backend, independent of any op or device."""
+def backend_status(backend: str, build: bool = True) -> tuple[bool, str]:
+    """``(loads, why)`` for a concrete backend, independent of any op or device. ``build=False``
+    leaves the native extension uncompiled when no finished build is found (``loads`` False)."""
     if backend == "torch":
         return True, f"PyTorch {torch.__version__}"
     if backend == "triton":
@@ -113,9 +118,7 @@ def backend_status(backend: str) -> tuple[bool, str]:
                            "set TRITON_INTERPRET=1 before importing triton to run on CPU")
         return True, f"Triton {version}"
     if backend == "native":
-        from . import native
-
-        return native.status()
+        return native.status(build)
     raise ValueError(f"backend must be one of the concrete backends {BACKENDS[1:]}, "
                      f"got {backend!r}")
 
@@ -149,8 +152,6 @@ def resolve(op: str, backend: str | None, device: torch.device,
         raise RuntimeError(f"{op}: backend {requested!r} has no implementation of this op yet; "
                            f"use backend='torch' or 'auto'")
     if requested == "native":
-        from . import native
-
         runs, why = native.supports(device)
         if not runs:
             raise RuntimeError(f"{op}: backend 'native' cannot run on {device}: {why}")
@@ -161,6 +162,9 @@ def resolve(op: str, backend: str | None, device: torch.device,
 
 
 def _auto(op: str, device: torch.device) -> str:
+    if device.type == "cpu":
+        native_runs = (op, "native") in _IMPLS and native.status(build=False)[0]
+        return "native" if native_runs else "torch"
     if device.type != "cuda":
         return "torch"
     loads, why = backend_status("triton")
@@ -172,3 +176,7 @@ def _auto(op: str, device: torch.device) -> str:
         warnings.warn(f"{op}: no Triton kernel can run here ({reason}); "
                       "using the slower torch reference on CUDA", RuntimeWarning, stacklevel=4)
     return "torch"
+
+
+# Settled at import, not at the first call: torch.compile traces ``auto``, but not a file probe.
+native.status(build=False)

@@ -1,11 +1,14 @@
-"""Environment report: ``python -m mgc_kernels.env``.
+"""Environment report: ``python -m mgc_kernels.env [--build-native]``.
 
 Prints versions, CUDA devices, which backends load (and why not) and which backend ``auto`` picks
-for each op on CPU and CUDA tensors. Paste its output into bug reports. It never raises: anything
-that goes wrong while probing is reported in place of the value.
+for each op on CPU and CUDA tensors. Paste its output into bug reports. The report never raises
+and never compiles: anything that goes wrong while probing is reported in place of the value.
+``--build-native`` first compiles the native extension (C++, and CUDA where a GPU and nvcc are
+present) into the extension cache, once, so that ``auto`` runs the C++ kernels on CPU tensors.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import importlib.util
 import os
@@ -67,13 +70,15 @@ def _default_backend() -> str:
         name = backends.default_backend()
     except ValueError as e:
         return f"INVALID {backends.ENV_VAR}={os.environ.get(backends.ENV_VAR)!r}: {e}"
+    if name == "native" and not backends.backend_status(name, build=False)[0]:
+        return f"{name} ({source}); the first call without backend= builds it"
     if name != "auto" and not backends.backend_status(name)[0]:
         return f"{name} ({source}); calls without backend= will raise: not available"
     return f"{name} ({source})"
 
 
 def _backend_status(name: str) -> str:
-    loads, why = backends.backend_status(name)
+    loads, why = backends.backend_status(name, build=False)
     return f"{'yes' if loads else 'no '}  {why}"
 
 
@@ -85,6 +90,17 @@ def _auto_picks() -> list[tuple[str, str]]:
         picks = [_try(lambda d=d: backends.resolve(op, "auto", d)) for d in (cpu, cuda)]
         rows.append((op, f"{picks[0]:<7} {picks[1]}"))
     return rows
+
+
+def _auto_reasons() -> list[tuple[str, str]]:
+    native_loads, native_why = backends.backend_status("native", build=False)
+    cpu = (f"native where the op has C++ kernels ({native_why})" if native_loads
+           else f"torch: the native extension is {native_why}" if native_why.startswith("not built")
+           else f"torch: the native extension does not load ({native_why})")
+    triton_loads, triton_why = backends.backend_status("triton")
+    cuda = ("triton where the op has a kernel" if triton_loads
+            else f"torch, with a one-time warning: {triton_why}")
+    return [("cpu", cpu), ("cuda", cuda)]
 
 
 def report() -> str:
@@ -115,15 +131,32 @@ def report() -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             lines += _table(_try_rows(_auto_picks), "  ")
+            lines.append("auto, because:")
+            lines += _table(_try_rows(_auto_reasons), "  ")
     finally:
         backends._warned_fallback.clear()
         backends._warned_fallback.update(seen)
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mgc_kernels.env", description="mgc_kernels' environment: versions, devices, which backends load and what "
+                    "auto picks, and why")
+    parser.add_argument("--build-native", action="store_true",
+                        help="compile the native extension into the extension cache first "
+                             "(once; then auto runs the C++ kernels on CPU tensors)")
+    args = parser.parse_args(argv)
+    built = True
+    if args.build_native:
+        from mgc_kernels import native
+
+        print(f"building the native extension from {native.CSRC} (a minute or two) ...",
+              flush=True)
+        built, why = native.build()
+        print(("built: " if built else "the build failed: ") + why, flush=True)
     print(report())
+    return 0 if built else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,7 +5,7 @@ so the data pipeline must hand over, with each view, its crop box in source-imag
 whether it was flipped. torchvision's ``RandomResizedCrop`` throws that information away; this
 module draws the crops itself and returns it.
 
-The recipe is the official MGC one (METHODS.md, section 1): RandomResizedCrop boxes, view 2
+The recipe is the official MGC one (docs/methods.md §1.1): RandomResizedCrop boxes, view 2
 re-drawn until its IoU with view 1 is above ``min_iou``, a horizontal flip per view after
 cropping, then the photometric ops. Boxes are ``(x0, y0, x1, y1)`` with integer coordinates in
 source pixels, ``x1``/``y1`` exclusive, so ``x1 - x0`` is the crop's width.

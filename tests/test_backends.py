@@ -5,6 +5,7 @@ import importlib.util
 import itertools
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import mgc_kernels as mk
-from mgc_kernels import backends, env
+from mgc_kernels import backends, env, native
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")
@@ -45,13 +46,63 @@ def embeddings(n=4, d=8):
 # ---------------------------------------------------------------- resolve on CPU
 
 
-@pytest.mark.parametrize("op", ["correspondence", "info_nce", "multigrain_pool", "region_boxes",
-                                "sample_pairs", "geometric_info_nce"])
-def test_auto_picks_torch_on_cpu(op):
+NATIVE_OPS = ("correspondence", "multigrain_pool", "sample_pairs")   # the ops csrc/ has
+OTHER_OPS = ("geometric_info_nce", "info_nce", "linear_soft_ce", "region_boxes")
+
+
+class _FakeExtension:
+    with_cuda = False
+
+
+def _no_build():
+    raise AssertionError("auto must never compile the native extension")
+
+
+@pytest.fixture
+def native_found(monkeypatch):
+    """The native loader as after finding a finished build (and unable to compile)."""
+    monkeypatch.setattr(native, "_loaded", [(_FakeExtension(), "built in (a test)")])
+    monkeypatch.setattr(native, "_build", _no_build)
+
+
+@pytest.fixture
+def native_unbuilt(monkeypatch):
+    """The native loader as on a machine where nothing is built yet (and unable to compile)."""
+    monkeypatch.setattr(native, "_loaded", [])
+    monkeypatch.setattr(native, "_not_loaded", ["not built yet (a test)"])
+    monkeypatch.setattr(native, "_build_failed", [])
+    monkeypatch.setattr(native, "_build", _no_build)
+
+
+@pytest.mark.parametrize("op", NATIVE_OPS + OTHER_OPS)
+def test_auto_on_cpu_without_a_native_build_is_torch_and_compiles_nothing(op, native_unbuilt):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning for CPU tensors
         assert backends.resolve(op, "auto", CPU) == "torch"
         assert backends.resolve(op, None, CPU) == "torch"
+
+
+@pytest.mark.parametrize("op", NATIVE_OPS)
+def test_auto_on_cpu_uses_a_finished_native_build(op, native_found):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.resolve(op, "auto", CPU) == "native"
+        assert backends.resolve(op, None, CPU) == "native"
+    assert backends.resolve(op, "auto", CPU, torch.float64) == "torch"  # the fp64 spec
+    assert backends.resolve(op, "auto", torch.device("meta")) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # CUDA keeps its rule: triton, else the reference
+        assert backends.resolve(op, "auto", CUDA) in ("triton", "torch")
+
+
+@pytest.mark.parametrize("op", OTHER_OPS)
+def test_auto_on_cpu_keeps_torch_for_ops_without_cpp_kernels(op, native_found):
+    assert backends.resolve(op, "auto", CPU) == "torch"
+
+
+def test_the_cpp_kernels_are_the_registered_native_ops():
+    assert {op for op in backends.registered_ops() if (op, "native") in backends._IMPLS} \
+        == set(NATIVE_OPS)
 
 
 def test_explicit_torch_runs():
@@ -149,7 +200,7 @@ def test_register_rejects_unknown_backend(name):
 def test_backend_status():
     assert backends.backend_status("torch") == (True, f"PyTorch {torch.__version__}")
     loads, why = backends.backend_status("native")
-    assert why and (not loads or "csrc" in why or "ahead-of-time" in why)
+    assert why and (not loads or "built in" in why or "ahead-of-time" in why)
     loads, why = backends.backend_status("triton")
     if importlib.util.find_spec("triton") is None:
         assert not loads and "not installed" in why
@@ -220,9 +271,9 @@ def test_env_module_runs():
     assert "triton" in out and "auto" in out
     for name in CONCRETE:
         assert name in out
-    assert backends.backend_status("native")[1] in out
+    assert re.search(r"^  native +(yes +(built in|ahead-of-time)|no +\S)", out, re.M), out
     assert backends.backend_status("triton")[1] in out
-    assert "Traceback" not in proc.stderr
+    assert proc.stderr == ""  # no stray warnings, tracebacks or build output
 
 
 def test_env_module_reports_bad_env_var():
@@ -269,9 +320,9 @@ def test_non_triton_errors_pass_through():
 def fresh_native(monkeypatch, tmp_path):
     """The native loader with nothing loaded yet, an empty extension cache, no ahead-of-time
     build, and csrc/ replaced by ``tmp_path / "csrc"``."""
-    from mgc_kernels import native
-
     monkeypatch.setattr(native, "_loaded", [])
+    monkeypatch.setattr(native, "_not_loaded", [])
+    monkeypatch.setattr(native, "_build_failed", [])
     monkeypatch.setattr(native, "CSRC", tmp_path / "csrc")
     monkeypatch.setattr(native, "JIT_NAME", "mgc_kernels_native_test_broken")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
@@ -302,3 +353,102 @@ def test_native_failed_build_is_unavailable_not_a_crash(fresh_native):
     fresh_native.CSRC.mkdir()
     (fresh_native.CSRC / "broken.cpp").write_text("this is not C++\n")
     _assert_unavailable_once(fresh_native, "building csrc/ failed")
+
+
+def test_a_cached_build_is_named_by_its_sources_and_torch(fresh_native, monkeypatch):
+    shutil.copytree(native.PACKAGE.parent / "csrc", fresh_native.CSRC)
+    first = fresh_native.build_dir(cuda=False)
+    assert first.parent == fresh_native.cache_root() and first != fresh_native.build_dir(True)
+    (fresh_native.CSRC / "native.h").write_text("// changed\n", encoding="utf-8")
+    edited = fresh_native.build_dir(cuda=False)
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert len({first, edited, fresh_native.build_dir(cuda=False)}) == 3
+
+
+def test_a_cached_build_that_does_not_import_is_not_used(fresh_native):
+    shutil.copytree(native.PACKAGE.parent / "csrc", fresh_native.CSRC)
+    folder = fresh_native.build_dir(cuda=False)
+    folder.mkdir(parents=True)
+    (folder / f"{folder.name}.so").write_bytes(b"not a shared object")
+    (folder / fresh_native.BUILT).write_text("")
+    loads, why = fresh_native.status(build=False)
+    assert not loads and "does not import" in why and str(folder) in why
+    assert backends.resolve("sample_pairs", "auto", CPU) == "torch"
+
+
+def test_a_half_finished_build_is_not_used(fresh_native):
+    """A folder without the stamp (a build killed before it loaded) does not count."""
+    shutil.copytree(native.PACKAGE.parent / "csrc", fresh_native.CSRC)
+    folder = fresh_native.build_dir(cuda=False)
+    folder.mkdir(parents=True)
+    (folder / f"{folder.name}.so").write_bytes(b"half a shared object")
+    loads, why = fresh_native.status(build=False)
+    assert not loads and why.startswith("not built yet") and native.BUILD_COMMAND in why
+
+
+def _python(code, **extra):
+    proc_env = {k: v for k, v in os.environ.items() if k != backends.ENV_VAR}
+    proc_env.update(extra)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=proc_env, timeout=300)
+
+
+RESOLVE_IN_A_NEW_PROCESS = """
+import torch, mgc_kernels as mk
+from mgc_kernels import native
+print(mk.backends.resolve("sample_pairs", None, torch.device("cpu")))
+print(native.status(build=False)[1])
+"""
+
+
+def test_a_new_process_uses_the_finished_build_without_compiling():
+    loads, why = backends.backend_status("native")  # builds here on first use, if it must
+    if not loads:
+        pytest.skip(f"the native backend does not build here: {why}")
+    built = [p for p in native.cache_root().glob(f"{native.JIT_NAME}*/*.so")]
+    mtimes = {p: p.stat().st_mtime_ns for p in built}
+    proc = _python(RESOLVE_IN_A_NEW_PROCESS)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    pick, how = proc.stdout.splitlines()
+    assert pick == "native" and (how.startswith("built in") or how == "ahead-of-time build")
+    assert {p: p.stat().st_mtime_ns for p in built} == mtimes  # nothing recompiled
+
+
+def test_auto_in_a_new_process_without_a_build_compiles_nothing(tmp_path):
+    if importlib.util.find_spec("mgc_kernels._native") is not None:
+        pytest.skip("an ahead-of-time build is installed here")
+    proc = _python(RESOLVE_IN_A_NEW_PROCESS + """
+w = mk.correspondence(torch.tensor([[0., 0., 64., 64.]]), torch.tensor([False]),
+                      torch.tensor([[8., 8., 72., 72.]]), torch.tensor([True]), grid=4)
+print(tuple(w.shape))
+""", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.splitlines() == ["torch", f"not built yet ({native.BUILD_COMMAND} builds "
+                                        "it, in a minute or two)", "(1, 16, 16)"]
+    assert not any(tmp_path.iterdir())
+
+
+def test_import_and_nvcc_probe_print_nothing():
+    """torch logs "No CUDA runtime is found" when its extension helper is imported on a machine
+    without a GPU; the library keeps that line out of a user's output."""
+    proc = _python("import mgc_kernels; from mgc_kernels import native; native.nvcc_found()",
+                   CUDA_HOME=os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == "", proc.stderr
+
+
+def test_build_native_flag_reports_the_build(native_unbuilt, monkeypatch, capsys):
+    monkeypatch.setattr(native, "_cuda_wanted", lambda: False)
+    monkeypatch.setattr(native, "_build", lambda: (_FakeExtension(), "built in (a test)"))
+    assert env.main(["--build-native"]) == 0
+    out = capsys.readouterr().out
+    assert "built: built in (a test)" in out
+    assert re.search(r"^  sample_pairs +native", out, re.M), out
+
+
+def test_build_native_flag_fails_loudly(native_unbuilt, monkeypatch, capsys):
+    monkeypatch.setattr(native, "_cuda_wanted", lambda: False)
+    monkeypatch.setattr(native, "_build", lambda: (None, "building csrc/ failed: boom"))
+    assert env.main(["--build-native"]) == 1
+    out = capsys.readouterr().out
+    assert "the build failed: building csrc/ failed: boom" in out
+    assert re.search(r"^  sample_pairs +torch", out, re.M), out

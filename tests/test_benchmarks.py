@@ -196,7 +196,7 @@ def test_an_unavailable_case_is_skipped_rows():
 
 def test_released_loss_is_the_plain_mean():
     """The released loss multiplies a mean cross-entropy by the pair weights over their sum:
-    the weights cancel (METHODS.md §1), leaving the unweighted InfoNCE."""
+    the weights cancel (docs/methods.md §1.6), leaving the unweighted InfoNCE."""
     gen = torch.Generator().manual_seed(0)
     q, k = (torch.randn(12, 8, generator=gen, dtype=torch.float64) for _ in range(2))
     weights = torch.rand(12, generator=gen, dtype=torch.float64)

@@ -544,8 +544,9 @@ def test_large_logits_stay_finite():
 
 def test_fp16_inputs_with_large_norms():
     """fp16 values ~2e4 are finite, but their L2 norm (~8e4) is not representable in fp16: the
-    normalisation must accumulate in fp32 (DESIGN: every op accumulates in fp32), else the
-    normalised rows are 0 (or NaN) and the loss is log(M) or NaN instead of the right value."""
+    normalisation must accumulate in fp32 (docs/methods.md §7: every op accumulates in fp32),
+    else the normalised rows are 0 (or NaN) and the loss is log(M) or NaN instead of the right
+    value."""
     gen = torch.Generator().manual_seed(15)
     _, _, qr, kr, qi, ki = _small_case(torch.float32, gen)
     q = leaf(rand(gen, 4, 16, scale=2e4), torch.float16)

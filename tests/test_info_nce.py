@@ -367,7 +367,8 @@ def test_no_gradient_written_into_inputs_and_inputs_unchanged():
 
 
 def test_fp64_inputs_keep_fp64_precision():
-    """DESIGN: the torch reference is float64-capable (it is the fp64 spec and is gradchecked)."""
+    """docs/methods.md §7: the torch reference is float64-capable (it is the fp64 spec and is
+    gradchecked)."""
     gen = torch.Generator().manual_seed(15)
     q0, k0 = rand(gen, 5, 8), rand(gen, 6, 8)
     t = torch.randint(0, 6, (5,), generator=gen)
@@ -618,8 +619,9 @@ def test_soft_target_weights_whose_sum_overflows_are_still_normalised():
 
 def test_fp16_inputs_with_large_norms():
     """fp16 values ~2e4 are finite, but their L2 norm (~8e4) is not representable in fp16: the
-    normalisation must accumulate in fp32 (DESIGN: every op accumulates in fp32), else the
-    normalised rows are 0 (or NaN) and the loss is log(M) or NaN instead of the right value."""
+    normalisation must accumulate in fp32 (docs/methods.md §7: every op accumulates in fp32),
+    else the normalised rows are 0 (or NaN) and the loss is log(M) or NaN instead of the right
+    value."""
     gen = torch.Generator().manual_seed(23)
     q0, k0 = rand(gen, 3, 16, scale=2e4), rand(gen, 4, 16, scale=2e4)
     t = torch.tensor([0, 1, 3])

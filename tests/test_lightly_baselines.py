@@ -87,9 +87,9 @@ def _cos(x, groups):
 
 
 def _lightly_smog_formula(p1, z2, groups, beta, temperature):
-    """METHODS.md §3 with lightly's choices: the target is z2's group; each p1 row moves the
-    group of ITS OWN argmax cosine by its raw (unnormalised) mean, with gradient; the moved
-    groups are stored without re-normalisation. Returns (loss, groups to store)."""
+    """docs/methods.md §3 (SMoG) with lightly's choices: the target is z2's group; each p1 row
+    moves the group of ITS OWN argmax cosine by its raw (unnormalised) mean, with gradient; the
+    moved groups are stored without re-normalisation. Returns (loss, groups to store)."""
     targets = _cos(z2, groups).argmax(1)
     own = _cos(p1.detach(), groups).argmax(1)
     one_hot = F.one_hot(own, K).to(F64)

@@ -229,7 +229,8 @@ def test_multigrain_pool_matches_torch(problem, batch, channels, dtype, seed):
 
 @pytest.mark.parametrize("dtype, ulp", [(torch.float16, 2 ** -10), (torch.bfloat16, 2 ** -7)])
 def test_multigrain_pool_16_bit(dtype, ulp):
-    """16-bit tokens accumulate in fp32: within the reference's own rounding (DESIGN.md's rule)."""
+    """16-bit tokens accumulate in fp32: within the reference's own rounding (the tolerance
+    rule, docs/methods.md §7)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 196, 40, generator=gen, dtype=torch.float64).to(dtype)
     cells = [1, 2, 7, 14]

@@ -1,6 +1,6 @@
 """``geometric_info_nce`` on the Triton backend (through the interpreter on CPU) against the torch
-reference, by the tolerance rule of DESIGN.md (see tests/test_triton_info_nce.py): all three
-metrics, several images, rows without any overlap, boxes that only touch, tiles of 16 with
+reference, by the tolerance rule (docs/methods.md §7; see tests/test_triton_info_nce.py): all
+three metrics, several images, rows without any overlap, boxes that only touch, tiles of 16 with
 ragged last tiles, fp32 and fp64 boxes (the kernels make the targets in fp32), fp32 and fp16
 features (bf16 in tests/gpu). The ``test_fp16_*`` tests aim at the geometric side of the fp16
 paths: the targets are inside the tile, so ``softmax - target`` must be formed in fp32 before

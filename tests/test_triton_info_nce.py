@@ -1,6 +1,7 @@
 """``info_nce`` on the Triton backend (through the interpreter on CPU) against the torch reference.
 
-Every comparison follows DESIGN.md's rule: ``|triton - exact| <= |torch - exact| + tol``, with
+Every comparison follows the tolerance rule (docs/methods.md §7):
+``|triton - exact| <= |torch - exact| + tol``, with
 ``torch`` the reference backend on the same inputs and ``exact`` the reference in fp64 on those
 inputs, for the loss and both gradients, in fp32 and fp16 (inputs rounded to fp16 first, so that
 all three see the same values; bf16 is left to tests/gpu: the interpreter multiplies its bit

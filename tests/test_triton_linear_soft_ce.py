@@ -1,9 +1,10 @@
 """``linear_soft_ce`` on the Triton backend (the interpreter on CPU) against the torch reference,
-by DESIGN.md's rule ``|triton - exact| <= |torch - exact| + tol`` (``torch`` the reference on the
-same inputs, ``exact`` the reference in fp64), for the loss, the teacher mean and both
-gradients, in fp32 and fp16 (inputs rounded to fp16 first; bf16 is left to tests/gpu: the
-interpreter multiplies its bit patterns). ``small_blocks`` shrinks the tiles to 16 so that the
-sizes below span several tiles with a ragged last one (K not a multiple of the tile).
+by the tolerance rule (docs/methods.md §7) ``|triton - exact| <= |torch - exact| + tol``
+(``torch`` the reference on the same inputs, ``exact`` the reference in fp64), for the loss, the
+teacher mean and both gradients, in fp32 and fp16 (inputs rounded to fp16 first; bf16 is left
+to tests/gpu: the interpreter multiplies its bit patterns). ``small_blocks`` shrinks the tiles
+to 16 so that the sizes below span several tiles with a ragged last one (K not a multiple of the
+tile).
 
 The ``test_fp16_*`` tests aim at what differs by dtype: ``p - t`` is formed in fp32 before the
 tile is rounded to fp16 for the second dot, the row gradients are applied after the dot (dx) or

@@ -1,5 +1,6 @@
 """The Triton multigrain_pool kernels (through Triton's interpreter on CPU) against the torch
-reference by DESIGN.md's rule ``|triton - exact| <= |torch - exact| + tol`` (``exact`` in fp64):
+reference by the tolerance rule (docs/methods.md §7)
+``|triton - exact| <= |torch - exact| + tol`` (``exact`` in fp64):
 every granularity's output and the tokens' gradient, on awkward grids, cells and channel counts,
 on both forward paths (one tile per image, and the chunked path of large grids), in fp32 and fp16
 (bf16 is left to tests/gpu: the interpreter multiplies its bit patterns in ``tl.dot``)."""

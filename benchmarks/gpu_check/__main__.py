@@ -5,8 +5,8 @@ interpreter) so that CI keeps the command working between GPU sessions.
 Phases, each in processes of its own with its own time cap (a failure or a hang in one never
 costs the next; a phase out of time is killed and reported so):
 
-  env       GPU, driver, clocks, torch / Triton / nvcc versions, ``python -m mgc_kernels.env``
-            (which builds the native extension, CUDA included)
+  env       GPU, driver, clocks, torch / Triton / nvcc versions, ``python -m mgc_kernels.env
+            --build-native`` (the native extension, CUDA included, built once)
   smoke     every op on every backend in fp32, bf16 and fp16, tiny shapes, forward and backward:
             a pass/fail table per (op, backend, dtype) with the first line of each error
   headline  the correctness checks at the sizes of the performance targets, bf16, against the

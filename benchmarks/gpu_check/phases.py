@@ -48,7 +48,7 @@ def _command(*argv: str) -> str:
 
 
 def env(args, device):
-    from mgc_kernels import env as report
+    from mgc_kernels import env as report, native
 
     yield {"gpu": _command("nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,"
                            "clocks.max.sm,clocks.mem,memory.total", "--format=csv,noheader"),
@@ -56,8 +56,8 @@ def env(args, device):
            "torch_cuda": torch.version.cuda, "triton": results.versions()["triton"],
            "nvcc": _command("nvcc", "--version"), "python": sys.version.split()[0],
            "commit": results.versions()["commit"]}
-    text = report.report()  # loads (and on first use builds) the native extension
-    print(text, flush=True)
+    native.build()  # C++ and CUDA, once: what --build-native does; the later phases load it
+    print(report.report(), flush=True)
     yield {"backends": {b: _backend_status(b) for b in ("torch", "triton", "native")}}
 
 

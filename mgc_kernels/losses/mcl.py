@@ -66,11 +66,11 @@ class MCLLoss(nn.Module):
 
     Args:
         ratios: montage ratio of each level, strictly increasing (coarsest first), each dividing
-            ``grid`` (METHODS.md: 1, 2, 7 on a 14 x 14 grid).
+            ``grid`` (docs/methods.md §5 (MCL): 1, 2, 7 on a 14 x 14 grid).
         level_weights: ``w_l``, one non-negative number per level with a positive sum; None for
             :func:`default_level_weights`.
-        temperature: ``tau``; 0.2 (MoCo v2's value, the baseline MCL builds on; METHODS.md
-            gives none).
+        temperature: ``tau``; 0.2 (MoCo v2's value, the baseline MCL builds on; docs/methods.md
+            §5 (MCL) compares it with the released configuration).
         grid: tokens per side of the patch grid (14 for ViT-S/16 at 224 px).
         gather_distributed: all-gather keys over ``torch.distributed`` ranks.
         backend: op backend (``None`` = the library default).

@@ -1,6 +1,6 @@
 """SMoG: Synchronous Momentum Grouping.
 
-Pang, Zhang, Wu, Dai, Wang, Chen, Mei, Li: "Unsupervised Visual Representation Learning by
+Pang, Zhang, Li, Cai, Lu: "Unsupervised Visual Representation Learning by
 Synchronous Momentum Grouping", ECCV 2022 (arXiv:2207.06167).
 
 Instead of contrasting instances, SMoG contrasts each image with ``K`` group features: the target

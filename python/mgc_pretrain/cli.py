@@ -6,8 +6,14 @@ import signal
 import sys
 from collections.abc import Callable
 
-from .config import METHODS, PRESETS, Config
-from .models import ARCHS
+try:
+    from .config import METHODS, PRESETS, Config
+    from .models import ARCHS
+except ModuleNotFoundError as err:  # mgc_kernels installed without its train extra
+    if err.name not in ("timm", "torchvision", "tqdm", "matplotlib", "tensorboard"):
+        raise
+    raise SystemExit(f"mgc-pretrain needs the 'train' extra of mgc_kernels ({err.name} is not "
+                     "installed): pip install 'mgc_kernels[train]'") from None
 
 COMMANDS = ("train", "eval", "export")
 # a flag left out stays out of the namespace, so Config's default (or the --arch preset) applies

@@ -1,5 +1,6 @@
 """The multigrain_pool checks that the Triton and the native CUDA tests share: a fast backend
-against the torch reference by DESIGN.md's rule ``|fast - exact| <= |reference - exact| + tol``
+against the torch reference by the tolerance rule (docs/methods.md §7)
+``|fast - exact| <= |reference - exact| + tol``
 (``exact`` in fp64), forward and backward (``check_forward`` and ``check_backward`` come from
 tests/_helpers.py, shared with the interpreter tests), determinism and int64 offsets."""
 import torch

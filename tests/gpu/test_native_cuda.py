@@ -4,7 +4,8 @@ reference.
 Geometry (``correspondence``, ``sample_pairs``) must equal the reference bit for bit and index
 for index. The reference they are compared with runs on the CPU: that is the spec (correctly
 rounded divisions); the reference run on CUDA tensors divides by a Python number through a
-rounded reciprocal, which may differ in the last bit. Pooling follows DESIGN.md's rule
+rounded reciprocal, which may differ in the last bit. Pooling follows the tolerance rule
+(docs/methods.md §7)
 ``|fast - exact| <= |reference - exact| + tol`` against the reference on CUDA in the same dtype.
 Skipped without CUDA (conftest.py) or when the native backend cannot run on CUDA here.
 """

@@ -1,5 +1,6 @@
 """Compiled Triton InfoNCE kernels (``info_nce`` and ``geometric_info_nce``) on CUDA against the
-torch reference, by DESIGN.md's rule ``|triton - exact| <= |torch - exact| + tol``, in
+torch reference, by the tolerance rule (docs/methods.md §7)
+``|triton - exact| <= |torch - exact| + tol``, in
 fp32/bf16/fp16 at the sizes the library is for, plus int64 offsets and determinism.
 
 The inputs are exactly representable in bf16, fp16 and fp32, so one fp64 result is exact for all

@@ -1,5 +1,6 @@
 """Compiled Triton ``linear_soft_ce`` on CUDA against the torch reference at ADCLR's size
-(N = 5632 rows, D = 256, K_out = 65536) in fp32/bf16/fp16, by DESIGN.md's rule
+(N = 5632 rows, D = 256, K_out = 65536) in fp32/bf16/fp16, by the tolerance rule
+(docs/methods.md §7)
 ``|triton - exact| <= |torch - exact| + tol``, plus determinism of the forward.
 
 As in DINO's head, features are unit rows and the prototypes are unit rows (weight-normalised

@@ -1,5 +1,6 @@
 """The Triton multigrain_pool kernels compiled on CUDA against the torch reference, in fp32, bf16
-and fp16, by DESIGN.md's rule ``|fast - exact| <= |reference - exact| + tol`` (``exact`` in fp64):
+and fp16, by the tolerance rule (docs/methods.md §7)
+``|fast - exact| <= |reference - exact| + tol`` (``exact`` in fp64):
 the default MGC shape (B = 256, grid 14, C = 384, cells 1, 2, 7, 14) forward and backward, eager and
 under torch.compile; determinism; int64 offsets (more than 2**31 token elements); the chunked
 path of large grids and awkward channel counts."""
