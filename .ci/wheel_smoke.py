@@ -55,7 +55,7 @@ def check_file_list(wheel: Path) -> None:
 
 def env_report(*flags: str) -> str:
     proc = run(sys.executable, "-m", "mgc_kernels.env", *flags)
-    check(f"python -m mgc_kernels.env {' '.join(flags)} exits 0", proc.returncode == 0,
+    check(" ".join(("python -m mgc_kernels.env",) + flags) + " exits 0", proc.returncode == 0,
           proc.stdout + proc.stderr)
     return proc.stdout + proc.stderr
 
