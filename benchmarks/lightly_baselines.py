@@ -30,10 +30,13 @@ What each wrapper measures, and where its math differs from this library's op be
     ``N`` keys of the other view only, one direction, rows weighted by their total overlap.
 
 ``smog`` -- ``lightly.models.modules.heads.SMoGPrototypes(group_features, beta)`` driven as
-    lightly's SMoG example drives it: ``assign_groups(z2)``, ``get_updated_group_features(p1)``,
+    lightly's SMoG example drives it, except that the groups are moved by the predictions ``p1``
+    where the example moves them by the online projections (the predictor's input; a benchmark
+    of the loss step has no predictor): ``assign_groups(z2)``, ``get_updated_group_features(p1)``,
     logits of ``p1`` against the updated groups (``forward(p1, updated, temperature)``),
     ``set_group_features(updated)``, then ``F.cross_entropy(logits, assignments)``. Compared with
-    ``mgc_kernels.SMoGLoss(symmetric=False)``:
+    ``mgc_kernels.SMoGLoss(symmetric=False)`` (``SMoGLoss(variant="lightly")`` with
+    ``proj1=p1`` is this very step):
 
     - lightly assigns each ``p1`` row to a group by ITS OWN argmax cosine for the update;
       ``SMoGLoss`` moves the group that the row's momentum feature ``z2`` was assigned to;

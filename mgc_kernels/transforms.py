@@ -394,54 +394,116 @@ class TwoViewTransform:
 # --- montage (MCL) ---------------------------------------------------------------------------
 
 
-def montage(images: Tensor, ratio: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+_RESIZES = ("nearest", "bilinear", None)
+
+
+def montage(
+    images: Tensor,
+    ratio: int,
+    count: int | None = None,
+    *,
+    resize: str | None = "nearest",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
     """MCL's montage pretext: tile ``ratio x ratio`` downsampled images of the batch into one image.
 
-    Every image of ``images`` ``[B, C, H, W]`` (a batch of augmented views, uint8 or floating) is
-    downsampled once by ``ratio`` to ``H // ratio x W // ratio`` (``F.interpolate``, bilinear with
-    ``antialias=True`` and ``align_corners=False``: the pixel-area-correct resize that
-    :class:`TwoViewTransform` uses too), and montage ``b`` shows in slot ``s`` (row-major: slot
-    ``s`` is tile row ``s // ratio``, column ``s % ratio``) the image ``sources[b, s]``.
+    Montage ``m`` shows in slot ``s`` (row-major: slot ``s`` is tile row ``s // ratio``, column
+    ``s % ratio``) the image ``sources[m, s]`` of ``images`` ``[B, C, H, W]`` (a batch of
+    augmented views, uint8 or floating), downsampled by ``ratio``:
 
-    How images are drawn: one independent random permutation of the batch per slot, so each
-    image appears exactly once in every slot position across the batch (``ratio**2`` times in
-    all). Every image is then a positive equally often and at every position; a montage can still
-    hold one image twice (in two slots) when two permutations agree. ``ratio=1`` returns a copy of
-    ``images`` and ``sources = arange(B)[:, None]``.
+    - ``resize="nearest"`` (default, the released MCL code's resize): every ``ratio``-th pixel,
+      ``images[:, :, ::ratio, ::ratio]`` (what ``F.interpolate(mode="nearest",
+      scale_factor=1 / ratio)`` picks): an exact subsample, so uint8 stays exact.
+    - ``resize="bilinear"``: ``F.interpolate`` bilinear with ``antialias=True`` and
+      ``align_corners=False`` (the pixel-area-correct resize of :class:`TwoViewTransform`); uint8
+      tiles are rounded and clamped to [0, 255].
+    - ``resize=None``: ``images`` are already the tiles (``[B, C, h, w]``, e.g. a fresh
+      augmentation made at ``1 / ratio`` of the view size by the data loader); the montages are
+      ``[count, C, ratio * h, ratio * w]``.
+
+    How images are drawn (``count * ratio**2`` slots, filled montage by montage in slot order):
+    a random permutation of the batch fills the first ``B`` slots, so with
+    ``count * ratio**2 >= B`` every image appears at least once; the remaining slots get random
+    images, within each montage first those it does not hold yet (no image twice in one montage
+    while the batch has images left for it), then further random rounds of the whole batch.
+    With ``count * ratio**2 < B`` the montages hold a random subset of the batch, each image at
+    most once. ``count`` defaults to ``ceil(B / ratio**2)``, the fewest montages that hold every
+    image (about ``B / ratio**2``, the released configuration's count: each image about once per
+    level). ``ratio=1`` with ``count == B`` returns a copy of ``images`` and
+    ``sources = arange(B)[:, None]`` without drawing.
 
     Args:
-        images: ``[B, C, H, W]`` with ``H`` and ``W`` divisible by ``ratio``.
+        images: ``[B, C, H, W]``; ``H`` and ``W`` divisible by ``ratio`` unless ``resize`` is None.
         ratio: tiles per side (a positive int).
+        count: montages to build (a positive int); None for ``ceil(B / ratio**2)``.
+        resize: ``"nearest"``, ``"bilinear"`` or None (see above).
         generator: a CPU ``torch.Generator`` for reproducible draws (None: torch's global RNG).
 
-    Returns ``(montage [B, C, H, W]`` in the dtype of ``images``, ``sources [B, ratio**2]`` long,
-    on the device of ``images``). uint8 tiles are rounded and clamped to [0, 255].
+    Returns ``(montages [count, C, H', W']`` in the dtype of ``images``, ``sources
+    [count, ratio**2]`` long, on the device of ``images``); ``H' x W'`` is ``H x W``, or
+    ``ratio * H x ratio * W`` for ``resize=None``. Differentiable in ``images``.
     """
     if not isinstance(images, Tensor):
         raise TypeError(f"images must be a [B, C, H, W] torch.Tensor, got {type(images).__name__}")
     if images.ndim != 4 or images.numel() == 0:
-        raise ValueError(f"images must be a non-empty [B, C, H, W] tensor, got shape {tuple(images.shape)}")
+        raise ValueError(
+            f"images must be a non-empty [B, C, H, W] tensor, got shape {tuple(images.shape)}")
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise TypeError(f"images must be a uint8 or floating tensor, got dtype {images.dtype}")
     ratio = _positive_int("ratio", ratio)
+    if resize is not None and not (isinstance(resize, str) and resize in _RESIZES):
+        raise ValueError(f"resize must be 'nearest', 'bilinear' or None, got {resize!r}")
     batch, channels, height, width = images.shape
-    if height % ratio or width % ratio:
+    if resize is not None and (height % ratio or width % ratio):
         raise ValueError(
             f"ratio must divide the image height and width, got ratio={ratio} for images of "
             f"shape {tuple(images.shape)} (H={height}, W={width})"
         )
-    generator = _cpu_generator(generator)
-    if ratio == 1:
-        return images.clone(), torch.arange(batch, device=images.device)[:, None]
     slots = ratio * ratio
-    sources = torch.stack([torch.randperm(batch, generator=generator) for _ in range(slots)], 1)
-    sources = sources.to(images.device)
-    h, w = height // ratio, width // ratio
+    count = -(-batch // slots) if count is None else _positive_int("count", count)
+    generator = _cpu_generator(generator)
+    if ratio == 1 and count == batch:
+        return images.clone(), torch.arange(batch, device=images.device)[:, None]
+    sources = _draw_montage_sources(batch, count, slots, generator).to(images.device)
+    tiles = _montage_tiles(images, ratio, resize)
+    h, w = tiles.shape[-2:]
+    tiled = tiles[sources.reshape(-1)].reshape(count, ratio, ratio, channels, h, w)
+    return tiled.permute(0, 3, 1, 4, 2, 5).reshape(count, channels, ratio * h, ratio * w), sources
+
+
+def _draw_montage_sources(batch: int, count: int, slots: int,
+                          generator: torch.Generator | None) -> Tensor:
+    """``[count, slots]`` batch indices: a permutation of the batch first, then per montage
+    the images it lacks in random order, then random rounds of the whole batch (see montage)."""
+    total = count * slots
+    first = torch.randperm(batch, generator=generator)
+    if total <= batch:
+        return first[:total].reshape(count, slots)
+    sources = torch.empty(total, dtype=torch.long)
+    sources[:batch] = first
+    sources = sources.reshape(count, slots)
+    start = batch // slots            # the first montage with slots left after the permutation
+    held = batch - start * slots      # its slots the permutation filled
+    rounds = -(-slots // batch)       # rounds of the batch a montage may need
+    keys = torch.rand(count - start, rounds, batch, generator=generator)
+    if held:                          # the images it holds already come last in its first round
+        keys[0, 0, sources[start, :held]] += 1.0
+    order = keys.argsort(-1).reshape(count - start, rounds * batch)
+    sources[start, held:] = order[0, :slots - held]
+    sources[start + 1:] = order[1:, :slots]
+    return sources
+
+
+def _montage_tiles(images: Tensor, ratio: int, resize: str | None) -> Tensor:
+    """``[B, C, H / ratio, W / ratio]``: every image downsampled once (or as it is)."""
+    if resize is None or ratio == 1:
+        return images
+    if resize == "nearest":
+        return images[:, :, ::ratio, ::ratio]
+    height, width = images.shape[-2:]
     work = images.double() if images.dtype == torch.float64 else images.float()
-    small = F.interpolate(work, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    small = F.interpolate(work, size=(height // ratio, width // ratio), mode="bilinear",
+                          align_corners=False, antialias=True)
     if images.dtype == torch.uint8:
         small = small.round_().clamp_(0, 255)
-    small = small.to(images.dtype)
-    tiles = small[sources.reshape(-1)].reshape(batch, ratio, ratio, channels, h, w)
-    tiled = tiles.permute(0, 3, 1, 4, 2, 5).reshape(batch, channels, height, width)
-    return tiled, sources
+    return small.to(images.dtype)

@@ -119,6 +119,105 @@ def test_smog_leaves_the_callers_groups_alone():
     torch.testing.assert_close(groups, given)
 
 
+# SMoGLoss(variant="lightly") against lightly's SMoGPrototypes itself
+
+def _lightly_example_step(prototypes, p1, z2, proj1, temperature):
+    """One step as lightly's examples/pytorch/smog.py takes it: targets from the momentum
+    projections, groups moved by the online projections, logits of the predictions against the
+    moved groups, the moved groups stored, then nn.CrossEntropyLoss."""
+    assignments = prototypes.assign_groups(z2)
+    moved = prototypes.get_updated_group_features(proj1)
+    logits = prototypes(p1, moved, temperature=temperature)
+    prototypes.set_group_features(moved)
+    return F.cross_entropy(logits, assignments)
+
+
+def _lightly_variant_pair(dim, groups, beta, temperature, dtype):
+    from lightly.models.modules.heads import SMoGPrototypes
+
+    criterion = mgc_kernels.SMoGLoss(dim=dim, num_groups=len(groups), temperature=temperature,
+                                     beta=beta, reset_every=0, bank_size=0,
+                                     variant="lightly").to(dtype)
+    criterion.grouping.groups.copy_(groups)
+    prototypes = SMoGPrototypes(groups.detach().clone(), beta=beta).to(dtype)
+    return criterion, prototypes
+
+
+# (dtype, loss/gradient rtol, atol, group atol): fp64 to the last bits; fp32 within a few ulps
+# (the library sums each group's rows with one index_add, lightly with a mean per group)
+PRECISIONS = [pytest.param(F64, 1e-12, 1e-15, 1e-14, id="fp64"),
+              pytest.param(torch.float32, 2e-6, 1e-8, 5e-7, id="fp32")]
+
+
+@pytest.mark.parametrize("dtype, rtol, atol, group_atol", PRECISIONS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_smog_lightly_variant_equals_lightly(dtype, rtol, atol, group_atol, seed):
+    n, dim, groups_count = 48, 32, 20
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=generator, dtype=F64)).to(dtype)
+
+    # lightly's example starts from torch.rand rows, not normalised
+    groups = torch.rand(groups_count, dim, generator=generator, dtype=F64).to(dtype)
+    criterion, prototypes = _lightly_variant_pair(dim, groups, 0.9, 0.2, dtype)
+    for _ in range(3):  # the groups carry over: from step 2 on they are not unit-norm
+        p1, proj1 = draw(n, dim).requires_grad_(), draw(n, dim, scale=4.0).requires_grad_()
+        z2 = draw(n, dim)
+        expected = _lightly_example_step(prototypes, p1, z2, proj1, 0.2)
+        loss = criterion(p1, z2, proj1=proj1)
+        assert loss.dtype == dtype
+        torch.testing.assert_close(loss, expected, rtol=rtol, atol=atol)
+        got = torch.autograd.grad(loss, (p1, proj1))
+        want = torch.autograd.grad(expected, (p1, proj1))
+        assert want[1].abs().sum() > 0
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
+        torch.testing.assert_close(criterion.group_features, prototypes.group_features.data,
+                                   rtol=0, atol=group_atol)
+
+
+def test_smog_lightly_variant_at_example_sizes():
+    """lightly's example sizes (300 groups, 128-d, batch 256), fp32, one group state carried
+    over five steps, with batch-norm-like projections and predictions near them."""
+    generator = torch.Generator().manual_seed(7)
+    groups = torch.rand(300, 128, generator=generator)
+    criterion, prototypes = _lightly_variant_pair(128, groups, 0.99, 0.1, torch.float32)
+    for _ in range(5):
+        proj1 = torch.randn(256, 128, generator=generator).requires_grad_()
+        p1 = (proj1.detach() + 0.5 * torch.randn(256, 128, generator=generator)).requires_grad_()
+        z2 = proj1.detach() + 0.5 * torch.randn(256, 128, generator=generator)
+        expected = _lightly_example_step(prototypes, p1, z2, proj1, 0.1)
+        loss = criterion(p1, z2, proj1=proj1)
+        torch.testing.assert_close(loss, expected, rtol=2e-6, atol=1e-8)
+        for g, w in zip(torch.autograd.grad(loss, (p1, proj1)),
+                        torch.autograd.grad(expected, (p1, proj1))):
+            torch.testing.assert_close(g, w, rtol=2e-6, atol=1e-9)
+        torch.testing.assert_close(criterion.group_features, prototypes.group_features.data,
+                                   rtol=0, atol=5e-7)
+
+
+def test_smog_lightly_variant_with_proj1_p1_is_the_baseline_wrapper():
+    # benchmarks/lightly_baselines.smog moves the groups with p1 itself
+    groups, p1, z2 = _unit(K, D, seed=1), _randn(N, D, grad=True, seed=2), _randn(N, D, seed=3)
+    step = lightly_baselines.smog(p1, z2, groups, beta=0.9, temperature=0.2)
+    criterion, _ = _lightly_variant_pair(D, groups, 0.9, 0.2, F64)
+    for _ in range(2):
+        expected, loss = step(), criterion(p1, z2, proj1=p1)
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+        torch.testing.assert_close(torch.autograd.grad(loss, p1), torch.autograd.grad(expected, p1))
+    torch.testing.assert_close(criterion.group_features, step.lightly_module.group_features.data)
+
+
+def test_smog_lightly_variant_initial_groups_are_the_examples():
+    # examples/pytorch/smog.py: SMoGPrototypes(group_features=torch.rand(n_groups, 128), ...)
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        example = torch.rand(300, 128)
+    criterion = mgc_kernels.SMoGLoss(dim=128, num_groups=300, variant="lightly", seed=5)
+    assert torch.equal(criterion.group_features, example)
+
+
 # ----------------------------------------------------------------------------- NTXent + queue
 
 def _moco_formula(q, k, bank, temperature):

@@ -1,5 +1,7 @@
 """SMoGLoss / SMoGGroups against formulas written out here: assignment, the synchronous momentum
-update, the loss and its gradients, the k-means reset, the state round trip and two ranks."""
+update, the loss and its gradients, the k-means reset, the state round trip and two ranks; and
+``variant="lightly"`` against lightly's step written out here (tests/test_lightly_baselines.py
+checks it against lightly's own code)."""
 import copy
 import io
 
@@ -102,6 +104,153 @@ def test_eval_mode_leaves_the_state_alone():
     for key, value in crit.state_dict().items():
         assert torch.equal(value, before[key]), key
     assert not crit.needs_reset
+
+
+# ----------------------------------------------------------------------------- variant="lightly"
+
+def lightly_direct_step(groups, p1, z2, proj1, beta, tau, update=True):
+    """lightly's SMoG step written out row by row: targets are z2's nearest groups (cosine, the
+    groups before the step); each proj1 row moves ITS OWN nearest group by the raw mean of the
+    rows that chose it, with gradient, without normalising; CE of the cosine logits of p1
+    against the moved groups. Returns (loss, moved groups)."""
+    def cos(x, g):
+        return unit(x) @ unit(g).T
+
+    targets = cos(z2, groups).argmax(1)
+    rows = list(groups.unbind(0))
+    if update:
+        own = cos(proj1.detach(), groups).argmax(1).tolist()
+        for k in range(len(groups)):
+            members = [proj1[i] for i in range(len(proj1)) if own[i] == k]
+            if members:
+                rows[k] = beta * groups[k] + (1 - beta) * sum(members) / len(members)
+    moved = torch.stack(rows)
+    logits = cos(p1, moved) / tau
+    picked = logits[torch.arange(len(p1)), targets]
+    return (torch.logsumexp(logits, 1) - picked).mean(), moved
+
+
+def lightly_crit(dim, num_groups, **kwargs):
+    kwargs = dict(reset_every=0, bank_size=0, variant="lightly", **kwargs)
+    return SMoGLoss(dim=dim, num_groups=num_groups, **kwargs).double()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_lightly_variant_equals_direct_formula(seed):
+    gen = torch.Generator().manual_seed(seed)
+    crit = lightly_crit(8, 6, temperature=0.2, beta=0.7)
+    groups = crit.group_features.clone()  # lightly's init: torch.rand rows, not unit
+    own_differs = 0
+    for _ in range(3):  # the groups carry over from step to step
+        p1 = randn(gen, 20, 8, grad=True)
+        proj1 = (randn(gen, 20, 8) * 3).requires_grad_()
+        z2 = randn(gen, 20, 8)
+        expected, groups = lightly_direct_step(groups, p1, z2, proj1, beta=0.7, tau=0.2)
+        own_differs += int(((unit(proj1) @ unit(crit.group_features).T).argmax(1)
+                            != (unit(z2) @ unit(crit.group_features).T).argmax(1)).sum())
+        loss = crit(p1, z2, proj1=proj1)
+        assert loss.dtype == torch.float64
+        torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+        torch.testing.assert_close(crit.group_features, groups.detach(), rtol=0, atol=1e-14)
+        got = torch.autograd.grad(loss, (p1, proj1))
+        want = torch.autograd.grad(expected, (p1, proj1))
+        assert got[1].abs().sum() > 0  # the gradient reaches proj1 through the moved groups
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)
+        groups = groups.detach()
+    assert own_differs > 0  # the update's own assignment is not the target's
+    assert not torch.allclose(groups.norm(dim=1), torch.ones(6, dtype=torch.float64))
+
+
+def test_lightly_variant_float32_matches_float64_formula():
+    gen = torch.Generator().manual_seed(4)
+    crit = SMoGLoss(dim=16, num_groups=12, reset_every=0, bank_size=0, variant="lightly")
+    groups = crit.group_features.double().clone()
+    p1, z2, proj1 = randn(gen, 24, 16), randn(gen, 24, 16), randn(gen, 24, 16)
+    expected, groups = lightly_direct_step(groups, p1, z2, proj1, beta=0.99, tau=0.1)
+    loss = crit(p1.float(), z2.float(), proj1=proj1.float())
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(crit.group_features.double(), groups, rtol=0, atol=1e-6)
+
+
+def test_lightly_variant_initial_groups_are_torch_rand():
+    crit = SMoGLoss(dim=5, num_groups=7, variant="lightly", seed=3)
+    expected = torch.rand(7, 5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(crit.group_features, expected)
+    assert torch.equal(SMoGGroups(7, 5, seed=3, init="uniform").groups, expected)
+    default = SMoGLoss(dim=5, num_groups=7)
+    assert crit.grouping.init == "uniform" and default.grouping.init == "normal"
+    assert not crit.symmetric and default.symmetric
+
+
+def test_lightly_variant_eval_mode_leaves_the_state_alone():
+    gen = torch.Generator().manual_seed(5)
+    crit = SMoGLoss(dim=4, num_groups=3, reset_every=1, bank_size=8, variant="lightly")
+    crit = crit.double().eval()
+    before = copy.deepcopy(crit.state_dict())
+    p1, z2 = randn(gen, 6, 4), randn(gen, 6, 4)
+    expected, _ = lightly_direct_step(before["grouping.groups"], p1, z2, None, 0.99, 0.1,
+                                      update=False)
+    torch.testing.assert_close(crit(p1, z2), expected, rtol=1e-12, atol=0)  # no proj1 needed
+    for key, value in crit.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_lightly_variant_banks_the_online_projections_and_resets():
+    gen = torch.Generator().manual_seed(6)
+    crit = SMoGLoss(dim=8, num_groups=4, reset_every=2, bank_size=32, kmeans_iters=5, seed=11,
+                    variant="lightly").double()
+    banked, flags = [], []
+    for step in range(2):
+        p1, z2, proj1 = randn(gen, 6, 8), randn(gen, 6, 8), randn(gen, 6, 8)
+        crit(p1, z2, proj1=proj1)
+        banked.append(proj1)
+        flags.append(crit.needs_reset)
+    torch.testing.assert_close(crit.bank.valid(), unit(torch.cat(banked)), rtol=0, atol=1e-15)
+    expected, _ = spherical_kmeans(crit.bank.valid(), 4, 5, seed=11 + 2)
+    assert torch.equal(crit.group_features, expected)
+    assert flags == [False, True]
+
+
+def test_explicit_smog_variant_is_the_default():
+    gen = torch.Generator().manual_seed(7)
+    inputs = [randn(gen, 10, 6) for _ in range(4)]
+    a = SMoGLoss(dim=6, num_groups=5, reset_every=0, bank_size=0).double()
+    b = SMoGLoss(dim=6, num_groups=5, reset_every=0, bank_size=0, variant="smog").double()
+    assert torch.equal(a(*inputs), b(*inputs))
+    assert torch.equal(a.group_features, b.group_features)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(variant="Lightly"), "variant must be one of"),
+    (dict(variant="paper"), "variant must be one of"),
+    (dict(variant=None), "variant must be one of"),
+    (dict(variant=1), "variant must be one of"),
+    (dict(variant="lightly", symmetric=True), "symmetric"),
+    (dict(variant="lightly", gather_distributed=True), "gather_distributed"),
+])
+def test_bad_variant(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SMoGLoss(dim=4, num_groups=3, reset_every=0, bank_size=0, **kwargs)
+
+
+def test_bad_lightly_inputs():
+    x = torch.randn(5, 4)
+    crit = SMoGLoss(dim=4, num_groups=3, reset_every=0, bank_size=0, variant="lightly")
+    with pytest.raises(ValueError, match="needs proj1="):
+        crit(x, x)
+    with pytest.raises(ValueError, match="proj1"):
+        crit(x, x, proj1=torch.randn(6, 4))
+    with pytest.raises(ValueError, match="proj1"):
+        crit(x, x, proj1=torch.randn(5, 3))
+    with pytest.raises(ValueError, match="only used with symmetric=True"):
+        crit(x, x, x, x, proj1=x)
+    smog_default = SMoGLoss(dim=4, num_groups=3, reset_every=0, bank_size=0, symmetric=False)
+    with pytest.raises(ValueError, match="proj1 is only used with variant='lightly'"):
+        smog_default(x, x, proj1=x)
+    with pytest.raises(ValueError, match="init must be one of"):
+        SMoGGroups(3, 4, init="rand")
 
 
 # ----------------------------------------------------------------------------- the groups

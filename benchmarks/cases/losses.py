@@ -143,20 +143,23 @@ def loss_adclr(batch: int, prototypes: int, dtype, device) -> Problem:
 @case("loss_mcl", op_name="info_nce", sizes=batches(*TRAIN_BATCHES),
       cpu_sizes=batches(32, 256), quick_sizes=batches(2))
 def loss_mcl(batch: int, dtype, device) -> Problem:
-    """``MCLLoss`` at montage ratios 1, 2, 7: every sub-image of every montage against the
-    momentum embeddings of the plain views of the batch, both directions."""
+    """``MCLLoss`` at montage ratios 1, 2, 7 and its released defaults: every sub-image of
+    ``ceil(B / r**2)`` montages per level (montage's default count, each image at least once)
+    against the momentum embeddings of the plain views of the batch, both directions."""
     slots = [r * r for r in MCL_RATIOS]
-    q1, q2 = ([randn(batch, s, DIM, dtype=dtype, device=device, seed=10 * v + i)
-               for i, s in enumerate(slots)] for v in range(2))
+    montages = [-(-batch // s) for s in slots]
+    q1, q2 = ([randn(m, s, DIM, dtype=dtype, device=device, seed=10 * v + i)
+               for i, (m, s) in enumerate(zip(montages, slots))] for v in range(2))
     k1, k2 = leaves((batch, DIM), (batch, DIM), dtype=dtype, device=device, seed=50)
     gen = torch.Generator().manual_seed(0)
-    sources1, sources2 = ([torch.randint(batch, (batch, s), generator=gen).to(device)
-                           for s in slots] for _ in range(2))
+    sources1, sources2 = ([torch.randint(batch, (m, s), generator=gen).to(device)
+                           for m, s in zip(montages, slots)] for _ in range(2))
     criterion = per_backend(lambda backend: mk.MCLLoss(MCL_RATIOS, backend=backend), device)
 
     def op(backend):
         return criterion(backend)(q1, q2, k1, k2, sources1, sources2)
 
-    return Problem(shapes={"B": batch, "ratios": list(MCL_RATIOS), "D": DIM}, op=op,
+    return Problem(shapes={"B": batch, "ratios": list(MCL_RATIOS), "M": montages, "D": DIM},
+                   op=op,
                    formula=None, dtype=dtype, grad_inputs=(*q1, *q2),
                    no_formula="a module: its ops' formulas are in the op cases")

@@ -3,6 +3,7 @@ Dense Prediction Task", arXiv:2304.02010)."""
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 
 import torch
@@ -28,26 +29,70 @@ class MCLLoss(nn.Module):
     """Multi-level contrast of montage sub-images with the momentum embedding of their source image.
 
     The batch of each view is assembled into montages (:func:`mgc_kernels.transforms.montage`):
-    at level ``l`` with ratio ``r_l``, ``r_l x r_l`` images of the batch, each downsampled by
-    ``r_l``, are tiled into one image, and ``sources_l[b, s]`` is the image in slot ``s`` of
-    montage ``b``. On a ``grid x grid`` token map slot ``s`` is exactly region ``s`` of
+    at level ``l`` with ratio ``r_l``, ``M_l`` montages (about ``B / r_l**2``, each image about
+    once per level) each tile ``r_l x r_l`` images of the batch, downsampled by ``r_l``, into one
+    image, and ``sources_l[m, s]`` is the image in slot ``s`` of montage ``m``. On a
+    ``grid x grid`` token map slot ``s`` is exactly region ``s`` of
     ``mk.multigrain_pool(tokens, grid, cells=(grid // r_l,))``. Each pooled sub-image goes through
-    a shared head and a level-specific predictor to give ``q_l [B, r_l**2, D]``; ``k [B, D]`` is the
-    momentum embedding of the plain (``r = 1``) view. A sub-image of view 1 is contrasted with the
-    momentum keys of view 2 of every image in the (gathered) batch, its source image's key being
-    the positive, and the other way round::
+    a shared head and a level-specific predictor to give ``q_l [M_l, r_l**2, D]``; ``k [B, D]`` is
+    the momentum embedding of the plain (``r = 1``) view. A sub-image of view 1 is contrasted with
+    the momentum keys of view 2 of every image in the (gathered) batch, its source image's key
+    being the positive, and the other way round::
 
-        L_l(1->2) = mean_{b, s} CE(l2n(q1_l[b, s]) @ l2n(k2_all).T / tau,  sources1_l[b, s] + rank * B)
+        L_l(1->2) = s * mean_{m, j} CE(l2n(q1_l[m, j]) @ l2n(k2_all).T / T,
+                                       sources1_l[m, j] + rank * B)
         L = sum_l w_l (L_l(1->2) + L_l(2->1)) / sum_l w_l
 
-    ``k2_all`` is ``k2`` gathered over ranks (``G = world_size * B`` keys). The level weights ``w_l``
-    default to the paper's 1/2, 1/4, 1/8, 1/8 with the finest level (the largest ratio) last,
-    generalised to any number of levels by :func:`default_level_weights` (1/2, 1/4, 1/4 for the
-    three default levels). The two directions are summed, as in :class:`MGCLoss`.
+    ``k2_all`` is ``k2`` gathered over ranks (``G = world_size * B`` keys); the keys are detached
+    here, so they get no gradient even if the caller's do (the released code computes them
+    without one). ``s = loss_scale`` is ``2 T`` by default (the released scaling, MoCo v3's). The
+    level weights ``w_l`` default to the released 1/2, 1/4, 1/8, 1/8 with the finest level (the
+    largest ratio) last, generalised to any number of levels by :func:`default_level_weights`
+    (1/2, 1/4, 1/4 for the three default levels). The two directions are summed, as in the
+    released code.
 
-    With ``gather_distributed=True`` the keys are all-gathered with a gradient; every rank holds
-    the same number of rows, so each rank's mean is ``world_size x`` its share of the global mean
-    and the mean over ranks (what DDP optimises) is the loss of one process over the whole batch.
+    Defaults = the released configuration (T = 1.0, each cross-entropy times 2T, level weights,
+    detached keys, InfoNCE over the gathered batch with the source image as positive, both
+    directions summed), except where a ViT's token grid or this library's interface differs:
+
+    - Ratios: default (1, 2, 7), because a sub-image must be a whole cell of the 14 x 14 token
+      grid of a ViT at 224 px and 4, 8 do not divide 14. The released 1, 2, 4, 8 need a grid
+      divisible by 8 (e.g. a CNN+FPN map of stride 4 at 224 px, 56 x 56):
+      ``MCLLoss((1, 2, 4, 8), grid=56)``. With three levels the default weights are 1/2, 1/4,
+      1/4.
+    - Level weights are divided by their sum. The released weights sum to 1, so at the defaults
+      this changes nothing; it makes the scale of ``L`` independent of user weights.
+    - Sub-image features: the released model takes level ``l`` from its own FPN level (the
+      coarsest ratio from the deepest map); here the caller pools one feature map per level
+      (``multigrain_pool``). The loss only sees the embeddings, so either works.
+    - Montages (:func:`mgc_kernels.transforms.montage`): the release fills the
+      ``M_l * r_l**2`` slots with ``randperm(M_l * r_l**2) mod B`` (an image can sit twice in
+      one montage; with fewer slots than images the batch's first images). Here a permutation of
+      the batch fills the first ``B`` slots and the rest avoid repeats inside a montage where
+      possible: every image at least once. The loss accepts any ``sources``.
+    - At ratio 8 the release builds ``B / 32`` montages (each image twice); ``montage``'s default
+      count is ``ceil(B / 64)`` (once). Pass ``count=`` to montage to match; the loss takes any
+      ``M_l``.
+    - Augmentation per level: the release makes every level's montages from a fresh
+      augmentation of each image (per view) at full size, then downsamples it. That is the
+      caller's part (the example below reuses the views). The reference trainer's data loader
+      (``mgc_pretrain.loader.LevelViews``) draws the fresh crop and flip at full size and keeps
+      every ``r``-th pixel, as released, but runs the photometric ops after the subsample, on
+      the small tile (cheaper): exact for the per-pixel ops, contrast blends towards the mean of
+      the kept pixels, and the blur uses sigma / ``r`` (the small-size equivalent, up to
+      aliasing).
+    - Keys: the released momentum encoder runs over the whole image pyramid and keeps the plain
+      view's rows; the reference trainer runs it on the plain views alone. Only BatchNorm
+      statistics can tell (ResNet, not ViT); the loss takes ``k`` as given.
+
+    With ``gather_distributed=True`` the keys are all-gathered (no gradient). Each rank's loss is
+    the mean over its own sub-images, so when every rank builds the same number of montages per
+    level (the same local batch), the mean over ranks (what DDP optimises) is the loss of one
+    process over all ranks' montages against all keys; each rank's montages draw from its own
+    batch, as in the released code.
+
+    ``MCLLoss(temperature=0.2, loss_scale=1.0)`` is MoCo v2's temperature without the scale, the
+    defaults of this library's versions before the released configuration was adopted.
 
     Usage (two views ``x1``, ``x2`` ``[B, 3, 224, 224]``, a ViT with a 14 x 14 token grid)::
 
@@ -55,30 +100,32 @@ class MCLLoss(nn.Module):
         with torch.no_grad():
             k1, k2 = (momentum_head(momentum_vit(x).mean(1)) for x in (x1, x2))    # [B, D]
         q1, q2, s1, s2 = [], [], [], []
-        for level, r in enumerate(crit.ratios):
+        for level, (r, cell) in enumerate(zip(crit.ratios, crit.cells)):
             for x, q, s in ((x1, q1, s1), (x2, q2, s2)):
-                m, src = mk.transforms.montage(x, r)            # [B, 3, 224, 224], [B, r*r]
-                tokens = vit(m)                                 # [B, 196, C], CLS dropped
-                sub = mk.multigrain_pool(tokens, 14, (14 // r,))[0]                # [B, r*r, C]
-                q.append(predictors[level](head(sub)))          # [B, r*r, D]
+                m, src = mk.transforms.montage(x, r)            # [M, 3, 224, 224], [M, r*r]
+                tokens = vit(m)                                 # [M, 196, C], CLS dropped
+                sub = mk.multigrain_pool(tokens, 14, (cell,))[0]                   # [M, r*r, C]
+                q.append(predictors[level](head(sub)))          # [M, r*r, D]
                 s.append(src)
         loss = crit(q1, q2, k1, k2, s1, s2)
 
     Args:
         ratios: montage ratio of each level, strictly increasing (coarsest first), each dividing
-            ``grid`` (docs/methods.md §5 (MCL): 1, 2, 7 on a 14 x 14 grid).
+            ``grid``.
         level_weights: ``w_l``, one non-negative number per level with a positive sum; None for
             :func:`default_level_weights`.
-        temperature: ``tau``; 0.2 (MoCo v2's value, the baseline MCL builds on; docs/methods.md
-            §5 (MCL) compares it with the released configuration).
+        temperature: ``T``; 1.0 (the released value).
+        loss_scale: ``s``, the factor on every cross-entropy; None for ``2 * temperature`` (the
+            released scaling).
         grid: tokens per side of the patch grid (14 for ViT-S/16 at 224 px).
         gather_distributed: all-gather keys over ``torch.distributed`` ranks.
         backend: op backend (``None`` = the library default).
     """
 
     def __init__(self, ratios: Sequence[int] = (1, 2, 7),
-                 level_weights: Sequence[float] | None = None, temperature: float = 0.2,
-                 grid: int = 14, gather_distributed: bool = False, backend: str | None = None):
+                 level_weights: Sequence[float] | None = None, temperature: float = 1.0,
+                 grid: int = 14, gather_distributed: bool = False, backend: str | None = None,
+                 loss_scale: float | None = None):
         super().__init__()
         if not isinstance(grid, int) or isinstance(grid, bool) or grid < 1:
             raise ValueError(f"grid must be a positive int, got {grid!r}")
@@ -89,6 +136,12 @@ class MCLLoss(nn.Module):
             _checks.mixing_weights("level_weights", level_weights, len(self.ratios),
                                    "level of ratios"))
         self.temperature = _checks.positive("temperature", temperature)
+        if loss_scale is not None and not (
+                isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool)
+                and math.isfinite(loss_scale) and loss_scale > 0):
+            raise ValueError(f"loss_scale must be a finite positive number or None (2 * "
+                             f"temperature), got {loss_scale!r}")
+        self.loss_scale = 2.0 * self.temperature if loss_scale is None else float(loss_scale)
         self.gather_distributed = bool(gather_distributed)
         self.backend = backend
 
@@ -100,46 +153,47 @@ class MCLLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"ratios={self.ratios}, level_weights={self.level_weights}, "
-                f"temperature={self.temperature}, grid={self.grid}")
+                f"temperature={self.temperature}, loss_scale={self.loss_scale}, grid={self.grid}")
 
     def forward(self, q1: Sequence[torch.Tensor], q2: Sequence[torch.Tensor], k1: torch.Tensor,
                 k2: torch.Tensor, sources1: Sequence[torch.Tensor],
                 sources2: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The MCL loss (fp32 scalar).
+        """The MCL loss (a scalar in the accumulation dtype of the inputs: fp32, or fp64).
 
         Args:
             q1, q2: per level, online predictions of the sub-images of the montages of view 1 /
-                view 2, ``[B, r_l**2, D]`` in slot (= ``multigrain_pool`` region) order.
-            k1, k2: momentum embeddings of the plain views 1 / 2, ``[B, D]`` (no gradient is
-                needed; the caller computes them under ``torch.no_grad()``).
-            sources1, sources2: per level, the ``sources`` ``[B, r_l**2]`` returned by
-                :func:`mgc_kernels.transforms.montage` for the montages of view 1 / view 2:
-                indices into this rank's batch.
+                view 2, ``[M_l, r_l**2, D]`` in slot (= ``multigrain_pool`` region) order; any
+                number ``M_l >= 1`` of montages per level and view.
+            k1, k2: momentum embeddings of the plain views 1 / 2, ``[B, D]``; detached here.
+            sources1, sources2: per level, the ``sources`` ``[M_l, r_l**2]`` returned by
+                :func:`mgc_kernels.transforms.montage` for the montages of view 1 / view 2 (the
+                ``M_l`` of the matching ``q``): indices into this rank's batch.
         """
         levels = len(self.ratios)
-        q1, q2 = _checks.per_item("q1", q1, levels, "level of ratios"), _checks.per_item("q2", q2, levels, "level of ratios")
-        sources1 = _checks.per_item("sources1", sources1, levels, "level of ratios")
-        sources2 = _checks.per_item("sources2", sources2, levels, "level of ratios")
+        what = "level of ratios"
+        q1, q2 = _checks.per_item("q1", q1, levels, what), _checks.per_item("q2", q2, levels, what)
+        sources1 = _checks.per_item("sources1", sources1, levels, what)
+        sources2 = _checks.per_item("sources2", sources2, levels, what)
         for name, k in (("k1", k1), ("k2", k2)):
             _checks.float_tensor(name, k, ndim=2, kind=" ([B, D] momentum embeddings)")
         if k2.shape != k1.shape:
             raise ValueError(f"k2 must have the shape of k1 {tuple(k1.shape)}, got "
                              f"{_checks.describe(k2)}")
         batch, dim = k1.shape
-        keys1, keys2 = self._gather(k1), self._gather(k2)
+        keys1, keys2 = self._gather(k1.detach()), self._gather(k2.detach())
         offset = distributed.rank() * batch if self.gather_distributed else 0
         total = 0.0
         for level, (r, w) in enumerate(zip(self.ratios, self.level_weights)):
             term = 0.0
             for view, q, s, keys in ((1, q1, sources1, keys2), (2, q2, sources2, keys1)):
-                rows = (batch, r * r)
-                _check_queries(f"q{view}[{level}]", q[level], rows, dim, r, k1)
-                _check_sources(f"sources{view}[{level}]", s[level], rows, batch, q[level].device)
+                _check_queries(f"q{view}[{level}]", q[level], r, dim, k1)
+                _check_sources(f"sources{view}[{level}]", s[level], q[level].shape[:2], r, batch,
+                               q[level].device)
                 targets = s[level].reshape(-1) + offset
                 term = term + info_nce(q[level].reshape(-1, dim), keys, targets, self.temperature,
                                        backend=self.backend)
             total = total + w * term
-        return total / sum(self.level_weights)
+        return total * (self.loss_scale / sum(self.level_weights))
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         return distributed.gather(x) if self.gather_distributed else x
@@ -159,23 +213,23 @@ def _ratios(ratios, grid: int) -> tuple[int, ...]:
     return tuple(ratios)
 
 
-def _check_queries(name: str, q, rows: tuple[int, int], dim: int, ratio: int,
-                   k: torch.Tensor) -> None:
-    expected = f"[B, ratio**2, D] = [{rows[0]}, {rows[1]}, {dim}] for ratio {ratio}"
+def _check_queries(name: str, q, ratio: int, dim: int, k: torch.Tensor) -> None:
+    expected = (f"[M, ratio**2, D] = [M, {ratio * ratio}, {dim}] for ratio {ratio} "
+                f"(M montages, D of k1)")
     _checks.float_tensor(name, q, ndim=3, kind=f" ({expected})")
-    if tuple(q.shape) != (*rows, dim):
-        raise ValueError(f"{name} must be {expected} (B and D of k1), got {_checks.describe(q)}")
+    if q.shape[0] < 1 or tuple(q.shape[1:]) != (ratio * ratio, dim):
+        raise ValueError(f"{name} must be {expected}, got {_checks.describe(q)}")
     if q.dtype != k.dtype:
         raise TypeError(f"{name} must have the dtype of k1 and k2 ({k.dtype}), got "
                         f"{_checks.describe(q)}")
     _checks.same_device(**{name: q, "k1": k})
 
 
-def _check_sources(name: str, s, rows: tuple[int, int], batch: int, device) -> None:
-    expected = f"[B, ratio**2] = [{rows[0]}, {rows[1]}]"
+def _check_sources(name: str, s, rows, ratio: int, batch: int, device) -> None:
+    expected = (f"[M, ratio**2] = [{rows[0]}, {rows[1]}] (M of the matching q, ratio {ratio})")
     _checks.tensor(name, s, ndim=2, dtypes=(torch.int64, torch.int32),
-                   kind=f" ({expected} batch indices from montage)")
-    if tuple(s.shape) != rows:
+                   kind=f" ({expected}: batch indices from montage)")
+    if tuple(s.shape) != tuple(rows):
         raise ValueError(f"{name} must be {expected}, got {_checks.describe(s)}")
     _checks.on_device(name, s, device)
     _checks.index_range(name, s, batch, "the images of this rank's batch")

@@ -94,6 +94,9 @@ class Config:
             self.output = f"runs/{self.method}-{self.arch}"
         if self.eval is None:
             self.eval = self.data == "synthetic" or bool(self.probe_data)
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"--momentum must be in [0, 1] (the EMA momentum at step 0), got "
+                             f"{self.momentum}")
         offered = FAMILY_METHODS[self.architecture.family]
         if self.method not in offered:
             raise ValueError(f"--method {self.method} is not offered with --arch {self.arch}; "

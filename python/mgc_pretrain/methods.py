@@ -7,7 +7,6 @@ of detached terms for the log. Momentum copies are EMA targets: no gradient, upd
 """
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -16,7 +15,8 @@ from torch import nn
 
 import mgc_kernels as mk
 
-from .models import Arch, create_backbone, features, patch_tokens, predictor, projector, rows
+from .loader import level_key
+from .models import Arch, create_backbone, features, patch_tokens
 
 Batch = dict[str, Any]
 
@@ -26,6 +26,7 @@ class Method(nn.Module):
     heads a subclass lists in ``HEADS``; each gets a ``momentum_<name>`` copy."""
 
     HEADS: tuple[str, ...] = ()
+    level_ratios: tuple[int, ...] = ()  # montage levels the loader makes fresh views for (MCL)
 
     def __init__(self, arch: Arch, drop_path_rate: float):
         super().__init__()
@@ -36,7 +37,7 @@ class Method(nn.Module):
     def make_momentum_copies(self) -> None:
         """Create ``momentum_<head>`` for every head; call once the heads exist."""
         for name in self.HEADS:
-            setattr(self, f"momentum_{name}", copy.deepcopy(getattr(self, name)))
+            setattr(self, f"momentum_{name}", mk.momentum_copy(getattr(self, name)))
         self.reset_momentum()
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
@@ -54,9 +55,9 @@ class Method(nn.Module):
     @torch.no_grad()
     def update_momentum(self, m: float) -> None:
         """``theta_k <- m theta_k + (1 - m) theta_q`` over the parameters (buffers such as BN
-        statistics stay the momentum modules' own)."""
+        statistics stay the momentum modules' own): :func:`mgc_kernels.update_momentum`."""
         for online, momentum in self.momentum_pairs():
-            torch._foreach_lerp_(list(momentum.parameters()), list(online.parameters()), 1 - m)
+            mk.update_momentum(online, momentum, m)
 
     def after_step(self) -> None:
         """Hook run after the optimiser step."""
@@ -76,8 +77,10 @@ class MGC(Method):
         super().__init__(arch, drop_path_rate)
         self.criterion = mk.MGCLoss(cells, num_pairs, temperature, arch.grid, mode, weighting,
                                     gather_distributed=gather_distributed, backend=backend)
-        self.projectors = nn.ModuleList(projector(arch) for _ in cells)
-        self.predictors = nn.ModuleList(predictor(arch) for _ in cells)
+        # The library's heads, registered under the checkpoints' names (projectors.*,
+        # predictors.*); the momentum copy holds the projectors only.
+        heads = mk.heads.MGCHeads(arch.embed_dim, cells, arch.head_hidden, arch.head_dim)
+        self.projectors, self.predictors = heads.projectors, heads.predictors
         self.make_momentum_copies()
 
     def forward(self, batch: Batch, epoch: float):
@@ -96,20 +99,15 @@ class MGC(Method):
             m1, m2 = momentum[0][c], momentum[1][c]
             if pairs is not None:  # only the sampled regions go through the heads
                 (o1, o2), (m1, m2) = pairs[c].gather(o1, o2), pairs[c].gather(m1, m2)
-            proj, pred = self.projectors[c], self.predictors[c]
-            q1.append(rows(pred, rows(proj, o1)))
-            q2.append(rows(pred, rows(proj, o2)))
+            proj, pred = self.projectors[c], self.predictors[c]   # BN over all [B, K] rows
+            q1.append(pred(proj(o1)))
+            q2.append(pred(proj(o2)))
             with torch.no_grad():
-                k1.append(rows(self.momentum_projectors[c], m1))
-                k2.append(rows(self.momentum_projectors[c], m2))
+                k1.append(self.momentum_projectors[c](m1))
+                k2.append(self.momentum_projectors[c](m2))
         if pairs is not None:
             return crit(q1, q2, k1, k2, pairs), {}
         return crit(q1, q2, k1, k2, boxes=geometry), {}
-
-
-def _two_layer(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
-    """DenseCL's heads: Linear -> ReLU -> Linear (a 1x1-conv pair on the dense side)."""
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, d_out))
 
 
 class DenseCL(Method):
@@ -122,16 +120,17 @@ class DenseCL(Method):
         super().__init__(arch, drop_path_rate)
         self.criterion = mk.DenseCLLoss(arch.head_dim, queue_size, temperature, loss_lambda,
                                         gather_distributed, backend)
-        self.global_head = _two_layer(arch.embed_dim, arch.head_hidden, arch.head_dim)
-        self.dense_head = _two_layer(arch.embed_dim, arch.head_hidden, arch.head_dim)
+        widths = (arch.embed_dim, arch.head_hidden, arch.head_dim)
+        self.global_head = mk.heads.DenseCLGlobalHead(*widths)   # mean token -> MLP
+        self.dense_head = mk.heads.DenseCLDenseHead(*widths)     # every token
         self.make_momentum_copies()
 
     def forward(self, batch: Batch, epoch: float):
         t1 = patch_tokens(self.backbone, batch["view1"])
         with torch.no_grad():
             t2 = patch_tokens(self.momentum_backbone, batch["view2"])
-            k, dk = self.momentum_global_head(t2.mean(1)), self.momentum_dense_head(t2)
-        q, dq = self.global_head(t1.mean(1)), self.dense_head(t1)
+            k, dk = self.momentum_global_head(t2), self.momentum_dense_head(t2)
+        q, dq = self.global_head(t1), self.dense_head(t1)
         loss, l_global, l_dense = self.criterion(q, k, dq, dk, t1.detach(), t2,
                                                  return_terms=True)
         return loss, {"loss_global": l_global, "loss_dense": l_dense}
@@ -150,8 +149,8 @@ class SMoG(Method):
         self.criterion = mk.SMoGLoss(arch.head_dim, num_groups, temperature, beta, reset_every,
                                      bank_size, seed=seed, gather_distributed=gather_distributed,
                                      backend=backend)
-        self.projector = projector(arch)
-        self.predictor = predictor(arch)
+        heads = mk.heads.SMoGHeads(arch.embed_dim, arch.head_hidden, arch.head_dim)
+        self.projector, self.predictor = heads.projector, heads.predictor   # checkpoint names
         self.make_momentum_copies()
 
     def forward(self, batch: Batch, epoch: float):
@@ -165,25 +164,6 @@ class SMoG(Method):
     def after_step(self) -> None:
         if self.criterion.needs_reset:  # SMoG resets the momentum encoder with the groups
             self.reset_momentum()
-
-
-class DinoHead(nn.Module):
-    """DINO's head: MLP (GELU) to a bottleneck, L2-normalised; the prototypes (the last layer,
-    weight-normalised with unit gain) are a separate parameter because the fused
-    :func:`mgc_kernels.linear_soft_ce` takes features and weights apart."""
-
-    def __init__(self, d_in: int, hidden: int, bottleneck: int, num_prototypes: int):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, hidden),
-                                 nn.GELU(), nn.Linear(hidden, bottleneck))
-        self.prototypes = nn.Parameter(torch.empty(num_prototypes, bottleneck))
-        nn.init.trunc_normal_(self.prototypes, std=0.02)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.mlp(x), dim=-1)
-
-    def weight(self) -> torch.Tensor:
-        return F.normalize(self.prototypes, dim=-1)
 
 
 def query_boxes(box1: torch.Tensor, box2: torch.Tensor, count: int,
@@ -259,7 +239,8 @@ class ADCLR(Method):
             warmup_teacher_temperature=warmup_teacher_temperature,
             warmup_teacher_temperature_epochs=warmup_teacher_temperature_epochs,
             gather_distributed=gather_distributed, backend=backend)
-        self.head = DinoHead(arch.embed_dim, arch.head_hidden, bottleneck, num_prototypes)
+        self.head = mk.heads.DINOHead(arch.embed_dim, arch.head_hidden, bottleneck,
+                                      num_prototypes)
         self.make_momentum_copies()
 
     def _encode(self, vit, head, batch, regions):
@@ -284,38 +265,87 @@ class ADCLR(Method):
 
 
 class MCL(Method):
-    """MCL on a token grid: montages of each view per ratio, one shared projector, one
-    predictor per level; keys are the momentum embeddings of the plain views. The ratios must
-    divide the grid: by default those of 1, 2, 4, 7, 8 that do (1, 2, 7 on a ViT's 14 x 14;
-    1, 7 on ResNet-50's 7 x 7 at 224 px)."""
+    """MCL on a token grid, at the released configuration's settings and cost.
+
+    Per view, the montages of every level go through the online backbone in one forward (as the
+    released code feeds its image pyramid): level ``r`` has ``ceil(B / r**2)`` montages (each
+    image at least once; about ``B / r**2`` as released), tiles downsampled by nearest neighbour
+    (every ``r``-th pixel), level 1 being the plain view itself. So the encoder sees
+    ``sum_r ceil(B / r**2)`` images per view, about 1.27 B for ratios 1, 2, 7 (B + B/4 + B/49,
+    each rounded up), plus the B plain views of the momentum encoder. Each sub-image is the
+    ``multigrain_pool`` cell of its slot, through one shared projector and one predictor per
+    level; keys are the momentum embeddings (momentum backbone's mean token, momentum projector)
+    of the plain views. Loss: :class:`mgc_kernels.MCLLoss` at its released defaults (T = 1.0,
+    cross-entropies times 2T, level weights halving to the finest level).
+
+    Fresh augmentation per level, as released: when the batch holds the data loader's level
+    views (``loader.level_key(v, r)``, made by :class:`mgc_pretrain.loader.LevelViews` for
+    ``self.level_ratios``: a fresh crop, flip and photometric draw per image, level and view,
+    already at ``1 / r`` of the view size), the montages of level ``r`` tile those; otherwise they
+    tile nearest-downsampled copies of the plain views (one augmentation for every level).
+
+    The ratios must divide the grid: by default those of 1, 2, 4, 7, 8 that do (1, 2, 7 on a
+    ViT's 14 x 14; 1, 7 on ResNet-50's 7 x 7 at 224 px). The released code's other differences
+    (FPN levels, montage filling, ratio-8 count) are listed in :class:`mgc_kernels.MCLLoss`;
+    here the keys come from the plain views alone (the released momentum encoder sees the whole
+    pyramid, which only matters for BatchNorm statistics, i.e. on ResNet-50, not on a ViT).
+    Montage draws use torch's global RNG, which checkpoints save and restore (bit-exact resume);
+    the level views come from the per-sample generator of the data stream.
+    """
 
     HEADS = ("projector",)
 
-    def __init__(self, arch: Arch, drop_path_rate: float, *, ratios=None, temperature=0.2,
-                 gather_distributed=False, backend=None):
+    def __init__(self, arch: Arch, drop_path_rate: float, *, ratios=None, temperature=1.0,
+                 loss_scale=None, gather_distributed=False, backend=None):
         super().__init__(arch, drop_path_rate)
         ratios = ratios or tuple(r for r in (1, 2, 4, 7, 8) if arch.grid % r == 0)
         self.criterion = mk.MCLLoss(ratios, temperature=temperature, grid=arch.grid,
-                                    gather_distributed=gather_distributed, backend=backend)
-        self.projector = projector(arch)
-        self.predictors = nn.ModuleList(predictor(arch) for _ in ratios)
+                                    gather_distributed=gather_distributed, backend=backend,
+                                    loss_scale=loss_scale)
+        self.projector = mk.heads.mgc_projector(arch.embed_dim, arch.head_hidden, arch.head_dim)
+        self.predictors = nn.ModuleList(mk.heads.mgc_predictor(arch.head_dim, arch.head_hidden)
+                                        for _ in ratios)
         self.make_momentum_copies()
+
+    @property
+    def level_ratios(self) -> tuple[int, ...]:
+        """The ratios whose fresh level views the data loader should add (``batches(...,
+        level_ratios=method.level_ratios)``): every ratio above 1."""
+        return tuple(r for r in self.criterion.ratios if r > 1)
+
+    def montages(self, batch: Batch, view: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(images [sum_l M_l, 3, S, S], sources per level [M_l, r_l**2])`` of one view: every
+        level's montages, concatenated in level order."""
+        plain = batch[f"view{view}"]
+        tiled, sources = [], []
+        for ratio in self.criterion.ratios:
+            if ratio == 1:
+                images, src = plain, torch.arange(len(plain), device=plain.device)[:, None]
+            else:
+                fresh = batch.get(level_key(view, ratio))
+                if fresh is not None:
+                    images, src = mk.transforms.montage(fresh, ratio, resize=None)
+                else:
+                    images, src = mk.transforms.montage(plain, ratio, resize="nearest")
+            tiled.append(images)
+            sources.append(src)
+        return torch.cat(tiled), sources
 
     def forward(self, batch: Batch, epoch: float):
         crit, grid = self.criterion, self.arch.grid
-        views = (batch["view1"], batch["view2"])
         with torch.no_grad():
             k1, k2 = (self.momentum_projector(patch_tokens(self.momentum_backbone, x).mean(1))
-                      for x in views)
-        q1, q2, s1, s2 = [], [], [], []
-        for level, (ratio, cell) in enumerate(zip(crit.ratios, crit.cells)):
-            for x, q, s in ((views[0], q1, s1), (views[1], q2, s2)):
-                tiled, sources = mk.transforms.montage(x, ratio)
-                tokens = patch_tokens(self.backbone, tiled)
-                sub = mk.multigrain_pool(tokens, grid, (cell,), backend=crit.backend)[0]
-                q.append(rows(self.predictors[level], rows(self.projector, sub)))
-                s.append(sources)
-        return crit(q1, q2, k1, k2, s1, s2), {}
+                      for x in (batch["view1"], batch["view2"]))
+        queries, sources = [], []
+        for view in (1, 2):
+            images, src = self.montages(batch, view)
+            tokens = patch_tokens(self.backbone, images).split([len(s) for s in src])
+            queries.append([
+                self.predictors[level](self.projector(
+                    mk.multigrain_pool(t, grid, (cell,), backend=crit.backend)[0]))
+                for level, (t, cell) in enumerate(zip(tokens, crit.cells))])
+            sources.append(src)
+        return crit(queries[0], queries[1], k1, k2, sources[0], sources[1]), {}
 
 
 METHODS = {"mgc": MGC, "densecl": DenseCL, "smog": SMoG, "adclr": ADCLR, "mcl": MCL}

@@ -1,4 +1,5 @@
-"""Backbones (timm ViTs and ResNets) and the MLP heads the five methods put on top of them."""
+"""Backbones (timm ViTs and ResNets) and their widths; the heads on top are
+:mod:`mgc_kernels.heads`."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -7,6 +8,7 @@ import timm
 import torch
 from timm.layers import build_sincos2d_pos_embed
 from torch import nn
+
 
 
 @dataclass(frozen=True)
@@ -94,32 +96,3 @@ def no_weight_decay(backbone: nn.Module) -> set[str]:
     names = getattr(backbone, "no_weight_decay", None)
     return set(names()) if names is not None else set()
 
-
-def mlp(dims: list[int], last_norm: str = "none") -> nn.Sequential:
-    """``Linear(no bias) -> BN -> ReLU`` between consecutive ``dims``, then a last Linear.
-
-    ``last_norm``: ``"bn"`` adds an affine-free BatchNorm after the last Linear (MGC's projector,
-    as MoCo v3's), ``"none"`` leaves the output as it is (MGC's predictor, a bias then).
-    """
-    layers: list[nn.Module] = []
-    for d_in, d_out in zip(dims[:-2], dims[1:-1]):
-        layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
-    layers.append(nn.Linear(dims[-2], dims[-1], bias=last_norm == "none"))
-    if last_norm == "bn":
-        layers.append(nn.BatchNorm1d(dims[-1], affine=False))
-    return nn.Sequential(*layers)
-
-
-def projector(arch: Arch) -> nn.Sequential:
-    """MGC's projector: C -> H -> H -> D, BN after every layer (the last without affine)."""
-    return mlp([arch.embed_dim, arch.head_hidden, arch.head_hidden, arch.head_dim], "bn")
-
-
-def predictor(arch: Arch) -> nn.Sequential:
-    """MGC's predictor: D -> H (BN, ReLU) -> D."""
-    return mlp([arch.head_dim, arch.head_hidden, arch.head_dim])
-
-
-def rows(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a head made for ``[N, C]`` rows to ``[..., C]`` (BatchNorm sees every row)."""
-    return head(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import inspect
 import logging
-import math
 import os
 import signal
 import sys
@@ -20,6 +19,7 @@ from timm.scheduler import CosineLRScheduler
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from mgc_kernels import cosine_momentum
 from mgc_kernels.transforms import TwoViewTransform
 
 from . import checkpoint
@@ -41,11 +41,6 @@ class Interrupted(Exception):
     def __init__(self, signum: int, step: int, path: Path):
         self.signum, self.step, self.path = signum, step, path
         super().__init__(f"{signal.Signals(signum).name}: stopped after step {step}, saved {path}")
-
-
-def momentum_at(step: int, total: int, start: float) -> float:
-    """MGC's EMA momentum: ``start`` -> 1 on a half cosine over all steps."""
-    return 1 - (1 - start) * (math.cos(math.pi * step / total) + 1) / 2
 
 
 def clip_per_parameter(params: list[torch.Tensor], max_norm: float) -> None:
@@ -391,7 +386,8 @@ class Trainer:
         cfg = self.cfg
         position = self.schedule.position(step)
         self.scheduler.step_update(position)
-        self.method.update_momentum(momentum_at(position, self.schedule.length, cfg.momentum))
+        self.method.update_momentum(cosine_momentum(position, self.schedule.length,
+                                                    cfg.momentum))
         autocast = (torch.autocast(self.dist.device.type, dtype=self.amp_dtype)
                     if self.amp_dtype else nullcontext())
         with autocast:
@@ -447,7 +443,8 @@ class Trainer:
                 stream = batches(self.dataset, TwoViewTransform(cfg.architecture.img_size),
                                  batch_size=self.batch_per_rank, seed=cfg.seed,
                                  start_step=self.start_step, workers=cfg.workers,
-                                 world_size=self.dist.world_size, rank=self.dist.rank)
+                                 world_size=self.dist.world_size, rank=self.dist.rank,
+                                 level_ratios=self.method.level_ratios)
                 for step in range(self.start_step, stop):
                     batch = next(stream)
                     bad_images = int(batch.pop("bad_images", torch.zeros(1)).sum())  # on CPU
@@ -470,8 +467,8 @@ class Trainer:
                         log.write({"step": step, "epoch": step / self.steps_per_epoch,
                                    "loss": float(loss), "lr": lr, "images_per_s": rate,
                                    "bad_images": bad_images, **terms,
-                                   "momentum": momentum_at(position, self.schedule.length,
-                                                           cfg.momentum)})
+                                   "momentum": cosine_momentum(position, self.schedule.length,
+                                                               cfg.momentum)})
                         bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}",
                                         img_s=f"{rate:.1f}")
                         bar.update()

@@ -18,7 +18,7 @@ import mgc_kernels as mk  # noqa: E402
 from _micro import micro_config, register_micro  # noqa: E402
 from mgc_pretrain import cli  # noqa: E402
 from mgc_pretrain.config import FAMILY_METHODS  # noqa: E402
-from mgc_pretrain.train import Schedule, Trainer, momentum_at  # noqa: E402
+from mgc_pretrain.train import Schedule, Trainer  # noqa: E402
 
 MICRO = ["--arch", "micro", "--workers", "0", "--no-eval"]
 
@@ -105,7 +105,7 @@ def test_a_new_length_retimes_the_rest_of_the_schedules():
     assert longer.retimed(120, 200) is longer    # a resume that keeps the length changes nothing
     finished = schedule.retimed(100, 150)        # a finished run stays at the end
     assert finished.position(100) == finished.position(150) == 100
-    assert momentum_at(finished.position(120), finished.length, 0.996) == 1
+    assert mk.cosine_momentum(finished.position(120), finished.length, 0.996) == 1
 
 
 def test_extending_a_run_continues_its_lr_and_momentum_without_a_jump(tmp_path):
@@ -224,6 +224,11 @@ def test_resnet50_refuses_the_vit_methods(tmp_path, capsys, method):
     err = refused(capsys, "--method", method, "--output", str(tmp_path),
                   command=["--arch", "resnet50"])
     assert f"--method {method} is not offered with --arch resnet50" in err
+
+
+def test_an_ema_momentum_above_one_is_refused(tmp_path, capsys):
+    err = refused(capsys, "--momentum", "1.5", "--output", str(tmp_path))
+    assert "--momentum must be in [0, 1]" in err and "1.5" in err
 
 
 @pytest.mark.parametrize("minutes, saved_after", [(1e-9, [1, 2, 3]), (0, [3])])

@@ -13,11 +13,11 @@ import torch
 timm = pytest.importorskip("timm")
 
 from _micro import micro_config, register_micro  # noqa: E402
+import mgc_kernels as mk  # noqa: E402
 from mgc_pretrain import cli  # noqa: E402
 from mgc_pretrain.checkpoint import CheckpointError  # noqa: E402
 from mgc_pretrain.config import METHODS  # noqa: E402
-from mgc_pretrain.train import (NonFiniteLoss, Trainer, clip_per_parameter,  # noqa: E402
-                                momentum_at)
+from mgc_pretrain.train import NonFiniteLoss, Trainer, clip_per_parameter  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _distributed import run_ranks  # noqa: E402
@@ -184,9 +184,9 @@ def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tm
 
 
 def test_momentum_schedule_and_per_parameter_clip():
-    assert momentum_at(0, 100, 0.996) == pytest.approx(0.996)
-    assert momentum_at(50, 100, 0.996) == pytest.approx(0.998)
-    assert momentum_at(100, 100, 0.996) == pytest.approx(1.0)
+    assert mk.cosine_momentum(0, 100, 0.996) == pytest.approx(0.996)
+    assert mk.cosine_momentum(50, 100, 0.996) == pytest.approx(0.998)
+    assert mk.cosine_momentum(100, 100, 0.996) == pytest.approx(1.0)
     big, small = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
     big.grad, small.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.3, 0.4])
     clip_per_parameter([big, small], 1.0)
