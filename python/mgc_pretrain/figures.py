@@ -283,15 +283,13 @@ def adclr_figure(method: ADCLR, batch: dict) -> Figure:
 
 def mcl_montages(method: MCL, batch: dict) -> list[tuple[int, Tensor, Tensor]]:
     """``(ratio, montage [3, S, S], sources [ratio**2])`` of the first montage of view 1 at
-    every ratio above 1, drawn by ``mk.transforms.montage`` as MCL's forward does (ratio 1 is
-    the plain view)."""
+    every ratio above 1, made by MCL's own ``montages`` (from the batch's fresh views of each
+    level when it has them, as in training; ratio 1 is the plain view)."""
     generator = torch.Generator().manual_seed(SEED)
-    montages = []
-    for ratio in method.criterion.ratios:
-        if ratio > 1:
-            tiled, sources = mk.transforms.montage(batch["view1"], ratio, generator=generator)
-            montages.append((ratio, tiled[0], sources[0]))
-    return montages
+    images, sources = method.montages(batch, 1, generator)
+    per_level = images.split([len(s) for s in sources])
+    return [(ratio, tiled[0], src[0]) for ratio, tiled, src
+            in zip(method.criterion.ratios, per_level, sources) if ratio > 1]
 
 
 def mcl_figure(method: MCL, batch: dict) -> Figure:
@@ -310,14 +308,16 @@ def mcl_figure(method: MCL, batch: dict) -> Figure:
                    fontsize=8)
         for spine in panel.spines.values():
             spine.set(edgecolor=palette[image], linewidth=4)
-    figure.suptitle("MCL: montages of the batch's view-1 images, tiles numbered by source image",
+    figure.suptitle("MCL: montages of the batch's images, tiles numbered by source image",
                     fontsize=12)
     figure.supxlabel(
-        "Each tile is a whole view-1 image shrunk by the ratio; its pooled tokens are trained "
+        "Each tile is a fresh augmentation of an image (a new crop, flip and colour draw per "
+        "level, kept at every ratio-th pixel, as in training); its pooled tokens are trained "
         "to match the momentum embedding of view 2 of the image with the same number (bottom "
-        "row, frame colour = outline colour), against every other image's as negatives. Ratio 1 "
-        "is the plain view; montages of view 2 pair with view 1 likewise. Flips do not matter "
-        "to a whole-image embedding. The montages are fresh draws, as in every training step.",
+        "row, frame colour = outline colour), against every other image's as negatives. A level "
+        "holds about B / ratio^2 montages, each image about once. Ratio 1 is the plain view; "
+        "montages of view 2 pair with view 1 likewise. Flips do not matter to a whole-image "
+        "embedding.",
         fontsize=9, wrap=True)
     return figure
 

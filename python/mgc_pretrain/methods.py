@@ -313,9 +313,11 @@ class MCL(Method):
         level_ratios=method.level_ratios)``): every ratio above 1."""
         return tuple(r for r in self.criterion.ratios if r > 1)
 
-    def montages(self, batch: Batch, view: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def montages(self, batch: Batch, view: int, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``(images [sum_l M_l, 3, S, S], sources per level [M_l, r_l**2])`` of one view: every
-        level's montages, concatenated in level order."""
+        level's montages, concatenated in level order (drawn from ``generator``, else torch's
+        global RNG, which the checkpoint saves)."""
         plain = batch[f"view{view}"]
         tiled, sources = [], []
         for ratio in self.criterion.ratios:
@@ -324,9 +326,11 @@ class MCL(Method):
             else:
                 fresh = batch.get(level_key(view, ratio))
                 if fresh is not None:
-                    images, src = mk.transforms.montage(fresh, ratio, resize=None)
+                    images, src = mk.transforms.montage(fresh, ratio, resize=None,
+                                                        generator=generator)
                 else:
-                    images, src = mk.transforms.montage(plain, ratio, resize="nearest")
+                    images, src = mk.transforms.montage(plain, ratio, resize="nearest",
+                                                        generator=generator)
             tiled.append(images)
             sources.append(src)
         return torch.cat(tiled), sources

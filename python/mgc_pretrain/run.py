@@ -141,7 +141,7 @@ def first_batch(trainer: Trainer, most: int = 64) -> dict:
     """The first samples of the training stream, a batch's worth up to ``most`` (what the
     figure shows the method do: SMoG's groups and MCL's 7 x 7 montages want many images)."""
     views = TwoViews(trainer.dataset, TwoViewTransform(trainer.cfg.architecture.img_size),
-                     trainer.cfg.seed)
+                     trainer.cfg.seed, trainer.method.level_ratios)
     size = min(trainer.cfg.batch_size, most, len(views))
     return default_collate([views[i] for i in range(size)])
 
