@@ -11,6 +11,7 @@ and there is a GPU to build for (or ``TORCH_CUDA_ARCH_LIST`` names the architect
 ``WITH_CUDA`` switch are the ones ``mgc_kernels.native`` uses to build on first use). Without the
 variable nothing is compiled and the wheel is pure Python.
 """
+
 import os
 import shutil
 
@@ -37,18 +38,27 @@ def native_extension() -> tuple[list, dict]:
     try:
         from torch.utils import cpp_extension
     except ImportError as err:
-        raise SystemExit("MGC_KERNELS_BUILD_EXT=1 builds against the installed torch: install "
-                         "torch first and pass --no-build-isolation to pip") from err
+        raise SystemExit(
+            "MGC_KERNELS_BUILD_EXT=1 builds against the installed torch: install "
+            "torch first and pass --no-build-isolation to pip"
+        ) from err
     from mgc_kernels import native
 
     cuda = native.ahead_of_time_cuda()
-    flags = {"cxx": native.CXX_FLAGS + (["-DWITH_CUDA"] if cuda else []),
-             "nvcc": native.NVCC_FLAGS + ["-DWITH_CUDA"]}
+    flags = {
+        "cxx": native.CXX_FLAGS + (["-DWITH_CUDA"] if cuda else []),
+        "nvcc": native.NVCC_FLAGS + ["-DWITH_CUDA"],
+    }
     kind = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
     sources = [os.path.relpath(path) for path in native.sources(cuda)]  # setuptools wants them
     includes = [str(native.CSRC)] + (native.cuda_include_paths() if cuda else [])
-    module = kind("mgc_kernels._native", sources, include_dirs=includes, extra_compile_args=flags,
-                  extra_link_args=native.LD_FLAGS)
+    module = kind(
+        "mgc_kernels._native",
+        sources,
+        include_dirs=includes,
+        extra_compile_args=flags,
+        extra_link_args=native.LD_FLAGS,
+    )
     return [module], {"build_ext": cpp_extension.BuildExtension}
 
 

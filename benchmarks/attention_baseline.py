@@ -26,9 +26,10 @@ and width on a small problem and kept only if it runs and returns the natural-lo
 so a kernel this torch build lacks, or one that refuses a dtype or width, is passed over and,
 when none works, the provider skips with the reasons.
 """
+
 from __future__ import annotations
 
-from functools import lru_cache, partial
+from functools import cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -46,19 +47,23 @@ def _flash(q, k, v, scale):
 
 
 def _cudnn(q, k, v, scale):
-    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True,
-                                                              scale=scale)[:2]
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, scale=scale)[:2]
 
 
 def _efficient(q, k, v, scale):
-    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True,
-                                                                  scale=scale)[:2]
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, scale=scale)[
+        :2
+    ]
 
 
-CANDIDATES = {"cpu": {SDPBackend.FLASH_ATTENTION: _cpu_flash},
-              "cuda": {SDPBackend.FLASH_ATTENTION: _flash,
-                       SDPBackend.CUDNN_ATTENTION: _cudnn,
-                       SDPBackend.EFFICIENT_ATTENTION: _efficient}}
+CANDIDATES = {
+    "cpu": {SDPBackend.FLASH_ATTENTION: _cpu_flash},
+    "cuda": {
+        SDPBackend.FLASH_ATTENTION: _flash,
+        SDPBackend.CUDNN_ATTENTION: _cudnn,
+        SDPBackend.EFFICIENT_ATTENTION: _efficient,
+    },
+}
 
 
 def _call(kernel, q, k, v, scale):
@@ -79,7 +84,7 @@ def _order(device: torch.device, dtype: torch.dtype, width: int) -> list:
     return sorted(kernels.items(), key=lambda item: item[0] != first)
 
 
-@lru_cache(maxsize=None)
+@cache
 def pick(device: torch.device, dtype: torch.dtype, width: int):
     """The first kernel that runs at ``(device, dtype, width)`` and returns the natural-log LSE
     and the attention output, or a string saying why none does."""
@@ -99,12 +104,15 @@ def pick(device: torch.device, dtype: torch.dtype, width: int):
         except Exception as err:  # this kernel does not take these inputs here
             reasons.append(f"{backend.name}: {(str(err).splitlines() or [''])[0][:120]}")
             continue
-        if ((lse - want_lse).abs().max() < tolerance
-                and (out - want_out).abs().max() < 2 * tolerance):
+        if (lse - want_lse).abs().max() < tolerance and (
+            out - want_out
+        ).abs().max() < 2 * tolerance:
             return kernel
         reasons.append(f"{backend.name}: wrong output or LSE units")
-    return (f"no fused attention kernel returning the log-sum-exp for {device.type} "
-            f"{dtype} width {width}: {'; '.join(reasons) or 'none exists'}")
+    return (
+        f"no fused attention kernel returning the log-sum-exp for {device.type} "
+        f"{dtype} width {width}: {'; '.join(reasons) or 'none exists'}"
+    )
 
 
 def unavailable(device: torch.device, dtype: torch.dtype, dim: int) -> str | None:
@@ -172,9 +180,12 @@ class BlockInfoNCE(torch.autograd.Function):
             lo = (bias - hi.to(acc)).to(q.dtype)
             ones = torch.ones(len(k), 2, device=k.device, dtype=k.dtype)
             values = (g_softmax[:, None] * q.to(acc)).to(q.dtype)
-            dense, lse_dense = attention(torch.cat([k, ones], 1),
-                                         torch.cat([q, hi[:, None], lo[:, None]], 1),
-                                         _pad(values, q.shape[1] + 2), 1.0 / tau)
+            dense, lse_dense = attention(
+                torch.cat([k, ones], 1),
+                torch.cat([q, hi[:, None], lo[:, None]], 1),
+                _pad(values, q.shape[1] + 2),
+                1.0 / tau,
+            )
             dense = dense[:, : q.shape[1]].to(acc) * lse_dense.to(acc).exp()[:, None]
             # sum_i g_i t_ij q_i, per image
             weighted = (targets * g.view(targets.shape[:2])[..., None]).transpose(1, 2)
@@ -217,8 +228,9 @@ def info_nce_queue(q, k, queue, temperature: float) -> torch.Tensor:
     ``k_i``, its negatives the other rows of ``k`` and the queue (which gets no gradient)."""
     acc = torch.promote_types(q.dtype, torch.float32)
     own_key = torch.ones(len(q), 1, 1, device=q.device, dtype=acc)
-    return BlockInfoNCE.apply(_normalize(q), _normalize(k), _normalize(queue.detach()), own_key,
-                              temperature).mean()
+    return BlockInfoNCE.apply(
+        _normalize(q), _normalize(k), _normalize(queue.detach()), own_key, temperature
+    ).mean()
 
 
 def geometric_step(q, k, q_regions, k_regions, batch: int, temperature: float):
@@ -234,5 +246,6 @@ def geometric_step(q, k, q_regions, k_regions, batch: int, temperature: float):
 
 def queue_step(q, k, queue, temperature: float):
     """The benchmark step of the ``info_nce_queue`` case, or why it cannot run here."""
-    return (unavailable(q.device, q.dtype, q.shape[1])
-            or partial(info_nce_queue, q, k, queue, temperature))
+    return unavailable(q.device, q.dtype, q.shape[1]) or partial(
+        info_nce_queue, q, k, queue, temperature
+    )

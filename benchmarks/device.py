@@ -5,6 +5,7 @@ only: fp32 matmuls may run as TF32 or on CUDA cores depending on the implementat
 single fp32 peak is fair and fp32 rows get no matmul fraction. A device not listed here gets no
 fraction at all rather than a guessed one.
 """
+
 from __future__ import annotations
 
 import os

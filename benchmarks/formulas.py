@@ -6,6 +6,7 @@ loss the ``N x M`` soft-target matrix) and are the ``naive`` provider as written
 library op it stands beside (checked in ``tests/test_benchmarks.py``). Logits are taken to fp32
 (fp64 stays fp64) before the cross-entropy, as the ops accumulate the loss in fp32 at least.
 """
+
 from __future__ import annotations
 
 import torch
@@ -54,8 +55,15 @@ def geometric_info_nce(q, k, q_regions, k_regions, q_image, k_image, temperature
     return (rho * row_loss).sum() / rho.sum()
 
 
-def linear_soft_ce(student, student_weight, teacher, teacher_weight, center,
-                   student_temperature: float, teacher_temperature: float):
+def linear_soft_ce(
+    student,
+    student_weight,
+    teacher,
+    teacher_weight,
+    center,
+    student_temperature: float,
+    teacher_temperature: float,
+):
     """DINO's loss on materialised ``[N, K]`` logits: the student's log-softmax against the
     centred, sharpened teacher softmax, mean over rows."""
     student_logits = widen(student @ student_weight.T) / student_temperature

@@ -55,6 +55,7 @@ about ``4096 e^0.4`` while ``e^(1/tau)`` is 22026, which caps ``p_pos`` near 0.8
 ``r`` is a unit query at temperature ``tau / r``, so these settings stand for converged models at
 a lower effective temperature.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -104,10 +105,12 @@ def hi_lo(x):
 
 def targets_after(rnd):
     """Option: ``rnd(p)`` and ``rnd`` operands through the matmul, the target part after."""
+
     def option(p, t, q, k, g, tau):
         dq = g / tau * (rnd(p) @ rnd(k) - t @ k)
         dk = (rnd(g * p).T @ rnd(q) - (g * t).T @ q) / tau
         return dq, dk
+
     return option
 
 
@@ -145,7 +148,7 @@ def softmax_and_p_pos(q, k, t, tau):
 def converged_queries(k, idx, weights, t, tau, level, iters=30):
     """Queries in the span of their target keys with ``p`` proportional to ``t`` on them and the
     logit scale ``c`` bisected (in log space) so that the median ``p_pos`` is ``level``."""
-    kt = k[idx]                                          # [N, w, D] target keys
+    kt = k[idx]  # [N, w, D] target keys
     gram = kt @ kt.transpose(1, 2)
 
     def queries(c):  # q_i . k_j = c + tau log t_ij on the targets
@@ -168,7 +171,7 @@ def make_setting(kind, level, n, m, d, tau, gen):
     (``None``: random queries); ``c`` is the queries' logit scale (``None`` when random)."""
     k = unit_bf16(torch.randn(m, d, generator=gen))
     weights = torch.tensor(DENSE_WEIGHTS if kind == "dense" else (1.0,), dtype=F64)
-    idx = torch.rand(n, m, generator=gen).argsort(dim=1)[:, :len(weights)]
+    idx = torch.rand(n, m, generator=gen).argsort(dim=1)[:, : len(weights)]
     t = torch.zeros(n, m, dtype=F64).scatter_(1, idx, weights.expand_as(idx))
     if level is None:
         return unit_bf16(torch.randn(n, d, generator=gen)), k, t, None
@@ -183,9 +186,11 @@ def row_errors(a, exact):
 def errors(dq, dk, exact_dq, exact_dk, is_target):
     eq, ek = row_errors(dq, exact_dq), row_errors(dk, exact_dk)
     return {
-        "dq_med": eq.median().item(), "dq_max": eq.max().item(),
+        "dq_med": eq.median().item(),
+        "dq_max": eq.max().item(),
         "dq_fro": ((dq - exact_dq).norm() / exact_dq.norm()).item(),
-        "dk_med": ek[is_target].median().item(), "dk_max": ek[is_target].max().item(),
+        "dk_med": ek[is_target].median().item(),
+        "dk_max": ek[is_target].max().item(),
         "dk_max_all": ek.max().item(),
         "dk_fro": ((dk - exact_dk).norm() / exact_dk.norm()).item(),
     }
@@ -206,15 +211,33 @@ def study(n=256, m=4096, d=128, tau=0.1, levels=LEVELS, kinds=("sparse", "dense"
         name = "random" if level is None else f"{kind} {level}"
         for option, fn in OPTIONS.items():
             dq, dk = fn(p, t, q, k, g, tau)
-            rows.append({"setting": name, "targets": kind, "level": level, "scale": c,
-                         "option": option, "p_pos": p_pos.median().item(),
-                         **errors(bf16(dq), bf16(dk), exact_dq, exact_dk, is_target)})
+            rows.append(
+                {
+                    "setting": name,
+                    "targets": kind,
+                    "level": level,
+                    "scale": c,
+                    "option": option,
+                    "p_pos": p_pos.median().item(),
+                    **errors(bf16(dq), bf16(dk), exact_dq, exact_dk, is_target),
+                }
+            )
     return rows
 
 
 def table(rows) -> str:
-    head = ["setting", "option", "p_pos", "dq med", "dq max", "dq F", "dk med", "dk max",
-            "dk max (all keys)", "dk F"]
+    head = [
+        "setting",
+        "option",
+        "p_pos",
+        "dq med",
+        "dq max",
+        "dq F",
+        "dk med",
+        "dk max",
+        "dk max (all keys)",
+        "dk F",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["setting"], r["option"], f"{r['p_pos']:.4g}"] + [f"{r[x]:.1e}" for x in METRICS]

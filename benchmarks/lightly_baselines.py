@@ -70,9 +70,10 @@ What each wrapper measures, and where its math differs from this library's op be
 Each returned callable carries the lightly module it drives as ``step.lightly_module`` (for
 inspection: the bank, the groups, the centre).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -112,8 +113,9 @@ def _step(run: LossStep, module: torch.nn.Module) -> LossStep:
     return run
 
 
-def ntxent_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor,
-                 temperature: float) -> LossStep:
+def ntxent_queue(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
+) -> LossStep:
     """lightly's memory-bank NTXentLoss: ``q [N, D]`` against its key ``k [N, D]`` and the bank,
     filled with ``queue [Q, D]`` (normalised, as lightly stores keys) before the first call."""
     from lightly.loss import NTXentLoss
@@ -132,16 +134,19 @@ def ntxent_queue(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor,
     return _step(step, loss_fn)
 
 
-def detconb(q: torch.Tensor, k: torch.Tensor, batch: int, regions: int,
-            temperature: float) -> LossStep:
+def detconb(
+    q: torch.Tensor, k: torch.Tensor, batch: int, regions: int, temperature: float
+) -> LossStep:
     """lightly's DetConBLoss on region embeddings ``q`` (view 1) and ``k`` (view 2), each
     ``[batch * regions, D]`` row-major per image; region ``r`` of view 1 pairs with region ``r``
     of view 2 of the same image."""
     from lightly.loss import DetConBLoss
 
     if q.shape != k.shape or q.ndim != 2 or q.shape[0] != batch * regions:
-        raise ValueError(f"q and k must both be [batch * regions, D] = [{batch * regions}, D], "
-                         f"got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(
+            f"q and k must both be [batch * regions, D] = [{batch * regions}, D], "
+            f"got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
     loss_fn = DetConBLoss(temperature=temperature, gather_distributed=False)
     mask_ids = torch.arange(regions, device=q.device).expand(batch, regions)
     per_image = (batch, regions, q.shape[1])
@@ -154,8 +159,13 @@ def detconb(q: torch.Tensor, k: torch.Tensor, batch: int, regions: int,
     return _step(step, loss_fn)
 
 
-def smog(p1: torch.Tensor, z2: torch.Tensor, group_features: torch.Tensor, beta: float,
-         temperature: float) -> LossStep:
+def smog(
+    p1: torch.Tensor,
+    z2: torch.Tensor,
+    group_features: torch.Tensor,
+    beta: float,
+    temperature: float,
+) -> LossStep:
     """lightly's SMoGPrototypes as its SMoG example uses them: targets from ``z2 [N, D]``,
     groups (initially ``group_features [K, D]``, copied) moved by ``p1 [N, D]``, then the CE of
     ``p1`` against the moved groups."""
@@ -174,17 +184,29 @@ def smog(p1: torch.Tensor, z2: torch.Tensor, group_features: torch.Tensor, beta:
     return _step(step, prototypes)
 
 
-def dino(student: torch.Tensor, student_weight: torch.Tensor, teacher: torch.Tensor,
-         teacher_weight: torch.Tensor, center: torch.Tensor, student_temperature: float,
-         teacher_temperature: float, *, center_momentum: float = 0.9) -> LossStep:
+def dino(
+    student: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    center: torch.Tensor,
+    student_temperature: float,
+    teacher_temperature: float,
+    *,
+    center_momentum: float = 0.9,
+) -> LossStep:
     """lightly's DINOLoss on one student view ``student @ student_weight.T`` against one teacher
     view ``teacher @ teacher_weight.T`` (``[N, K]`` logits), centre ``center [K]`` at the first
     call."""
     from lightly.loss import DINOLoss
 
-    loss_fn = DINOLoss(output_dim=student_weight.shape[0], warmup_teacher_temp=teacher_temperature,
-                       teacher_temp=teacher_temperature, student_temp=student_temperature,
-                       center_momentum=center_momentum)
+    loss_fn = DINOLoss(
+        output_dim=student_weight.shape[0],
+        warmup_teacher_temp=teacher_temperature,
+        teacher_temp=teacher_temperature,
+        student_temp=student_temperature,
+        center_momentum=center_momentum,
+    )
     loss_fn = _like(loss_fn, student)
     with torch.no_grad():
         loss_fn.center.copy_(center.view(1, 1, -1))

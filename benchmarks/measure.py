@@ -8,6 +8,7 @@ before it (the inputs and anything else alive), in MiB.
 
 CPU: ``time.perf_counter`` around each repeat; memory is not measured.
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,8 +44,9 @@ class Timing:
     peak_extra_mb: float | None  # MiB; None where not measured (CPU)
 
 
-def measure(step: Callable[[], None], prepare: Callable[[], None], device: torch.device,
-            budget: Budget) -> Timing:
+def measure(
+    step: Callable[[], None], prepare: Callable[[], None], device: torch.device, budget: Budget
+) -> Timing:
     """Time ``step`` (``prepare`` runs untimed before every call, e.g. to drop gradients)."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -85,8 +87,10 @@ def _peak_extra_mb(step, prepare, device: torch.device) -> float:
 
 def _cuda_times(step, prepare, reps: int, device: torch.device) -> list[float]:
     flush = _l2_flush_buffer(device)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(reps)]
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(reps)
+    ]
     for start, end in events:
         prepare()
         flush.zero_()

@@ -5,6 +5,7 @@ extra memory against the batch size, one line per provider. Where a file holds t
 more than once, the last row wins (results are appended). Needs matplotlib (``pip install
 matplotlib``, or the ``bench`` extra), which is imported only here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,9 @@ from .device import slug
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.plot",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.plot", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("files", nargs="+", type=Path, help="JSON-lines result files")
     parser.add_argument("--out-dir", type=Path, default=results.RESULTS_DIR)
     return parser.parse_args(argv)
@@ -29,8 +31,11 @@ def main(argv=None) -> int:
     try:
         pyplot = _pyplot()
     except ImportError:
-        print("benchmarks.plot needs matplotlib, which is not installed: "
-              "pip install matplotlib  (or pip install -e '.[bench]')", file=sys.stderr)
+        print(
+            "benchmarks.plot needs matplotlib, which is not installed: "
+            "pip install matplotlib  (or pip install -e '.[bench]')",
+            file=sys.stderr,
+        )
         return 2
     rows = [row for path in args.files for row in results.load(path)]
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -69,20 +74,33 @@ def _draw(pyplot, key, series: dict, path: Path) -> None:
         ooms = sorted(b for b, row in by_batch.items() if row["status"] == "OOM")
         label = provider + (f" (OOM at B={', '.join(map(str, ooms))})" if ooms else "")
         batch = [row["shapes"]["B"] for row in ok]
-        line, = time_ax.plot(batch, [row["median_ms"] for row in ok], "o-", label=label)
-        time_ax.fill_between(batch, [row["p20_ms"] for row in ok], [row["p80_ms"] for row in ok],
-                             color=line.get_color(), alpha=0.2)
-        memory = [(row["shapes"]["B"], row["peak_extra_mb"]) for row in ok
-                  if row["peak_extra_mb"] is not None]
+        (line,) = time_ax.plot(batch, [row["median_ms"] for row in ok], "o-", label=label)
+        time_ax.fill_between(
+            batch,
+            [row["p20_ms"] for row in ok],
+            [row["p80_ms"] for row in ok],
+            color=line.get_color(),
+            alpha=0.2,
+        )
+        memory = [
+            (row["shapes"]["B"], row["peak_extra_mb"])
+            for row in ok
+            if row["peak_extra_mb"] is not None
+        ]
         if memory:
             memory_ax.plot(*zip(*memory), "o-", color=line.get_color(), label=provider)
     batches = sorted({b for by_batch in series.values() for b in by_batch})
     _axes(time_ax, "median time (ms)", batches)
     _axes(memory_ax, "peak extra memory (MiB)", batches)
     if not memory_ax.lines:
-        memory_ax.text(0.5, 0.5, "peak memory not measured on CPU" if device.startswith("cpu")
-                       else "no memory figures", ha="center", va="center",
-                       transform=memory_ax.transAxes)
+        memory_ax.text(
+            0.5,
+            0.5,
+            "peak memory not measured on CPU" if device.startswith("cpu") else "no memory figures",
+            ha="center",
+            va="center",
+            transform=memory_ax.transAxes,
+        )
     time_ax.legend(fontsize=8)
     figure.suptitle(f"{case} {variant} {mode} {dtype} on {device}".replace("  ", " "))
     figure.tight_layout()

@@ -15,6 +15,7 @@
   (:mod:`benchmarks.attention_baseline`), for the dense InfoNCE cases: the bar for the
   library's kernels; skipped where no kernel that returns the log-sum-exp runs.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -27,12 +28,22 @@ import mgc_kernels as mk
 from . import lightly_baselines
 from .cases import Case, Problem
 
-PROVIDERS = ("torch", "triton", "native", "torch_compile", "naive", "released", "lightly",
-             "torch_attention")
+PROVIDERS = (
+    "torch",
+    "triton",
+    "native",
+    "torch_compile",
+    "naive",
+    "released",
+    "lightly",
+    "torch_attention",
+)
 QUICK_PROVIDERS = ("torch", "naive", "released", "lightly", "torch_attention")
-BASELINES = {"released": "the released MGC code has no counterpart of this case",
-             "lightly": "lightly has no comparable loss for this case",
-             "torch_attention": "no formulation of this case as fused attention calls"}
+BASELINES = {
+    "released": "the released MGC code has no counterpart of this case",
+    "lightly": "lightly has no comparable loss for this case",
+    "torch_attention": "no formulation of this case as fused attention calls",
+}
 
 
 def make(provider: str, case: Case, problem: Problem, device: torch.device) -> Callable | str:

@@ -13,6 +13,7 @@ compare the library with it, and the benchmarks time it as the released pipeline
 :func:`mgc_loss`) is written from docs/methods.md §1.5 the way the released code computes it:
 the whole logit matrix and a mean cross-entropy in which the pair weights cancel.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 F32 = np.float32
 # the released strides per cell: (ratio, low, high) for rows and for columns; cell 7 visits all
 RULES = {1: ((12, 2, 8), (8, 2, 6)), 2: ((8, 2, 4), (4, 1, 3)), 7: ((1, 1, 1), (1, 1, 1))}
-PAIRS = {1: 10, 2: 10, 7: 2}   # K per cell
+PAIRS = {1: 10, 2: 10, 7: 2}  # K per cell
 
 
 def _span(start: float, length: float, cell: float, view_size: float) -> tuple[int, int]:
@@ -45,8 +46,9 @@ def _intersect(a, b):
     return None
 
 
-def candidate_pairs(box1, box2, flip1, flip2, n, view_size=224.0, row_rule=(12, 2, 8),
-                    col_rule=(8, 2, 6)):
+def candidate_pairs(
+    box1, box2, flip1, flip2, n, view_size=224.0, row_rule=(12, 2, 8), col_rule=(8, 2, 6)
+):
     """Every (idx1, idx2, weight) the released rule visits, in visiting order."""
     x1, y1, w1, h1 = box1[0], box1[1], box1[2] - box1[0], box1[3] - box1[1]
     x2, y2, w2, h2 = box2[0], box2[1], box2[2] - box2[0], box2[3] - box2[1]
@@ -65,16 +67,17 @@ def candidate_pairs(box1, box2, flip1, flip2, n, view_size=224.0, row_rule=(12, 
     step_c = min(max(int(iou * F32(col_rule[0])), col_rule[1]), col_rule[2])
     first_i, last_i = _span(ry, rh, cell, view_size)
     first_j, last_j = _span(rx, rw, cell, view_size)
-    s1, s2 = w1 * h1 / n ** 2, w2 * h2 / n ** 2
+    s1, s2 = w1 * h1 / n**2, w2 * h2 / n**2
     pairs = []
     for i in range(first_i, last_i + 1, step_r):
         for j in range(first_j, last_j + 1, step_c):
             idx1 = i * n + (n - 1 - j if flip1 else j)
-            part = _intersect((float(rx), float(ry), float(rw), float(rh)),
-                              (j * cell, i * cell, cell, cell))
+            part = _intersect(
+                (float(rx), float(ry), float(rw), float(rh)), (j * cell, i * cell, cell, cell)
+            )
             if part is None:
                 continue
-            over1 = part[2] * part[3] / cell ** 2
+            over1 = part[2] * part[3] / cell**2
             # the part in source pixels, then relative to view 2
             ax, ay = part[0] / view_size * w1 + x1, part[1] / view_size * h1 + y1
             aw, ah = part[2] / view_size * w1, part[3] / view_size * h1
@@ -113,8 +116,21 @@ def sample_pairs_batch(boxes1, flips1, boxes2, flips2, grid: int = 14, cells=(1,
     out = []
     for cell in cells:
         rows, cols = RULES[cell]
-        out.append([sample_pairs(b1[i], b2[i], f1[i], f2[i], grid // cell, PAIRS[cell],
-                                 row_rule=rows, col_rule=cols) for i in range(len(b1))])
+        out.append(
+            [
+                sample_pairs(
+                    b1[i],
+                    b2[i],
+                    f1[i],
+                    f2[i],
+                    grid // cell,
+                    PAIRS[cell],
+                    row_rule=rows,
+                    col_rule=cols,
+                )
+                for i in range(len(b1))
+            ]
+        )
     return out
 
 
@@ -129,8 +145,19 @@ def contrastive_loss(q, k, weights, temperature: float):
     return (loss * weights).sum() / weights.sum()
 
 
-def mgc_loss(q1, q2, k1, k2, boxes1, flips1, boxes2, flips2, grid: int = 14, cells=(1, 2, 7),
-             temperature: float = 0.1):
+def mgc_loss(
+    q1,
+    q2,
+    k1,
+    k2,
+    boxes1,
+    flips1,
+    boxes2,
+    flips2,
+    grid: int = 14,
+    cells=(1, 2, 7),
+    temperature: float = 0.1,
+):
     """The released training step's loss path: pairs from the per-sample loops, their weights
     moved to the features' device, then per cell both directions on materialised logits,
     weighted by K per cell. ``q*``/``k*`` per cell ``[B, K_c, D]`` (rows already gathered at
@@ -138,10 +165,12 @@ def mgc_loss(q1, q2, k1, k2, boxes1, flips1, boxes2, flips2, grid: int = 14, cel
     pairs = sample_pairs_batch(boxes1, flips1, boxes2, flips2, grid, cells)
     total = 0.0
     for c, per_image in enumerate(pairs):
-        weights = torch.tensor([w for image in per_image for _, _, w in image],
-                               dtype=torch.float32).to(q1[c].device)
+        weights = torch.tensor(
+            [w for image in per_image for _, _, w in image], dtype=torch.float32
+        ).to(q1[c].device)
         flat = [x[c].reshape(-1, x[c].shape[-1]) for x in (q1, q2, k1, k2)]
         total = total + PAIRS[cells[c]] * (
             contrastive_loss(flat[0], flat[3].detach(), weights, temperature)
-            + contrastive_loss(flat[1], flat[2].detach(), weights, temperature))
+            + contrastive_loss(flat[1], flat[2].detach(), weights, temperature)
+        )
     return total / sum(PAIRS[cell] for cell in cells)

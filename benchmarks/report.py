@@ -6,6 +6,7 @@ Each cell is a provider's median time in ms with its speed-up over the ``torch``
 Where a file holds the same measurement more than once, the last row wins (results are
 appended). The README's table is this command's output and a test checks that it still is.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,13 +22,20 @@ BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.report",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("files", nargs="*", type=Path,
-                        help="JSON-lines result files (default: benchmarks/results/*.jsonl)")
-    parser.add_argument("--readme", type=Path,
-                        help=f"replace the text between {BEGIN} and {END} in this file "
-                             "(default: print the tables)")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "files",
+        nargs="*",
+        type=Path,
+        help="JSON-lines result files (default: benchmarks/results/*.jsonl)",
+    )
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        help=f"replace the text between {BEGIN} and {END} in this file (default: print the tables)",
+    )
     return parser.parse_args(argv)
 
 
@@ -52,8 +60,15 @@ def load(paths) -> list[dict]:
 
 def key(row: dict) -> tuple:
     """What a row measures: device, dtype, case, variant, batch, mode, provider."""
-    return (row["device"], row["dtype"], row["case"], row["variant"], row["shapes"]["B"],
-            row["mode"], row["provider"])
+    return (
+        row["device"],
+        row["dtype"],
+        row["case"],
+        row["variant"],
+        row["shapes"]["B"],
+        row["mode"],
+        row["provider"],
+    )
 
 
 def latest(rows: list[dict]) -> dict[tuple, dict]:
@@ -72,22 +87,30 @@ def markdown(rows: dict[tuple, dict]) -> str:
     tables: dict[tuple, dict] = defaultdict(dict)
     for (device, dtype, *measure), row in rows.items():
         tables[(device, dtype)][tuple(measure)] = row
-    return "\n\n".join(_table(device, dtype, tables[(device, dtype)])
-                       for device, dtype in sorted(tables))
+    return "\n\n".join(
+        _table(device, dtype, tables[(device, dtype)]) for device, dtype in sorted(tables)
+    )
 
 
 def _table(device: str, dtype: str, rows: dict[tuple, dict]) -> str:
     gpu = not device.startswith("cpu")
-    shown = [p for p in PROVIDERS if any(r["provider"] == p and r["status"] in ("ok", "OOM")
-                                         for r in rows.values())]
-    lines = [_caption(device, dtype, rows), "",
-             "| case | variant | B | mode | " + " | ".join(shown) + " |",
-             "|---|---|---:|---|" + "---:|" * len(shown)]
+    shown = [
+        p
+        for p in PROVIDERS
+        if any(r["provider"] == p and r["status"] in ("ok", "OOM") for r in rows.values())
+    ]
+    lines = [
+        _caption(device, dtype, rows),
+        "",
+        "| case | variant | B | mode | " + " | ".join(shown) + " |",
+        "|---|---|---:|---|" + "---:|" * len(shown),
+    ]
     for case, variant, batch, mode in sorted({m[:4] for m in rows}, key=_order):
         reference = rows.get((case, variant, batch, mode, "torch"))
         cells = [_cell(rows.get((case, variant, batch, mode, p)), reference, gpu) for p in shown]
-        lines.append(f"| {case} | {variant or '-'} | {batch} | {mode} | " + " | ".join(cells)
-                     + " |")
+        lines.append(
+            f"| {case} | {variant or '-'} | {batch} | {mode} | " + " | ".join(cells) + " |"
+        )
     shares = _loss_shares(rows)
     return "\n".join(lines + ([""] + shares if shares else []))
 
@@ -95,10 +118,15 @@ def _table(device: str, dtype: str, rows: dict[tuple, dict]) -> str:
 def _caption(device: str, dtype: str, rows: dict[tuple, dict]) -> str:
     first = next(iter(rows.values()))
     commits = sorted({r["commit"] for r in rows.values()})
-    where = (f"{first['threads']} torch thread(s), no peak memory on CPU"
-             if device.startswith("cpu") else "ms (speed-up over torch) / peak extra MiB")
-    return (f"**{device}**, {dtype}, torch {first['torch']}, triton {first['triton'] or '-'}, "
-            f"commit {', '.join(commits)}; {where}")
+    where = (
+        f"{first['threads']} torch thread(s), no peak memory on CPU"
+        if device.startswith("cpu")
+        else "ms (speed-up over torch) / peak extra MiB"
+    )
+    return (
+        f"**{device}**, {dtype}, torch {first['torch']}, triton {first['triton'] or '-'}, "
+        f"commit {', '.join(commits)}; {where}"
+    )
 
 
 def _order(measure: tuple):
@@ -133,10 +161,12 @@ def _loss_shares(rows: dict[tuple, dict]) -> list[str]:
         loss = rows.get((case, variant.replace("part=step", "part=loss"), batch, mode, provider))
         if loss and loss["status"] == "ok":
             arch = step["shapes"].get("arch")
-            lines.append(f"- MGC training step ({arch}, B={batch}, backend {provider}): "
-                         f"{_ms(step['median_ms'])} ms, of which the loss path "
-                         f"{_ms(loss['median_ms'])} ms "
-                         f"({100 * loss['median_ms'] / step['median_ms']:.2g} %).")
+            lines.append(
+                f"- MGC training step ({arch}, B={batch}, backend {provider}): "
+                f"{_ms(step['median_ms'])} ms, of which the loss path "
+                f"{_ms(loss['median_ms'])} ms "
+                f"({100 * loss['median_ms'] / step['median_ms']:.2g} %)."
+            )
     return lines
 
 

@@ -3,6 +3,7 @@
 A provider that cannot run is a ``skipped`` row, running out of memory an ``OOM`` row (memory
 is freed and the sweep goes on), any other failure an ``error`` row.
 """
+
 from __future__ import annotations
 
 import gc
@@ -17,8 +18,15 @@ from .measure import Budget, measure
 from .results import make_row
 
 
-def run(case: Case, size: dict, modes, provider_names, dtype: torch.dtype, target: Target,
-        budget: Budget) -> Iterator[dict]:
+def run(
+    case: Case,
+    size: dict,
+    modes,
+    provider_names,
+    dtype: torch.dtype,
+    target: Target,
+    budget: Budget,
+) -> Iterator[dict]:
     modes = [m for m in case.modes if m in modes]
     label = variant(size)
     try:
@@ -41,12 +49,30 @@ def run(case: Case, size: dict, modes, provider_names, dtype: torch.dtype, targe
     _free_memory()
 
 
-def _run_one(case: Case, label: str, problem: Problem, mode: str, provider: str, target: Target,
-             budget: Budget) -> dict:
+def _run_one(
+    case: Case,
+    label: str,
+    problem: Problem,
+    mode: str,
+    provider: str,
+    target: Target,
+    budget: Budget,
+) -> dict:
     def row(status, timing=None):
         flops, traffic = problem.work(provider, mode)
-        return make_row(case.name, label, problem.shapes, mode, provider, problem.dtype, target,
-                        status, timing, flops=flops, traffic=traffic)
+        return make_row(
+            case.name,
+            label,
+            problem.shapes,
+            mode,
+            provider,
+            problem.dtype,
+            target,
+            status,
+            timing,
+            flops=flops,
+            traffic=traffic,
+        )
 
     for tensor in problem.grad_inputs:
         tensor.requires_grad_(mode == FWD_BWD)

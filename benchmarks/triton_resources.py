@@ -30,13 +30,15 @@ Where each figure comes from:
   file that Triton deletes unless ``TRITON_DUMP_PTXAS_LOG=1``, and a kernel read back from the
   cache has none, so it is not used.) ``source`` says which of the two was read.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import subprocess
 import tempfile
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 
 class Limits(NamedTuple):
@@ -52,8 +54,13 @@ class Limits(NamedTuple):
     warp_size: int = 32
 
 
-SM90 = Limits("sm_90", shared_per_block=232448, registers_per_block=65536,
-              registers_per_thread=255, threads_per_block=1024)
+SM90 = Limits(
+    "sm_90",
+    shared_per_block=232448,
+    registers_per_block=65536,
+    registers_per_thread=255,
+    threads_per_block=1024,
+)
 
 _USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 _SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
@@ -67,8 +74,9 @@ def cuobjdump(cubin: bytes, flag: str) -> str:
         path = os.path.join(folder, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        return subprocess.run([knobs.nvidia.cuobjdump.path, flag, path], check=True,
-                              capture_output=True, text=True).stdout
+        return subprocess.run(
+            [knobs.nvidia.cuobjdump.path, flag, path], check=True, capture_output=True, text=True
+        ).stdout
 
 
 def sass_loops(sass: str) -> list[dict]:
@@ -80,10 +88,14 @@ def sass_loops(sass: str) -> list[dict]:
     for end, (addr, op, rest) in enumerate(lines):
         target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
         if target and int(target.group(1), 16) < addr:
-            body = [o for a, o, _ in lines[:end + 1] if a >= int(target.group(1), 16)]
-            loops.append(dict(instructions=len(body),
-                              mma=sum(o.startswith(("HGMMA", "HMMA")) for o in body),
-                              spill=sum(o.startswith(("LDL", "STL")) for o in body)))
+            body = [o for a, o, _ in lines[: end + 1] if a >= int(target.group(1), 16)]
+            loops.append(
+                dict(
+                    instructions=len(body),
+                    mma=sum(o.startswith(("HGMMA", "HMMA")) for o in body),
+                    spill=sum(o.startswith(("LDL", "STL")) for o in body),
+                )
+            )
     return sorted(loops, key=lambda loop: loop["instructions"])
 
 
@@ -103,12 +115,16 @@ def kernel_resources(compiled) -> dict:
     compiled kernel: ``triton.compile``'s result or a kernel from a ``JITFunction``'s cache
     (see the module docstring for where each figure comes from)."""
     meta = compiled.metadata
-    out: dict[str, Any] = dict(shared_bytes=int(meta.shared), num_warps=int(meta.num_warps),
-                               num_stages=int(meta.num_stages))
+    out: dict[str, Any] = dict(
+        shared_bytes=int(meta.shared),
+        num_warps=int(meta.num_warps),
+        num_stages=int(meta.num_stages),
+    )
     out["threads"] = out["num_warps"] * int(getattr(meta, "warp_size", 32) or 32)
     if getattr(compiled, "n_regs", None) is not None:  # loaded on a device
-        out.update(regs=int(compiled.n_regs), spill_bytes=4 * int(compiled.n_spills),
-                   source="driver")
+        out.update(
+            regs=int(compiled.n_regs), spill_bytes=4 * int(compiled.n_spills), source="driver"
+        )
     else:
         usage = cubin_resources(compiled.asm["cubin"])
         out.update(regs=usage["regs"], spill_bytes=usage["spill_bytes"], source="cuobjdump")
@@ -128,18 +144,26 @@ def launch_problems(resources: dict, limits: Limits = SM90) -> list[str]:
     """Why a kernel with these resources cannot launch on ``limits`` (empty: it can)."""
     problems = []
     if resources["shared_bytes"] > limits.shared_per_block:
-        problems.append(f"needs {resources['shared_bytes']} bytes of shared memory per block, "
-                        f"{limits.name} allows {limits.shared_per_block}")
+        problems.append(
+            f"needs {resources['shared_bytes']} bytes of shared memory per block, "
+            f"{limits.name} allows {limits.shared_per_block}"
+        )
     if resources["threads"] > limits.threads_per_block:
-        problems.append(f"{resources['threads']} threads per block, {limits.name} allows "
-                        f"{limits.threads_per_block}")
+        problems.append(
+            f"{resources['threads']} threads per block, {limits.name} allows "
+            f"{limits.threads_per_block}"
+        )
     if resources["regs"] > limits.registers_per_thread:
-        problems.append(f"{resources['regs']} registers per thread, {limits.name} allows "
-                        f"{limits.registers_per_thread}")
+        problems.append(
+            f"{resources['regs']} registers per thread, {limits.name} allows "
+            f"{limits.registers_per_thread}"
+        )
     held = allocated_registers(resources["regs"], resources["threads"], limits)
     if held > limits.registers_per_block:
-        problems.append(f"{resources['regs']} registers x {resources['threads']} threads "
-                        f"occupy {held} registers, {limits.name} has {limits.registers_per_block}")
+        problems.append(
+            f"{resources['regs']} registers x {resources['threads']} threads "
+            f"occupy {held} registers, {limits.name} has {limits.registers_per_block}"
+        )
     return problems
 
 

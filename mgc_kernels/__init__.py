@@ -1,8 +1,18 @@
 """mgc_kernels: fused kernels and losses for multi-grained and dense contrastive SSL."""
+
 from . import backends, distributed, heads, transforms
 from ._checks import set_value_checks
-from .losses import (ADCLRLoss, DenseCLLoss, MCLLoss, MGCLoss, SMoGGroups, SMoGLoss,
-                     dense_argmax_match, query_attention_mask, spherical_kmeans)
+from .losses import (
+    ADCLRLoss,
+    DenseCLLoss,
+    MCLLoss,
+    MGCLoss,
+    SMoGGroups,
+    SMoGLoss,
+    dense_argmax_match,
+    query_attention_mask,
+    spherical_kmeans,
+)
 from .momentum import cosine_momentum, momentum_copy, update_momentum
 from .ops.correspondence import correspondence
 from .ops.geometric_info_nce import geometric_info_nce

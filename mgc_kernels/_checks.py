@@ -6,9 +6,12 @@ target indices in range) need one host sync per op call; they run in eager mode 
 off with ``mgc_kernels.set_value_checks(False)`` or ``MGC_KERNELS_VALUE_CHECKS=0``, and are
 skipped while ``torch.compile`` traces (a traced graph cannot raise on data).
 """
+
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 import os
 from collections.abc import Sequence
 
@@ -16,7 +19,11 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-_value_checks = os.environ.get("MGC_KERNELS_VALUE_CHECKS", "1").strip() not in ("0", "false", "False")
+_value_checks = os.environ.get("MGC_KERNELS_VALUE_CHECKS", "1").strip() not in (
+    "0",
+    "false",
+    "False",
+)
 
 
 def set_value_checks(enabled: bool) -> None:
@@ -55,8 +62,10 @@ def same_device(**tensors: torch.Tensor | None) -> torch.device:
     first_name, first = named[0]
     for name, t in named[1:]:
         if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
-                             "all inputs must be on one device")
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                "all inputs must be on one device"
+            )
     return first.device
 
 
@@ -72,48 +81,112 @@ def same_dtype(name: str, x: torch.Tensor, dtype: torch.dtype) -> None:
 
 def dim_size(name: str, x: torch.Tensor, dim: int, expected: int, what: str) -> None:
     if x.shape[dim] != expected:
-        raise ValueError(f"{name} must have size {expected} in dimension {dim} ({what}), "
-                         f"got {describe(x)}")
+        raise ValueError(
+            f"{name} must have size {expected} in dimension {dim} ({what}), got {describe(x)}"
+        )
 
 
-def positive(name: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+def integer(name: str, value, low: int | None = None, high: int | None = None) -> int:
+    """An integer in ``[low, high]`` (Python's or numpy's, never a bool); returns it as an int."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, bool) or not _inside(number, low, high):
+        raise ValueError(f"{name} must be an int {_interval(low, high)}, got {value!r}")
+    return number
+
+
+def real(
+    name: str,
+    value,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    finite: bool = False,
+) -> float:
+    """A real number (never a bool) in the interval from ``low`` to ``high``, each end closed
+    unless ``*_open``; with ``finite``, also not infinite. Returns it as a float."""
+    inside = (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and not (finite and not math.isfinite(value))
+        and _inside(value, low, high, low_open, high_open)
+    )
+    if not inside:
+        kind = "finite number" if finite else "number"
+        where = _interval(low, high, low_open, high_open)
+        if low == 0 and low_open and high is None:
+            kind, where = f"positive {kind}", ""
+        raise ValueError(f"{name} must be a {kind}{' ' + where if where else ''}, got {value!r}")
     return float(value)
 
 
-def int_at_least(name: str, value, minimum: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+def positive(name: str, value) -> float:
+    return real(name, value, 0, low_open=True)
+
+
+def flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
     return value
+
+
+def _inside(value, low, high, low_open: bool = False, high_open: bool = False) -> bool:
+    above = low is None or (value > low if low_open else value >= low)
+    below = high is None or (value < high if high_open else value <= high)
+    return bool(above and below)  # False for NaN: every comparison with it is False
+
+
+def _interval(low, high, low_open: bool = False, high_open: bool = False) -> str:
+    if high is None:
+        return "" if low is None else f"{'>' if low_open else '>='} {low}"
+    if low is None:
+        return f"{'<' if high_open else '<='} {high}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
 
 
 def per_item(name: str, values, count: int, what: str) -> list:
     """A list or tuple with one entry per ``what`` (``count`` of them)."""
     if isinstance(values, torch.Tensor) or not isinstance(values, Sequence) or len(values) != count:
         length = f" of length {len(values)}" if isinstance(values, Sequence) else ""
-        raise ValueError(f"{name} must be a list with one entry per {what} ({count}), got "
-                         f"{type(values).__name__}{length}")
+        raise ValueError(
+            f"{name} must be a list with one entry per {what} ({count}), got "
+            f"{type(values).__name__}{length}"
+        )
     return list(values)
 
 
 def positive_ints(name: str, values) -> tuple[int, ...]:
     """A non-empty sequence of positive ints."""
-    if isinstance(values, int) or not isinstance(values, Sequence) or not values or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+    if (
+        isinstance(values, int)
+        or not isinstance(values, Sequence)
+        or not values
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+    ):
         raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {values!r}")
     return tuple(values)
 
 
 def mixing_weights(name: str, weights, count: int, what: str) -> tuple[float, ...]:
     """One finite non-negative number per ``what`` with a positive sum."""
-    if (isinstance(weights, (int, float)) or not isinstance(weights, Sequence)
-            or len(weights) != count
-            or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
-                       and math.isfinite(w) and w >= 0 for w in weights)
-            or not sum(weights) > 0):
-        raise ValueError(f"{name} must hold one finite non-negative number per {what} ({count}) "
-                         f"with a positive sum, got {weights!r}")
+    if (
+        isinstance(weights, (int, float))
+        or not isinstance(weights, Sequence)
+        or len(weights) != count
+        or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0
+            for w in weights
+        )
+        or not sum(weights) > 0
+    ):
+        raise ValueError(
+            f"{name} must hold one finite non-negative number per {what} ({count}) "
+            f"with a positive sum, got {weights!r}"
+        )
     return tuple(float(w) for w in weights)
 
 
@@ -156,8 +229,10 @@ def boxes_values(name: str, b: torch.Tensor) -> torch.Tensor:
     bad = ~(torch.isfinite(b).all(-1) & (b[..., 2] > b[..., 0]) & (b[..., 3] > b[..., 1]))
     if bad.any():
         i = tuple(bad.nonzero()[0].tolist())
-        raise ValueError(f"{name} must hold finite (x0, y0, x1, y1) boxes with x1 > x0 and "
-                         f"y1 > y0; {name}[{', '.join(map(str, i))}] is {b[i].tolist()}")
+        raise ValueError(
+            f"{name} must hold finite (x0, y0, x1, y1) boxes with x1 > x0 and "
+            f"y1 > y0; {name}[{', '.join(map(str, i))}] is {b[i].tolist()}"
+        )
     return b
 
 
@@ -173,12 +248,15 @@ def index_range(name: str, idx: torch.Tensor, upper: int, what: str) -> None:
         lo, hi = torch.aminmax(idx)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= upper:
-            raise ValueError(f"{name} must index {what} in [0, {upper}), got values in "
-                             f"[{lo}, {hi}]")
+            raise ValueError(
+                f"{name} must index {what} in [0, {upper}), got values in [{lo}, {hi}]"
+            )
 
 
 def nonnegative_finite(name: str, x: torch.Tensor) -> None:
     if value_checks_enabled() and x.numel():
         if not bool((torch.isfinite(x) & (x >= 0)).all()):
-            raise ValueError(f"{name} must be finite and >= 0, got {describe(x)} with "
-                             "negative or non-finite entries")
+            raise ValueError(
+                f"{name} must be finite and >= 0, got {describe(x)} with "
+                "negative or non-finite entries"
+            )

@@ -1,5 +1,6 @@
 """The accumulation dtype: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64 (so the reference stays
 exact enough for float64 gradcheck)."""
+
 import torch
 
 

@@ -8,13 +8,14 @@ when the op has them and the extension loads without compiling (built ahead of t
 earlier build in the cache: ``python -m mgc_kernels.env --build-native``), else the reference.
 A backend asked for by name that cannot run raises a ``RuntimeError`` that says why.
 """
+
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -70,16 +71,24 @@ def call(op: str, backend: str, *args):
     except Exception as err:
         if not type(err).__module__.startswith("triton"):
             raise
-        tensors = ", ".join(f"{tuple(a.shape)} {a.dtype}".replace("torch.", "")
-                            for a in args if isinstance(a, torch.Tensor))
+        tensors = ", ".join(
+            f"{tuple(a.shape)} {a.dtype}".replace("torch.", "")
+            for a in args
+            if isinstance(a, torch.Tensor)
+        )
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-        gpu = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" \
+        gpu = (
+            torch.cuda.get_device_name(device)
+            if device is not None and device.type == "cuda"
             else "CPU (Triton interpreter)"
-        raise RuntimeError(f"{op}: the Triton kernel failed for inputs [{tensors}] on {gpu} with "
-                           f"Triton {_triton_version()[0]}: {type(err).__name__}: {err}") from err
+        )
+        raise RuntimeError(
+            f"{op}: the Triton kernel failed for inputs [{tensors}] on {gpu} with "
+            f"Triton {_triton_version()[0]}: {type(err).__name__}: {err}"
+        ) from err
 
 
-_triton: list[tuple[str | None, str]] = []   # filled once; a plain cache that torch.compile traces
+_triton: list[tuple[str | None, str]] = []  # filled once; a plain cache that torch.compile traces
 
 
 def _triton_version() -> tuple[str | None, str]:
@@ -114,13 +123,16 @@ def backend_status(backend: str, build: bool = True) -> tuple[bool, str]:
         if version is None:
             return False, why
         if not torch.cuda.is_available() and not interpreting():
-            return False, (f"Triton {version} imports but there is no CUDA device; "
-                           "set TRITON_INTERPRET=1 before importing triton to run on CPU")
+            return False, (
+                f"Triton {version} imports but there is no CUDA device; "
+                "set TRITON_INTERPRET=1 before importing triton to run on CPU"
+            )
         return True, f"Triton {version}"
     if backend == "native":
         return native.status(build)
-    raise ValueError(f"backend must be one of the concrete backends {BACKENDS[1:]}, "
-                     f"got {backend!r}")
+    raise ValueError(
+        f"backend must be one of the concrete backends {BACKENDS[1:]}, got {backend!r}"
+    )
 
 
 def default_backend() -> str:
@@ -131,8 +143,9 @@ def default_backend() -> str:
     return name
 
 
-def resolve(op: str, backend: str | None, device: torch.device,
-            dtype: torch.dtype | None = None) -> str:
+def resolve(
+    op: str, backend: str | None, device: torch.device, dtype: torch.dtype | None = None
+) -> str:
     """The concrete backend that runs ``op`` on ``device`` for the requested ``backend``.
 
     Triton kernels compute in fp32 at most: float64 inputs go to the reference under ``auto``
@@ -143,21 +156,27 @@ def resolve(op: str, backend: str | None, device: torch.device,
     if requested == "auto":
         return "torch" if dtype == torch.float64 else _auto(op, device)
     if requested == "triton" and dtype == torch.float64:
-        raise RuntimeError(f"{op}: backend 'triton' computes in fp32 at most, got float64 inputs; "
-                           "use backend='torch' for float64")
+        raise RuntimeError(
+            f"{op}: backend 'triton' computes in fp32 at most, got float64 inputs; "
+            "use backend='torch' for float64"
+        )
     loads, why = backend_status(requested)
     if not loads:
         raise RuntimeError(f"{op}: backend {requested!r} is not available: {why}")
     if (op, requested) not in _IMPLS:
-        raise RuntimeError(f"{op}: backend {requested!r} has no implementation of this op yet; "
-                           f"use backend='torch' or 'auto'")
+        raise RuntimeError(
+            f"{op}: backend {requested!r} has no implementation of this op yet; "
+            f"use backend='torch' or 'auto'"
+        )
     if requested == "native":
         runs, why = native.supports(device)
         if not runs:
             raise RuntimeError(f"{op}: backend 'native' cannot run on {device}: {why}")
     if requested == "triton" and device.type != "cuda" and not interpreting():
-        raise RuntimeError(f"{op}: backend 'triton' needs CUDA tensors, got tensors on {device} "
-                           "(set TRITON_INTERPRET=1 before importing triton to run on CPU)")
+        raise RuntimeError(
+            f"{op}: backend 'triton' needs CUDA tensors, got tensors on {device} "
+            "(set TRITON_INTERPRET=1 before importing triton to run on CPU)"
+        )
     return requested
 
 
@@ -173,8 +192,12 @@ def _auto(op: str, device: torch.device) -> str:
     if op not in _warned_fallback:
         _warned_fallback.add(op)
         reason = why if not loads else "this op has no Triton kernel yet"
-        warnings.warn(f"{op}: no Triton kernel can run here ({reason}); "
-                      "using the slower torch reference on CUDA", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"{op}: no Triton kernel can run here ({reason}); "
+            "using the slower torch reference on CUDA",
+            RuntimeWarning,
+            stacklevel=4,
+        )
     return "torch"
 
 

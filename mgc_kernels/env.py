@@ -6,6 +6,7 @@ and never compiles: anything that goes wrong while probing is reported in place 
 ``--build-native`` first compiles the native extension (C++, and CUDA where a GPU and nvcc are
 present) into the extension cache, once, so that ``auto`` runs the C++ kernels on CPU tensors.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ import os
 import platform
 import sys
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -59,8 +60,9 @@ def _devices() -> list[tuple[str, str]]:
     rows = []
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
-        rows.append((f"  cuda:{i}", f"{p.name}, sm_{p.major}{p.minor}, "
-                                    f"{p.total_memory / 2**30:.1f} GiB"))
+        rows.append(
+            (f"  cuda:{i}", f"{p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB")
+        )
     return rows
 
 
@@ -87,19 +89,26 @@ def _auto_picks() -> list[tuple[str, str]]:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     rows = [("op", "cpu     cuda")]
     for op in ops:
-        picks = [_try(lambda d=d: backends.resolve(op, "auto", d)) for d in (cpu, cuda)]
+        picks = [_try(lambda d=d, op=op: backends.resolve(op, "auto", d)) for d in (cpu, cuda)]
         rows.append((op, f"{picks[0]:<7} {picks[1]}"))
     return rows
 
 
 def _auto_reasons() -> list[tuple[str, str]]:
     native_loads, native_why = backends.backend_status("native", build=False)
-    cpu = (f"native where the op has C++ kernels ({native_why})" if native_loads
-           else f"torch: the native extension is {native_why}" if native_why.startswith("not built")
-           else f"torch: the native extension does not load ({native_why})")
+    cpu = (
+        f"native where the op has C++ kernels ({native_why})"
+        if native_loads
+        else f"torch: the native extension is {native_why}"
+        if native_why.startswith("not built")
+        else f"torch: the native extension does not load ({native_why})"
+    )
     triton_loads, triton_why = backends.backend_status("triton")
-    cuda = ("triton where the op has a kernel" if triton_loads
-            else f"torch, with a one-time warning: {triton_why}")
+    cuda = (
+        "triton where the op has a kernel"
+        if triton_loads
+        else f"torch, with a one-time warning: {triton_why}"
+    )
     return [("cpu", cpu), ("cuda", cuda)]
 
 
@@ -121,8 +130,9 @@ def report() -> str:
     ]
     lines = _table(rows)
     lines.append("backends (loads, why):")
-    lines += _table([(b, _try(lambda b=b: _backend_status(b))) for b in backends.BACKENDS[1:]],
-                    "  ")
+    lines += _table(
+        [(b, _try(lambda b=b: _backend_status(b))) for b in backends.BACKENDS[1:]], "  "
+    )
     lines.append("auto picks:")
     # resolve() warns once per op when CUDA falls back to torch; keep the report silent and leave
     # those one-time warnings for the caller's real calls.
@@ -140,18 +150,23 @@ def report() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mgc_kernels.env", description="mgc_kernels' environment: versions, devices, which backends load and what "
-                    "auto picks, and why")
-    parser.add_argument("--build-native", action="store_true",
-                        help="compile the native extension into the extension cache first "
-                             "(once; then auto runs the C++ kernels on CPU tensors)")
+    parser = argparse.ArgumentParser(
+        prog="python -m mgc_kernels.env",
+        description="mgc_kernels' environment: versions, devices, which backends load and what "
+        "auto picks, and why",
+    )
+    parser.add_argument(
+        "--build-native",
+        action="store_true",
+        help="compile the native extension into the extension cache first "
+        "(once; then auto runs the C++ kernels on CPU tensors)",
+    )
     args = parser.parse_args(argv)
     built = True
     if args.build_native:
         from mgc_kernels import native
 
-        print(f"building the native extension from {native.CSRC} (a minute or two) ...",
-              flush=True)
+        print(f"building the native extension from {native.CSRC} (a minute or two) ...", flush=True)
         built, why = native.build()
         print(("built: " if built else "the build failed: ") + why, flush=True)
     print(report())

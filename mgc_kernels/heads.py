@@ -22,6 +22,7 @@ of a granularity at once) and returns ``[..., D]``.
 Every layer keeps PyTorch's default initialisation (except the DINO prototypes, see
 :class:`DINOHead`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -30,8 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DINOHead", "DenseCLDenseHead", "DenseCLGlobalHead", "MGCHeads", "MLP", "SMoGHeads",
-           "mgc_predictor", "mgc_projector", "mlp"]
+__all__ = [
+    "DINOHead",
+    "DenseCLDenseHead",
+    "DenseCLGlobalHead",
+    "MGCHeads",
+    "MLP",
+    "SMoGHeads",
+    "mgc_predictor",
+    "mgc_projector",
+    "mlp",
+]
 
 _ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
 
@@ -54,8 +64,9 @@ class MLP(nn.Sequential):
         return super().forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
-def _layers(dims: Sequence[int], batch_norm: bool, last_batch_norm: bool,
-            activation: str) -> list[nn.Module]:
+def _layers(
+    dims: Sequence[int], batch_norm: bool, last_batch_norm: bool, activation: str
+) -> list[nn.Module]:
     if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or len(dims) < 2:
         raise ValueError(f"dims must be a sequence of at least two widths, got {dims!r}")
     for i, d in enumerate(dims):
@@ -74,8 +85,13 @@ def _layers(dims: Sequence[int], batch_norm: bool, last_batch_norm: bool,
     return layers
 
 
-def mlp(dims: Sequence[int], *, batch_norm: bool = True, last_batch_norm: bool = False,
-        activation: str = "relu") -> MLP:
+def mlp(
+    dims: Sequence[int],
+    *,
+    batch_norm: bool = True,
+    last_batch_norm: bool = False,
+    activation: str = "relu",
+) -> MLP:
     """``Linear -> [BatchNorm1d] -> activation`` between consecutive ``dims``, then a last Linear.
 
     Args:
@@ -91,8 +107,9 @@ def mlp(dims: Sequence[int], *, batch_norm: bool = True, last_batch_norm: bool =
     return MLP(*_layers(dims, batch_norm, last_batch_norm, activation))
 
 
-def mgc_projector(in_dim: int, hidden_dim: int = 4096, out_dim: int = 128, *,
-                  num_layers: int = 3) -> MLP:
+def mgc_projector(
+    in_dim: int, hidden_dim: int = 4096, out_dim: int = 128, *, num_layers: int = 3
+) -> MLP:
     """MGC's (and MoCo v3's) projector: ``num_layers`` Linears without bias, BN + ReLU after
     each hidden one, an affine-free BN after the last: ``in -> 4096 -> 4096 -> 128``."""
     _width("in_dim", in_dim), _width("hidden_dim", hidden_dim), _width("out_dim", out_dim)
@@ -120,19 +137,28 @@ class MGCHeads(nn.Module):
     Defaults are the paper's ViT-S/16 heads (4096 hidden, 128 out).
     """
 
-    def __init__(self, in_dim: int, cells: Sequence[int] = (1, 2, 7), hidden_dim: int = 4096,
-                 out_dim: int = 128):
+    def __init__(
+        self,
+        in_dim: int,
+        cells: Sequence[int] = (1, 2, 7),
+        hidden_dim: int = 4096,
+        out_dim: int = 128,
+    ):
         super().__init__()
         if isinstance(cells, int) or len(cells) == 0:
             raise ValueError(f"cells must be a non-empty sequence of cell sizes, got {cells!r}")
         self.cells = tuple(_width(f"cells[{i}]", c) for i, c in enumerate(cells))
-        self.projectors = nn.ModuleList(mgc_projector(in_dim, hidden_dim, out_dim)
-                                        for _ in self.cells)
+        self.projectors = nn.ModuleList(
+            mgc_projector(in_dim, hidden_dim, out_dim) for _ in self.cells
+        )
         self.predictors = nn.ModuleList(mgc_predictor(out_dim, hidden_dim) for _ in self.cells)
 
     def _level(self, level: int) -> int:
-        if isinstance(level, bool) or not isinstance(level, int) \
-                or not -len(self.cells) <= level < len(self.cells):
+        if (
+            isinstance(level, bool)
+            or not isinstance(level, int)
+            or not -len(self.cells) <= level < len(self.cells)
+        ):
             raise ValueError(f"level must be an int index into cells {self.cells}, got {level!r}")
         return level
 
@@ -155,8 +181,14 @@ class SMoGHeads(nn.Module):
     widths are the paper's ResNet-50 ones (2048 hidden, 128 out).
     """
 
-    def __init__(self, in_dim: int = 2048, hidden_dim: int = 2048, out_dim: int = 128, *,
-                 projector_layers: int = 3):
+    def __init__(
+        self,
+        in_dim: int = 2048,
+        hidden_dim: int = 2048,
+        out_dim: int = 128,
+        *,
+        projector_layers: int = 3,
+    ):
         super().__init__()
         self.projector = mgc_projector(in_dim, hidden_dim, out_dim, num_layers=projector_layers)
         self.predictor = mgc_predictor(out_dim, hidden_dim)
@@ -189,8 +221,9 @@ class DenseCLGlobalHead(MLP):
         elif x.dim() == 3:
             x = x.mean(1)
         elif x.dim() != 2:
-            raise ValueError("x must be [B, C, H, W], [B, S, C] or [B, C], got shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"x must be [B, C, H, W], [B, S, C] or [B, C], got shape {tuple(x.shape)}"
+            )
         return super().forward(x)
 
 
@@ -229,13 +262,19 @@ class DINOHead(nn.Module):
     truncated-normal 0.02 and zero biases there).
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 num_prototypes: int = 65536):
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_prototypes: int = 65536,
+    ):
         super().__init__()
         _width("in_dim", in_dim), _width("hidden_dim", hidden_dim)
         _width("bottleneck_dim", bottleneck_dim), _width("num_prototypes", num_prototypes)
-        self.mlp = mlp([in_dim, hidden_dim, hidden_dim, bottleneck_dim], batch_norm=False,
-                       activation="gelu")
+        self.mlp = mlp(
+            [in_dim, hidden_dim, hidden_dim, bottleneck_dim], batch_norm=False, activation="gelu"
+        )
         self.prototypes = nn.Parameter(torch.empty(num_prototypes, bottleneck_dim))
         nn.init.trunc_normal_(self.prototypes, std=0.02)
 

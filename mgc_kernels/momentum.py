@@ -1,12 +1,13 @@
 """Momentum (EMA) encoders: the copy, its update and MGC's momentum schedule.
 
-    ema_backbone, ema_heads = mk.momentum_copy(backbone), mk.momentum_copy(heads)
-    for step in range(total_steps):
-        m = mk.cosine_momentum(step, total_steps)           # 0.996 -> 1 on a half cosine
-        mk.update_momentum(backbone, ema_backbone, m)       # before the momentum forward
-        mk.update_momentum(heads, ema_heads, m)
-        ...
+ema_backbone, ema_heads = mk.momentum_copy(backbone), mk.momentum_copy(heads)
+for step in range(total_steps):
+    m = mk.cosine_momentum(step, total_steps)           # 0.996 -> 1 on a half cosine
+    mk.update_momentum(backbone, ema_backbone, m)       # before the momentum forward
+    mk.update_momentum(heads, ema_heads, m)
+    ...
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,8 +30,7 @@ def _module(name: str, value) -> nn.Module:
 
 def _real(name: str, value, lo: float | None = None, hi: float | None = None) -> float:
     """``value`` as a float: a finite real number in ``[lo, hi]``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-            or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         where = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
@@ -49,29 +49,38 @@ def momentum_copy(module: nn.Module) -> nn.Module:
     return ema
 
 
-def _matched(kind: str, online: list[tuple[str, torch.Tensor]],
-             momentum: list[tuple[str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _matched(
+    kind: str, online: list[tuple[str, torch.Tensor]], momentum: list[tuple[str, torch.Tensor]]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(online, momentum)`` tensor pairs; the two lists have the same names and shapes."""
     if [n for n, _ in online] != [n for n, _ in momentum]:
         got, want = dict(momentum), dict(online)
         missing = [n for n in want if n not in got]
         extra = [n for n in got if n not in want]
-        detail = (f"missing in momentum: {missing[:5]}, not in online: {extra[:5]}"
-                  if missing or extra else "the same names in another order")
-        raise ValueError(f"momentum's {kind} do not match online's ({len(momentum)} vs "
-                         f"{len(online)}; {detail}): pass the module and its momentum copy "
-                         "(mgc_kernels.momentum_copy)")
+        detail = (
+            f"missing in momentum: {missing[:5]}, not in online: {extra[:5]}"
+            if missing or extra
+            else "the same names in another order"
+        )
+        raise ValueError(
+            f"momentum's {kind} do not match online's ({len(momentum)} vs "
+            f"{len(online)}; {detail}): pass the module and its momentum copy "
+            "(mgc_kernels.momentum_copy)"
+        )
     for (name, t_online), (_, t_momentum) in zip(online, momentum):
         if t_online.shape != t_momentum.shape:
-            raise ValueError(f"momentum's {kind[:-1]} {name!r} has shape "
-                             f"{tuple(t_momentum.shape)} but online's has "
-                             f"{tuple(t_online.shape)}")
+            raise ValueError(
+                f"momentum's {kind[:-1]} {name!r} has shape "
+                f"{tuple(t_momentum.shape)} but online's has "
+                f"{tuple(t_online.shape)}"
+            )
     return [(o, m) for (_, o), (_, m) in zip(online, momentum)]
 
 
 @torch.no_grad()
-def update_momentum(online: nn.Module, momentum: nn.Module, m: float, *,
-                    buffers: str = "keep") -> None:
+def update_momentum(
+    online: nn.Module, momentum: nn.Module, m: float, *, buffers: str = "keep"
+) -> None:
     """The EMA step of a momentum encoder, in place and without autograd:
     ``p_m <- m * p_m + (1 - m) * p_o`` for every parameter of ``momentum`` and its counterpart
     in ``online`` (matched by name; names and shapes must agree).
@@ -93,8 +102,9 @@ def update_momentum(online: nn.Module, momentum: nn.Module, m: float, *,
     weight = 1.0 - _real("m", m, 0.0, 1.0)
     if buffers not in _BUFFERS:
         raise ValueError(f"buffers must be one of {_BUFFERS}, got {buffers!r}")
-    pairs = _matched("parameters", list(online.named_parameters()),
-                     list(momentum.named_parameters()))
+    pairs = _matched(
+        "parameters", list(online.named_parameters()), list(momentum.named_parameters())
+    )
     groups: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
     for p_online, p_momentum in pairs:
         if p_online.device != p_momentum.device or p_online.dtype != p_momentum.dtype:
@@ -105,13 +115,15 @@ def update_momentum(online: nn.Module, momentum: nn.Module, m: float, *,
     for targets, sources in groups.values():
         torch._foreach_lerp_(targets, sources, weight)
     if buffers == "copy":
-        for b_online, b_momentum in _matched("buffers", list(online.named_buffers()),
-                                             list(momentum.named_buffers())):
+        for b_online, b_momentum in _matched(
+            "buffers", list(online.named_buffers()), list(momentum.named_buffers())
+        ):
             b_momentum.copy_(b_online)
 
 
-def cosine_momentum(step: float, total_steps: float, start: float = 0.996,
-                    end: float = 1.0) -> float:
+def cosine_momentum(
+    step: float, total_steps: float, start: float = 0.996, end: float = 1.0
+) -> float:
     """MGC's (BYOL's, MoCo v3's) momentum schedule: ``start`` at step 0 to ``end`` at
     ``total_steps`` on a half cosine,
     ``end - (end - start) * (cos(pi * step / total_steps) + 1) / 2``.

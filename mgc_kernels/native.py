@@ -20,6 +20,7 @@ never needs a compiler.
 The functions at the bottom take exactly the arguments of the reference functions they stand
 beside (``reference/<op>.py``) and are registered as the ``native`` implementations of the ops.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +38,9 @@ from types import ModuleType
 import torch
 
 PACKAGE = Path(__file__).resolve().parent
-CSRC = next((p for p in (PACKAGE / "csrc", PACKAGE.parent / "csrc") if p.is_dir()), PACKAGE / "csrc")
+CSRC = next(
+    (p for p in (PACKAGE / "csrc", PACKAGE.parent / "csrc") if p.is_dir()), PACKAGE / "csrc"
+)
 JIT_NAME = "mgc_kernels_native"
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]  # no FMA: geometry equals the reference
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
@@ -45,9 +48,9 @@ LD_FLAGS = ["-fopenmp"]
 BUILT = "built"  # written into a cache folder once its build has loaded: the folder is usable
 BUILD_COMMAND = "python -m mgc_kernels.env --build-native"
 
-_loaded: list[tuple[ModuleType, str]] = []   # the extension, once loaded
-_not_loaded: list[str] = []                  # why a load without compiling found none
-_build_failed: list[str] = []                # why the one build attempt of this process failed
+_loaded: list[tuple[ModuleType, str]] = []  # the extension, once loaded
+_not_loaded: list[str] = []  # why a load without compiling found none
+_build_failed: list[str] = []  # why the one build attempt of this process failed
 
 
 def sources(cuda: bool) -> list[str]:
@@ -69,8 +72,20 @@ def cache_root() -> Path:
 def build_dir(cuda: bool) -> Path:
     """The cache folder of a build: named by a digest of everything the binary depends on (the
     sources, the flags, torch, Python, the machine), so a folder found is a build of these."""
-    digest = hashlib.sha256(repr((cuda, CXX_FLAGS, NVCC_FLAGS, LD_FLAGS, torch.__version__,
-                                  torch.version.cuda, sys.version, platform.machine())).encode())
+    digest = hashlib.sha256(
+        repr(
+            (
+                cuda,
+                CXX_FLAGS,
+                NVCC_FLAGS,
+                LD_FLAGS,
+                torch.__version__,
+                torch.version.cuda,
+                sys.version,
+                platform.machine(),
+            )
+        ).encode()
+    )
     for path in sorted(p for p in CSRC.rglob("*") if p.is_file()):
         digest.update(path.relative_to(CSRC).as_posix().encode() + b"\0" + path.read_bytes())
     return cache_root() / f"{JIT_NAME}{'_cuda' if cuda else ''}_{digest.hexdigest()[:16]}"
@@ -94,8 +109,11 @@ def _cpp_extension() -> ModuleType:
 
 def nvcc_found() -> bool:
     cuda_home = _cpp_extension().CUDA_HOME
-    return torch.version.cuda is not None and cuda_home is not None \
+    return (
+        torch.version.cuda is not None
+        and cuda_home is not None
         and Path(cuda_home, "bin", "nvcc").exists()
+    )
 
 
 def cuda_include_paths() -> list[str]:
@@ -109,16 +127,21 @@ def cuda_include_paths() -> list[str]:
     spec = importlib.util.find_spec("nvidia")
     if spec is None or not spec.submodule_search_locations:
         return toolkit
-    return toolkit + sorted(str(p) for root in spec.submodule_search_locations
-                            for p in Path(root).glob("*/include") if p.is_dir())
+    return toolkit + sorted(
+        str(p)
+        for root in spec.submodule_search_locations
+        for p in Path(root).glob("*/include")
+        if p.is_dir()
+    )
 
 
 def ahead_of_time_cuda() -> bool:
     """Whether setup.py compiles the CUDA sources too: nvcc and a CUDA torch, and a GPU to build
     for or the architectures named in ``TORCH_CUDA_ARCH_LIST`` (without either, torch has no
     architecture to pass to nvcc)."""
-    return nvcc_found() and (torch.cuda.is_available()
-                             or bool(os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()))
+    return nvcc_found() and (
+        torch.cuda.is_available() or bool(os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip())
+    )
 
 
 def status(build: bool = True) -> tuple[bool, str]:
@@ -182,8 +205,9 @@ def _extension(build: bool) -> tuple[ModuleType | None, str]:
         if module is not None:
             _loaded.append((module, why))
             return _loaded[0]
-        warnings.warn(f"mgc_kernels: the native backend is unavailable: {why}", RuntimeWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"mgc_kernels: the native backend is unavailable: {why}", RuntimeWarning, stacklevel=3
+        )
         _build_failed.append(why)
     return None, _build_failed[0]
 
@@ -198,8 +222,10 @@ def _load_built() -> tuple[ModuleType | None, str]:
     except ImportError as err:  # built for another torch: undefined symbols
         stale = f"mgc_kernels._native does not import ({_first_line(err)}); "
     if not sources(cuda=False):
-        return None, stale + (f"the csrc/ sources are not at {CSRC} (a package built without "
-                              "them; reinstall mgc_kernels)")
+        return None, stale + (
+            f"the csrc/ sources are not at {CSRC} (a package built without "
+            "them; reinstall mgc_kernels)"
+        )
     for cuda in (True, False):
         folder = build_dir(cuda)
         if (folder / BUILT).is_file():
@@ -232,16 +258,24 @@ def _build() -> tuple[ModuleType | None, str]:
     folder.mkdir(parents=True, exist_ok=True)
     try:
         module = cpp_extension.load(
-            name=folder.name, sources=sources(cuda), build_directory=str(folder),
+            name=folder.name,
+            sources=sources(cuda),
+            build_directory=str(folder),
             extra_cflags=CXX_FLAGS + (["-DWITH_CUDA"] if cuda else []),
-            extra_cuda_cflags=NVCC_FLAGS + ["-DWITH_CUDA"], extra_ldflags=LD_FLAGS,
+            extra_cuda_cflags=NVCC_FLAGS + ["-DWITH_CUDA"],
+            extra_ldflags=LD_FLAGS,
             extra_include_paths=[str(CSRC)] + (cuda_include_paths() if cuda else []),
-            with_cuda=cuda, verbose=False)
+            with_cuda=cuda,
+            verbose=False,
+        )
     except Exception as err:  # a failed build must not break the other backends
         return None, f"building csrc/ failed: {_first_line(err)}"
     (folder / BUILT).write_text(f"{torch.__version__}\n")
-    kind = "C++ and CUDA" if cuda else "C++; CUDA " + (
-        "needs nvcc" if torch.cuda.is_available() else "not built: no GPU")
+    kind = (
+        "C++ and CUDA"
+        if cuda
+        else "C++; CUDA " + ("needs nvcc" if torch.cuda.is_available() else "not built: no GPU")
+    )
     return module, f"built in {folder} ({kind})"
 
 
@@ -257,10 +291,23 @@ def correspondence(boxes1, flips1, boxes2, flips2, n: int, metric: str) -> torch
     return extension().correspondence(boxes1, flips1, boxes2, flips2, n, metric)
 
 
-def sample_pairs(boxes1, flips1, boxes2, flips2, n: int, k: int, method: str,
-                 view_size: float, row_rule, col_rule):
-    return tuple(extension().sample_pairs(boxes1, flips1, boxes2, flips2, n, k, method,
-                                          view_size, list(row_rule), list(col_rule)))
+def sample_pairs(
+    boxes1,
+    flips1,
+    boxes2,
+    flips2,
+    n: int,
+    k: int,
+    method: str,
+    view_size: float,
+    row_rule,
+    col_rule,
+):
+    return tuple(
+        extension().sample_pairs(
+            boxes1, flips1, boxes2, flips2, n, k, method, view_size, list(row_rule), list(col_rule)
+        )
+    )
 
 
 def multigrain_pool(tokens: torch.Tensor, grid: int, cells) -> list[torch.Tensor]:

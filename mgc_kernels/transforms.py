@@ -77,7 +77,9 @@ def _cpu_generator(generator: Any) -> torch.Generator | None:
     if generator is None:
         return None
     if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}"
+        )
     if generator.device.type != "cpu":
         raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
     return generator
@@ -261,7 +263,9 @@ def _crop_resize_flip(img: Any, box: tuple[int, int, int, int], size: int, flip:
         view = img.crop(box).resize((size, size), pil_image.Resampling.BILINEAR)
         return view.transpose(pil_image.Transpose.FLIP_LEFT_RIGHT) if flip else view
     crop = img[None, :, y0:y1, x0:x1].float()
-    view = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    view = F.interpolate(
+        crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )[0]
     if flip:
         view = view.flip(-1)
     if img.dtype == torch.uint8:
@@ -286,7 +290,7 @@ def _import_torchvision_transforms():
 
 
 def _photometric_pipelines(size: int) -> dict[str, tuple[Any, Any]]:
-    """View 1 and view 2 pipelines for PIL and for tensor views: ``{"pil": (p1, p2), "tensor": ...}``.
+    """View 1 and view 2 pipelines for PIL and tensor views: ``{"pil": (p1, p2), "tensor": ...}``.
 
     PIL views run the ops on PIL (uint8, solarize threshold 128) then ToTensor, as the official
     recipe does; tensor views are first converted to float in [0, 1] (threshold 0.5). Both end
@@ -308,7 +312,8 @@ def _photometric_pipelines(size: int) -> dict[str, tuple[Any, Any]]:
 
     pil = tuple(T.Compose([*ops(b, s, 128), T.ToTensor(), normalize]) for b, s in _VIEW_RECIPES)
     tensor = tuple(
-        T.Compose([T.ConvertImageDtype(torch.float32), *ops(b, s, 0.5), normalize]) for b, s in _VIEW_RECIPES
+        T.Compose([T.ConvertImageDtype(torch.float32), *ops(b, s, 0.5), normalize])
+        for b, s in _VIEW_RECIPES
     )
     return {"pil": pil, "tensor": tensor}
 
@@ -447,7 +452,8 @@ def montage(
         raise TypeError(f"images must be a [B, C, H, W] torch.Tensor, got {type(images).__name__}")
     if images.ndim != 4 or images.numel() == 0:
         raise ValueError(
-            f"images must be a non-empty [B, C, H, W] tensor, got shape {tuple(images.shape)}")
+            f"images must be a non-empty [B, C, H, W] tensor, got shape {tuple(images.shape)}"
+        )
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise TypeError(f"images must be a uint8 or floating tensor, got dtype {images.dtype}")
     ratio = _positive_int("ratio", ratio)
@@ -471,8 +477,9 @@ def montage(
     return tiled.permute(0, 3, 1, 4, 2, 5).reshape(count, channels, ratio * h, ratio * w), sources
 
 
-def _draw_montage_sources(batch: int, count: int, slots: int,
-                          generator: torch.Generator | None) -> Tensor:
+def _draw_montage_sources(
+    batch: int, count: int, slots: int, generator: torch.Generator | None
+) -> Tensor:
     """``[count, slots]`` batch indices: a permutation of the batch first, then per montage
     the images it lacks in random order, then random rounds of the whole batch (see montage)."""
     total = count * slots
@@ -482,15 +489,15 @@ def _draw_montage_sources(batch: int, count: int, slots: int,
     sources = torch.empty(total, dtype=torch.long)
     sources[:batch] = first
     sources = sources.reshape(count, slots)
-    start = batch // slots            # the first montage with slots left after the permutation
-    held = batch - start * slots      # its slots the permutation filled
-    rounds = -(-slots // batch)       # rounds of the batch a montage may need
+    start = batch // slots  # the first montage with slots left after the permutation
+    held = batch - start * slots  # its slots the permutation filled
+    rounds = -(-slots // batch)  # rounds of the batch a montage may need
     keys = torch.rand(count - start, rounds, batch, generator=generator)
-    if held:                          # the images it holds already come last in its first round
+    if held:  # the images it holds already come last in its first round
         keys[0, 0, sources[start, :held]] += 1.0
     order = keys.argsort(-1).reshape(count - start, rounds * batch)
-    sources[start, held:] = order[0, :slots - held]
-    sources[start + 1:] = order[1:, :slots]
+    sources[start, held:] = order[0, : slots - held]
+    sources[start + 1 :] = order[1:, :slots]
     return sources
 
 
@@ -502,8 +509,13 @@ def _montage_tiles(images: Tensor, ratio: int, resize: str | None) -> Tensor:
         return images[:, :, ::ratio, ::ratio]
     height, width = images.shape[-2:]
     work = images.double() if images.dtype == torch.float64 else images.float()
-    small = F.interpolate(work, size=(height // ratio, width // ratio), mode="bilinear",
-                          align_corners=False, antialias=True)
+    small = F.interpolate(
+        work,
+        size=(height // ratio, width // ratio),
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
+    )
     if images.dtype == torch.uint8:
         small = small.round_().clamp_(0, 255)
     return small.to(images.dtype)

@@ -2,9 +2,9 @@
 
 Usage::
 
-    def _check(rank, world_size, seed):          # module level, so it pickles
+    def _check(rank, world_size, seed):  # module level, so it pickles
         x = torch.randn(8, 4, generator=torch.Generator().manual_seed(seed))
-        mine = x.chunk(world_size)[rank]          # every rank builds the full batch, slices its part
+        mine = x.chunk(world_size)[rank]  # every rank builds the whole batch, slices its part
         ...
         return {"loss": loss.detach(), "grad": mine_leaf.grad}
 

@@ -2,12 +2,16 @@
 compile check, the comparison rule for fast backends, and the multigrain_pool checks. Inputs
 exact in every dtype and the tolerances of the rule come from ``benchmarks/gpu_check/rule.py``,
 which the GPU check applies too."""
+
 import pytest
 import torch
 
 import mgc_kernels as mk
-from benchmarks.gpu_check.rule import (GRAD_SLACK, UNIT_ROUNDOFF,  # noqa: F401 (re-exported)
-                                       grad_tol, pool_tol, representable, ulp_tol, unit_rows)
+from benchmarks.gpu_check.rule import (
+    UNIT_ROUNDOFF,  # noqa: F401 (re-exported)
+    grad_tol,
+    pool_tol,
+)
 from mgc_kernels import backends
 
 TRITON_LOADS, TRITON_WHY = backends.backend_status("triton")
@@ -76,7 +80,7 @@ def check_pool_forward(x, grid, cells, backend):
         assert f.dtype == x.dtype and f.shape == r.shape and f.is_contiguous()
         assert_close_to_exact(f, r, e, pool_tol(e, x.dtype))
         if c == 1:
-            assert torch.equal(f, x)      # a mean of one token is the token
+            assert torch.equal(f, x)  # a mean of one token is the token
     return fast
 
 
@@ -94,10 +98,20 @@ def check_pool_backward(x, grid, cells, grads, backend):
     """The tokens' gradient of ``backend`` against the reference by the rule."""
     fast = pool_token_grad(x, grid, cells, grads, backend)
     ref = pool_token_grad(x, grid, cells, grads, "torch")
-    exact = backends.call("multigrain_pool_backward", "torch",
-                          [torch.zeros(x.shape[0], (grid // c) ** 2, x.shape[2], device=x.device,
-                                       dtype=torch.float64) if g is None else g.double()
-                           for g, c in zip(grads, cells)], grid, cells)
+    exact = backends.call(
+        "multigrain_pool_backward",
+        "torch",
+        [
+            torch.zeros(
+                x.shape[0], (grid // c) ** 2, x.shape[2], device=x.device, dtype=torch.float64
+            )
+            if g is None
+            else g.double()
+            for g, c in zip(grads, cells)
+        ],
+        grid,
+        cells,
+    )
     assert fast.dtype == x.dtype and fast.shape == x.shape
     assert_close_to_exact(fast, ref, exact, pool_tol(exact, x.dtype))
 
@@ -116,8 +130,9 @@ def info_nce_op(ops, q, k, queue, index, weight, grad, temperature, grad_lse=Non
     return row_loss, lse, dq, dk
 
 
-def geometric_info_nce_op(ops, q, k, q_regions, k_regions, q_image, k_image, grad, temperature,
-                          metric):
+def geometric_info_nce_op(
+    ops, q, k, q_regions, k_regions, q_image, k_image, grad, temperature, metric
+):
     """``(row_loss, lse, rho, dq, dk)`` of a backend module's ``geometric_info_nce``, as
     :func:`info_nce_op`."""
     geometry = (q_regions, k_regions, q_image, k_image)

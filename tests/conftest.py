@@ -5,6 +5,7 @@ set before anything imports triton, so it is set here, first. Hypothesis profile
 default; bounded examples so the suite fits a 2-core machine) and ``thorough``
 (``HYPOTHESIS_PROFILE=thorough``).
 """
+
 import os
 import sys
 from pathlib import Path
@@ -20,7 +21,12 @@ if not torch.cuda.is_available():
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
-settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "ci",
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -1,6 +1,7 @@
 """ADCLRLoss against the formula written out here (materialised softmaxes), centre updates,
 the teacher-temperature schedule, state_dict round trip, two gloo ranks, bad hyperparameters,
 and query_attention_mask."""
+
 from __future__ import annotations
 
 import io
@@ -25,10 +26,14 @@ def inputs(gen, batch=B, views=V, logits=False):
 
     tw = None if logits else r(K, DT)
     t_width = K if logits else DT
-    return dict(student_cls=r(views, batch, D).requires_grad_(), teacher_cls=r(2, batch, t_width),
-                student_query=r(2, batch, Q, D).requires_grad_(),
-                teacher_query=r(2, batch, Q, t_width),
-                student_weight=(0.5 * r(K, D)).requires_grad_(), teacher_weight=tw)
+    return dict(
+        student_cls=r(views, batch, D).requires_grad_(),
+        teacher_cls=r(2, batch, t_width),
+        student_query=r(2, batch, Q, D).requires_grad_(),
+        teacher_query=r(2, batch, Q, t_width),
+        student_weight=(0.5 * r(K, D)).requires_grad_(),
+        teacher_weight=tw,
+    )
 
 
 def h(teacher_logits, student_logits, center, tau_t, tau_s=0.1):
@@ -43,8 +48,9 @@ def direct(x, c_cls, c_query, tau_t, query_weight=1.0, query_pairs="cross"):
     t_cls = x["teacher_cls"] if tw is None else x["teacher_cls"] @ tw.T
     t_query = x["teacher_query"] if tw is None else x["teacher_query"] @ tw.T
     s_cls, s_query = x["student_cls"] @ w.T, x["student_query"] @ w.T
-    terms = [h(t_cls[a], s_cls[b], c_cls, tau_t)
-             for a in range(2) for b in range(len(s_cls)) if b != a]
+    terms = [
+        h(t_cls[a], s_cls[b], c_cls, tau_t) for a in range(2) for b in range(len(s_cls)) if b != a
+    ]
     cls = sum(terms) / len(terms)
     other = (1, 0) if query_pairs == "cross" else (0, 1)
     query = sum(h(t_query[a], s_query[other[a]], c_query, tau_t) for a in range(2)) / 2
@@ -68,16 +74,24 @@ def test_equals_direct_formula_and_updates_centers(logits, query_pairs):
     for g, e in zip(torch.autograd.grad(loss, leaves), torch.autograd.grad(want, leaves)):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(crit.center_cls, 0.9 * c_cls + 0.1 * m_cls, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(crit.center_query, 0.9 * c_query + 0.1 * m_query, rtol=1e-12,
-                               atol=1e-12)
+    torch.testing.assert_close(
+        crit.center_query, 0.9 * c_query + 0.1 * m_query, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_without_queries_is_dino_and_leaves_query_center_alone():
     gen = torch.Generator().manual_seed(1)
     crit = ADCLRLoss(num_prototypes=K).double()
     x = inputs(gen, views=2)
-    loss = crit(x["student_cls"], x["teacher_cls"], None, None, x["student_weight"],
-                x["teacher_weight"], epoch=100)
+    loss = crit(
+        x["student_cls"],
+        x["teacher_cls"],
+        None,
+        None,
+        x["student_weight"],
+        x["teacher_weight"],
+        epoch=100,
+    )
     t = x["teacher_cls"] @ x["teacher_weight"].T
     s = x["student_cls"] @ x["student_weight"].T
     zero = torch.zeros(K, dtype=torch.float64)
@@ -101,10 +115,14 @@ def test_teacher_temperature_schedule():
     assert crit.teacher_temperature_at(15) == pytest.approx(0.04 + 0.03 * 15 / 29)
     assert crit.teacher_temperature_at(14.5) == pytest.approx(0.04 + 0.03 * 14.5 / 29)
     assert crit.teacher_temperature_at(30) == crit.teacher_temperature_at(800) == 0.07
-    assert ADCLRLoss(num_prototypes=K, warmup_teacher_temperature_epochs=0) \
-        .teacher_temperature_at(0) == 0.07
-    assert ADCLRLoss(num_prototypes=K, warmup_teacher_temperature_epochs=1) \
-        .teacher_temperature_at(0) == 0.04
+    assert (
+        ADCLRLoss(num_prototypes=K, warmup_teacher_temperature_epochs=0).teacher_temperature_at(0)
+        == 0.07
+    )
+    assert (
+        ADCLRLoss(num_prototypes=K, warmup_teacher_temperature_epochs=1).teacher_temperature_at(0)
+        == 0.04
+    )
     with pytest.raises(ValueError, match="epoch"):
         crit.teacher_temperature_at(-1)
 
@@ -126,18 +144,21 @@ def test_state_dict_round_trip_gives_identical_next_loss():
     assert torch.equal(crit.center_query, fresh.center_query)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(num_prototypes=0), "num_prototypes"),
-    (dict(num_prototypes=2.5), "num_prototypes"),
-    (dict(student_temperature=0), "student_temperature"),
-    (dict(teacher_temperature=-1), "teacher_temperature"),
-    (dict(warmup_teacher_temperature=0), "warmup_teacher_temperature"),
-    (dict(warmup_teacher_temperature_epochs=-1), "warmup_teacher_temperature_epochs"),
-    (dict(warmup_teacher_temperature_epochs=2.5), "warmup_teacher_temperature_epochs"),
-    (dict(center_momentum=1.5), "center_momentum"),
-    (dict(query_weight=-1), "query_weight"),
-    (dict(query_pairs="all"), "query_pairs"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_prototypes=0), "num_prototypes"),
+        (dict(num_prototypes=2.5), "num_prototypes"),
+        (dict(student_temperature=0), "student_temperature"),
+        (dict(teacher_temperature=-1), "teacher_temperature"),
+        (dict(warmup_teacher_temperature=0), "warmup_teacher_temperature"),
+        (dict(warmup_teacher_temperature_epochs=-1), "warmup_teacher_temperature_epochs"),
+        (dict(warmup_teacher_temperature_epochs=2.5), "warmup_teacher_temperature_epochs"),
+        (dict(center_momentum=1.5), "center_momentum"),
+        (dict(query_weight=-1), "query_weight"),
+        (dict(query_pairs="all"), "query_pairs"),
+    ],
+)
 def test_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ADCLRLoss(**kwargs)
@@ -176,16 +197,24 @@ def _two_rank_losses(rank, world, gather):
         mine = {}
         for name, v in full.items():
             if name.endswith("weight"):
-                mine[name] = None if v is None else v.detach().clone().requires_grad_(
-                    name == "student_weight")
+                mine[name] = (
+                    None
+                    if v is None
+                    else v.detach().clone().requires_grad_(name == "student_weight")
+                )
             else:
                 mine[name] = v.detach()[:, part].clone().requires_grad_(name.startswith("student"))
         loss = crit(**mine, epoch=step)
         leaves = [mine["student_cls"], mine["student_query"], mine["student_weight"]]
         grads = torch.autograd.grad(loss, leaves)
-        results.append({"loss": loss.detach(), "grads": [g.detach() for g in grads],
-                        "center_cls": crit.center_cls.clone(),
-                        "center_query": crit.center_query.clone()})
+        results.append(
+            {
+                "loss": loss.detach(),
+                "grads": [g.detach() for g in grads],
+                "center_cls": crit.center_cls.clone(),
+                "center_query": crit.center_query.clone(),
+            }
+        )
     return results
 
 
@@ -195,14 +224,16 @@ def test_two_ranks_equal_one_process_over_the_whole_batch(gather):
     ranks = run_ranks(_two_rank_losses, 2, gather)
     for step in range(2):
         one, r0, r1 = single[step], ranks[0][step], ranks[1][step]
-        torch.testing.assert_close((r0["loss"] + r1["loss"]) / 2, one["loss"], rtol=1e-10,
-                                   atol=1e-12)
+        torch.testing.assert_close(
+            (r0["loss"] + r1["loss"]) / 2, one["loss"], rtol=1e-10, atol=1e-12
+        )
         # per-rank gradients / world size: the rows' share of the one-process gradient
         for i in (0, 1):
             halves = torch.cat([r0["grads"][i], r1["grads"][i]], dim=1) / 2
             torch.testing.assert_close(halves, one["grads"][i], rtol=1e-8, atol=1e-12)
-        torch.testing.assert_close((r0["grads"][2] + r1["grads"][2]) / 2, one["grads"][2],
-                                   rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(
+            (r0["grads"][2] + r1["grads"][2]) / 2, one["grads"][2], rtol=1e-8, atol=1e-12
+        )
         for name in ("center_cls", "center_query"):
             assert torch.equal(r0[name], r1[name])
             torch.testing.assert_close(r0[name], one[name], rtol=1e-12, atol=1e-12)
@@ -214,11 +245,10 @@ def test_two_ranks_equal_one_process_over_the_whole_batch(gather):
 def test_query_attention_mask_values():
     mask = query_attention_mask(3, 2)
     assert mask.shape == (5, 5) and mask.dtype == torch.bool
-    expected = torch.tensor([[1, 1, 1, 0, 0],
-                             [1, 1, 1, 0, 0],
-                             [1, 1, 1, 0, 0],
-                             [1, 1, 1, 1, 1],
-                             [1, 1, 1, 1, 1]], dtype=torch.bool)
+    expected = torch.tensor(
+        [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]],
+        dtype=torch.bool,
+    )
     assert torch.equal(mask, expected)
     additive = query_attention_mask(3, 2, dtype=torch.float32)
     assert torch.equal(additive == 0, expected)

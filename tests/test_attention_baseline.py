@@ -3,6 +3,7 @@ library's loss and gradients (dq, dk) from PyTorch's fused attention kernels: ch
 the torch reference with autograd on CPU, fp32 and fp64, through the cases it is wired into and
 on direct inputs (rows without overlap, a width that needs padding); and it skips cleanly where
 no kernel runs."""
+
 import math
 
 import pytest
@@ -61,15 +62,20 @@ def test_geometric_rows_without_overlap_and_odd_width(dtype):
     gen = torch.Generator().manual_seed(0)
     q_boxes, k_boxes = random_views(batch, cells, gen)
     rows = batch * cells * cells
-    q, k = (torch.randn(rows, dim, generator=gen, dtype=dtype, requires_grad=True)
-            for _ in range(2))
+    q, k = (
+        torch.randn(rows, dim, generator=gen, dtype=dtype, requires_grad=True) for _ in range(2)
+    )
     rho = attention_baseline.mgc_blocks(q_boxes, k_boxes).sum(-1)
     assert (rho == 0).any() and (rho > 0).any()
     image = torch.arange(batch).repeat_interleave(cells * cells)
-    assert_same(lambda: attention_baseline.geometric_info_nce(q, k, q_boxes, k_boxes, 0.07),
-                lambda: mk.geometric_info_nce(q, k, q_boxes.view(-1, 4), k_boxes.view(-1, 4),
-                                              image, image, 0.07, backend="torch"),
-                [q, k], dtype)
+    assert_same(
+        lambda: attention_baseline.geometric_info_nce(q, k, q_boxes, k_boxes, 0.07),
+        lambda: mk.geometric_info_nce(
+            q, k, q_boxes.view(-1, 4), k_boxes.view(-1, 4), image, image, 0.07, backend="torch"
+        ),
+        [q, k],
+        dtype,
+    )
 
 
 def test_queue_gets_no_gradient():
@@ -82,7 +88,10 @@ def test_queue_gets_no_gradient():
 def test_other_cases_skip_with_a_reason():
     case = CASES["info_nce_sparse"]
     problem = case.build(**case.quick_sizes[0], dtype=torch.float32, device=CPU)
-    assert providers.make("torch_attention", case, problem, CPU) == providers.BASELINES["torch_attention"]
+    assert (
+        providers.make("torch_attention", case, problem, CPU)
+        == providers.BASELINES["torch_attention"]
+    )
 
 
 @pytest.fixture
@@ -95,14 +104,18 @@ def fresh_kernels():
 
 def test_skips_where_no_kernel_runs(monkeypatch, fresh_kernels):
     """A device without candidates, and a kernel that refuses the inputs, are skip reasons."""
+
     def refuses(*args):
         raise RuntimeError("not on this build")
 
     monkeypatch.setitem(attention_baseline.CANDIDATES, "cpu", {})
     assert "none exists" in attention_baseline.unavailable(CPU, torch.float32, 16)
     attention_baseline.pick.cache_clear()
-    monkeypatch.setitem(attention_baseline.CANDIDATES, "cpu",
-                        {attention_baseline.SDPBackend.FLASH_ATTENTION: refuses})
+    monkeypatch.setitem(
+        attention_baseline.CANDIDATES,
+        "cpu",
+        {attention_baseline.SDPBackend.FLASH_ATTENTION: refuses},
+    )
     case = CASES["geometric_info_nce"]
     problem = case.build(**case.quick_sizes[0], dtype=torch.float32, device=CPU)
     reason = providers.make("torch_attention", case, problem, CPU)
@@ -117,8 +130,11 @@ def test_a_kernel_with_base_2_lse_is_passed_over(monkeypatch, fresh_kernels):
         out, lse = real(q, k, v, scale)
         return out, lse / math.log(2)
 
-    monkeypatch.setitem(attention_baseline.CANDIDATES, "cpu",
-                        {attention_baseline.SDPBackend.FLASH_ATTENTION: base_2})
+    monkeypatch.setitem(
+        attention_baseline.CANDIDATES,
+        "cpu",
+        {attention_baseline.SDPBackend.FLASH_ATTENTION: base_2},
+    )
     assert "wrong output or LSE units" in attention_baseline.unavailable(CPU, torch.float32, 16)
 
 
@@ -127,13 +143,19 @@ def test_bf16_is_as_accurate_as_the_op():
     the fp64 result as the library's own bf16 result is, within a fifth."""
     case = CASES["geometric_info_nce"]
     results = {}
-    for name, dtype in [("truth", torch.float64), ("op", torch.bfloat16),
-                        ("attention", torch.bfloat16)]:
+    for name, dtype in [
+        ("truth", torch.float64),
+        ("op", torch.bfloat16),
+        ("attention", torch.bfloat16),
+    ]:
         problem = case.build(**case.quick_sizes[0], dtype=dtype, device=CPU)
         for x in problem.grad_inputs:
             x.requires_grad_(True)
-        step = (providers.make("torch_attention", case, problem, CPU) if name == "attention"
-                else lambda: problem.op("torch"))
+        step = (
+            providers.make("torch_attention", case, problem, CPU)
+            if name == "attention"
+            else lambda problem=problem: problem.op("torch")
+        )
         loss, grads = loss_and_grads(step, problem.grad_inputs)
         results[name] = [loss.double()] + [g.double() for g in grads]
 

@@ -46,7 +46,7 @@ def embeddings(n=4, d=8):
 # ---------------------------------------------------------------- resolve on CPU
 
 
-NATIVE_OPS = ("correspondence", "multigrain_pool", "sample_pairs")   # the ops csrc/ has
+NATIVE_OPS = ("correspondence", "multigrain_pool", "sample_pairs")  # the ops csrc/ has
 OTHER_OPS = ("geometric_info_nce", "info_nce", "linear_soft_ce", "region_boxes")
 
 
@@ -101,8 +101,9 @@ def test_auto_on_cpu_keeps_torch_for_ops_without_cpp_kernels(op, native_found):
 
 
 def test_the_cpp_kernels_are_the_registered_native_ops():
-    assert {op for op in backends.registered_ops() if (op, "native") in backends._IMPLS} \
-        == set(NATIVE_OPS)
+    assert {op for op in backends.registered_ops() if (op, "native") in backends._IMPLS} == set(
+        NATIVE_OPS
+    )
 
 
 def test_explicit_torch_runs():
@@ -146,12 +147,16 @@ def _names_valid(message):
     return all(repr(b) in message for b in backends.BACKENDS)
 
 
-@pytest.mark.parametrize("call", [
-    lambda: mk.correspondence(*views(), grid=4, backend="cuda"),
-    lambda: mk.info_nce(*embeddings(), backend="bogus"),
-    lambda: mk.region_boxes(*views()[:2], grid=4, backend="gpu"),
-    lambda: backends.resolve("info_nce", "", CPU),
-], ids=["correspondence-cuda", "info_nce-bogus", "region_boxes-gpu", "resolve-empty"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: mk.correspondence(*views(), grid=4, backend="cuda"),
+        lambda: mk.info_nce(*embeddings(), backend="bogus"),
+        lambda: mk.region_boxes(*views()[:2], grid=4, backend="gpu"),
+        lambda: backends.resolve("info_nce", "", CPU),
+    ],
+    ids=["correspondence-cuda", "info_nce-bogus", "region_boxes-gpu", "resolve-empty"],
+)
 def test_unknown_backend_per_call(call):
     with pytest.raises(ValueError, match="backend must be one of") as e:
         call()
@@ -231,7 +236,7 @@ def test_cuda_fallback_warns_once(monkeypatch):
 
 
 def test_cuda_fallback_through_resolve(monkeypatch):
-    op = fresh_op()                                   # an op with a reference but no Triton kernel
+    op = fresh_op()  # an op with a reference but no Triton kernel
     backends.register(op, "torch")(lambda: None)
     with pytest.warns(RuntimeWarning, match=op):
         assert backends.resolve(op, "auto", CUDA) == "torch"
@@ -259,8 +264,13 @@ def test_report_in_process_is_silent_and_keeps_fallback_warnings(monkeypatch):
 def run_env(**extra):
     proc_env = {k: v for k, v in os.environ.items() if k != backends.ENV_VAR}
     proc_env.update(extra)
-    return subprocess.run([sys.executable, "-m", "mgc_kernels.env"], capture_output=True,
-                          text=True, env=proc_env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "mgc_kernels.env"],
+        capture_output=True,
+        text=True,
+        env=proc_env,
+        timeout=120,
+    )
 
 
 def test_env_module_runs():
@@ -298,8 +308,11 @@ def test_triton_failure_names_op_shapes_device_and_version(monkeypatch):
     op = fresh_op()
     backends.register(op, "triton")(broken)
     x = torch.zeros(3, 4, dtype=torch.float16)
-    with pytest.raises(RuntimeError, match=rf"{op}: the Triton kernel failed for inputs "
-                                           r"\[\(3, 4\) float16\] on .*Triton .*out of shared"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"{op}: the Triton kernel failed for inputs "
+        r"\[\(3, 4\) float16\] on .*Triton .*out of shared",
+    ):
         backends.call(op, "triton", x, 5)
 
 
@@ -389,8 +402,9 @@ def test_a_half_finished_build_is_not_used(fresh_native):
 def _python(code, **extra):
     proc_env = {k: v for k, v in os.environ.items() if k != backends.ENV_VAR}
     proc_env.update(extra)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=proc_env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=proc_env, timeout=300
+    )
 
 
 RESOLVE_IN_A_NEW_PROCESS = """
@@ -417,22 +431,31 @@ def test_a_new_process_uses_the_finished_build_without_compiling():
 def test_auto_in_a_new_process_without_a_build_compiles_nothing(tmp_path):
     if importlib.util.find_spec("mgc_kernels._native") is not None:
         pytest.skip("an ahead-of-time build is installed here")
-    proc = _python(RESOLVE_IN_A_NEW_PROCESS + """
+    proc = _python(
+        RESOLVE_IN_A_NEW_PROCESS
+        + """
 w = mk.correspondence(torch.tensor([[0., 0., 64., 64.]]), torch.tensor([False]),
                       torch.tensor([[8., 8., 72., 72.]]), torch.tensor([True]), grid=4)
 print(tuple(w.shape))
-""", TORCH_EXTENSIONS_DIR=str(tmp_path))
+""",
+        TORCH_EXTENSIONS_DIR=str(tmp_path),
+    )
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    assert proc.stdout.splitlines() == ["torch", f"not built yet ({native.BUILD_COMMAND} builds "
-                                        "it, in a minute or two)", "(1, 16, 16)"]
+    assert proc.stdout.splitlines() == [
+        "torch",
+        f"not built yet ({native.BUILD_COMMAND} builds it, in a minute or two)",
+        "(1, 16, 16)",
+    ]
     assert not any(tmp_path.iterdir())
 
 
 def test_import_and_nvcc_probe_print_nothing():
     """torch logs "No CUDA runtime is found" when its extension helper is imported on a machine
     without a GPU; the library keeps that line out of a user's output."""
-    proc = _python("import mgc_kernels; from mgc_kernels import native; native.nvcc_found()",
-                   CUDA_HOME=os.environ.get("CUDA_HOME", "/usr/local/cuda"))
+    proc = _python(
+        "import mgc_kernels; from mgc_kernels import native; native.nvcc_found()",
+        CUDA_HOME=os.environ.get("CUDA_HOME", "/usr/local/cuda"),
+    )
     assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == "", proc.stderr
 
 

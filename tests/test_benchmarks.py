@@ -4,6 +4,7 @@ and report commands work (the README's table is the report of the committed resu
 plain-PyTorch and released baselines compute what they stand for, and failures become rows.
 
 Timings are never asserted beyond being positive: benchmarks are not timed tests."""
+
 import csv
 import importlib.util
 import json
@@ -24,18 +25,31 @@ REPO = Path(__file__).resolve().parents[1]
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 # the cases whose rows count matmul FLOPs or memory bytes
-WORK_CASES = {"multigrain_pool", "info_nce_sparse", "geometric_info_nce", "info_nce_queue",
-              "linear_soft_ce"}
+WORK_CASES = {
+    "multigrain_pool",
+    "info_nce_sparse",
+    "geometric_info_nce",
+    "info_nce_queue",
+    "linear_soft_ce",
+}
 # (case, provider) of every baseline the cases declare
-BASELINES = {("sample_pairs", "released"), ("info_nce_sparse", "released"),
-             ("loss_mgc", "released"), ("geometric_info_nce", "lightly"),
-             ("info_nce_queue", "lightly"), ("linear_soft_ce", "lightly"), ("loss_smog", "lightly"),
-             ("geometric_info_nce", "torch_attention"), ("info_nce_queue", "torch_attention")}
+BASELINES = {
+    ("sample_pairs", "released"),
+    ("info_nce_sparse", "released"),
+    ("loss_mgc", "released"),
+    ("geometric_info_nce", "lightly"),
+    ("info_nce_queue", "lightly"),
+    ("linear_soft_ce", "lightly"),
+    ("loss_smog", "lightly"),
+    ("geometric_info_nce", "torch_attention"),
+    ("info_nce_queue", "torch_attention"),
+}
 
 
 def run_module(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,16 +110,23 @@ def test_quick_rows_are_complete_and_sensible(quick):
 def test_quick_covers_every_case_and_mode(quick):
     _, rows, _ = quick
     ran = {(r["case"], r["variant"], r["mode"]) for r in rows if r["status"] == "ok"}
-    assert ran == {(name, variant(size), mode) for name, case in CASES.items()
-                   for size in case.quick_sizes for mode in case.modes}
+    assert ran == {
+        (name, variant(size), mode)
+        for name, case in CASES.items()
+        for size in case.quick_sizes
+        for mode in case.modes
+    }
 
 
 def test_quick_runs_every_baseline(quick):
     """Each baseline a case declares runs (lightly's where lightly is installed: CI installs
     the bench extra); everywhere else the row says why not."""
     _, rows, _ = quick
-    ran = {(r["case"], r["provider"]) for r in rows
-           if r["provider"] in providers.BASELINES and r["status"] == "ok"}
+    ran = {
+        (r["case"], r["provider"])
+        for r in rows
+        if r["provider"] in providers.BASELINES and r["status"] == "ok"
+    }
     lightly_reason = lightly_baselines.unavailable()
     expected = {b for b in BASELINES if b[1] != "lightly" or lightly_reason is None}
     assert ran == expected
@@ -168,15 +189,27 @@ def wrapped_oom():
     return error
 
 
-@pytest.mark.parametrize("error, status", [
-    (torch.OutOfMemoryError("out of memory"), "OOM"),
-    (wrapped_oom(), "OOM"),
-    (ValueError("bad input\nmore"), "error: ValueError: bad input"),
-])
+@pytest.mark.parametrize(
+    "error, status",
+    [
+        (torch.OutOfMemoryError("out of memory"), "OOM"),
+        (wrapped_oom(), "OOM"),
+        (ValueError("bad input\nmore"), "error: ValueError: bad input"),
+    ],
+)
 def test_failures_become_rows(error, status):
     target = device.target(torch.device("cpu"))
-    rows = list(runner.run(fake_case(error), {"batch": 1}, (FWD, FWD_BWD), ("torch", "naive"),
-                           torch.float32, target, QUICK))
+    rows = list(
+        runner.run(
+            fake_case(error),
+            {"batch": 1},
+            (FWD, FWD_BWD),
+            ("torch", "naive"),
+            torch.float32,
+            target,
+            QUICK,
+        )
+    )
     assert [(r["provider"], r["mode"]) for r in rows] == [("torch", FWD), ("naive", FWD)]
     assert rows[0]["status"] == status and rows[0]["median_ms"] is None
     assert rows[1]["status"].startswith("skipped: ")
@@ -188,8 +221,11 @@ def test_an_unavailable_case_is_skipped_rows():
 
     target = device.target(torch.device("cpu"))
     fake = Case("fake", "info_nce", build, (), (), ({"batch": 1},), (FWD, FWD_BWD))
-    rows = list(runner.run(fake, {"batch": 1}, (FWD, FWD_BWD), ("torch", "released"),
-                           torch.float32, target, QUICK))
+    rows = list(
+        runner.run(
+            fake, {"batch": 1}, (FWD, FWD_BWD), ("torch", "released"), torch.float32, target, QUICK
+        )
+    )
     assert len(rows) == 4
     assert {r["status"] for r in rows} == {"skipped: needs a package that is not installed"}
 
@@ -207,14 +243,20 @@ def test_released_loss_is_the_plain_mean():
 def test_released_mgc_loss_is_mgc_loss_uniform():
     """Where no image has padded pairs, the released loss path equals MGCLoss's default
     (``weighting="uniform"``) on the same rows."""
-    boxes = [torch.tensor([[0.0, 0, 200, 200]] * 2), torch.tensor([False, True]),
-             torch.tensor([[20.0, 10, 230, 240]] * 2), torch.tensor([True, False])]
+    boxes = [
+        torch.tensor([[0.0, 0, 200, 200]] * 2),
+        torch.tensor([False, True]),
+        torch.tensor([[20.0, 10, 230, 240]] * 2),
+        torch.tensor([True, False]),
+    ]
     criterion = mk.MGCLoss()
     pairs = criterion.sample_pairs(*boxes)
     assert all(bool((p.weight > 0).all()) for p in pairs)
     gen = torch.Generator().manual_seed(0)
-    q1, q2, k1, k2 = ([torch.randn(2, k, 16, generator=gen, dtype=torch.float64)
-                       for k in criterion.num_pairs] for _ in range(4))
+    q1, q2, k1, k2 = (
+        [torch.randn(2, k, 16, generator=gen, dtype=torch.float64) for k in criterion.num_pairs]
+        for _ in range(4)
+    )
     released = released_mgc.mgc_loss(q1, q2, k1, k2, *boxes)
     torch.testing.assert_close(released, criterion(q1, q2, k1, k2, pairs))
 
@@ -223,8 +265,11 @@ def test_report_tables_every_measurement(quick):
     _, rows, _ = quick
     text = report.markdown(report.latest(rows))
     measured = {(r["case"], r["variant"] or "-", str(r["shapes"]["B"]), r["mode"]) for r in rows}
-    lines = {tuple(c.strip() for c in line.strip("|").split("|")[:4])
-             for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    lines = {
+        tuple(c.strip() for c in line.strip("|").split("|")[:4])
+        for line in text.splitlines()
+        if line.startswith("| ") and "---" not in line
+    }
     assert measured <= lines
     assert "MGC training step (micro, B=2, backend torch)" in text
 

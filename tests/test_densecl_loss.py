@@ -1,4 +1,5 @@
 """DenseCLLoss and dense_argmax_match against formulas written out here; queues; two ranks."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,15 +19,17 @@ def loop_match(f1, f2):
     out = torch.empty(f1.shape[:2], dtype=torch.long)
     for b in range(f1.shape[0]):
         for i in range(f1.shape[1]):
-            cos = [F.cosine_similarity(f1[b, i].double(), f2[b, j].double(), dim=0)
-                   for j in range(f2.shape[1])]
+            cos = [
+                F.cosine_similarity(f1[b, i].double(), f2[b, j].double(), dim=0)
+                for j in range(f2.shape[1])
+            ]
             out[b, i] = int(torch.stack(cos).argmax())
     return out
 
 
 def moco_ce(q, k, queue):
     """Mean over rows of CE(cat([l_pos, q @ queue.T]) / tau, 0), logits materialised."""
-    qn, kn, un = (F.normalize(x, dim=1) for x in (q, k, queue))   # queue rows: unit up to fp32
+    qn, kn, un = (F.normalize(x, dim=1) for x in (q, k, queue))  # queue rows: unit up to fp32
     logits = torch.cat([(qn * kn).sum(1, keepdim=True), qn @ un.T], 1) / TAU
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long))
 
@@ -52,22 +55,25 @@ def leaves(xs):
 
 # ---- dense_argmax_match -------------------------------------------------------------------------
 
+
 def test_match_equals_loop():
     gen = torch.Generator().manual_seed(0)
     f1, f2 = torch.randn(3, 5, 7, generator=gen), torch.randn(3, 9, 7, generator=gen)
-    f2 = f2 * torch.rand(3, 9, 1, generator=gen) * 10   # scale must not matter: cosine
+    f2 = f2 * torch.rand(3, 9, 1, generator=gen) * 10  # scale must not matter: cosine
     got = dense_argmax_match(f1, f2)
     assert got.dtype == torch.long and got.shape == (3, 5)
     assert torch.equal(got, loop_match(f1, f2))
-    assert torch.equal(dense_argmax_match(f1.bfloat16(), f2.bfloat16()),
-                       loop_match(f1.bfloat16().float(), f2.bfloat16().float()))
+    assert torch.equal(
+        dense_argmax_match(f1.bfloat16(), f2.bfloat16()),
+        loop_match(f1.bfloat16().float(), f2.bfloat16().float()),
+    )
 
 
 def test_match_known_permutation_and_no_grad():
     gen = torch.Generator().manual_seed(1)
     f1 = torch.randn(2, 6, 16, generator=gen, requires_grad=True)
     perm = torch.stack([torch.randperm(6, generator=gen) for _ in range(2)])
-    f2 = torch.stack([f1[b, perm[b]] for b in range(2)]) * 3.0   # f2[b, j] = 3 f1[b, perm[b, j]]
+    f2 = torch.stack([f1[b, perm[b]] for b in range(2)]) * 3.0  # f2[b, j] = 3 f1[b, perm[b, j]]
     got = dense_argmax_match(f1, f2)
     assert torch.equal(perm.gather(1, got), torch.arange(6).expand(2, 6))
     assert not got.requires_grad
@@ -76,27 +82,31 @@ def test_match_known_permutation_and_no_grad():
 def test_match_accepts_maps_row_major():
     gen = torch.Generator().manual_seed(2)
     m1, m2 = torch.randn(2, 5, 3, 4, generator=gen), torch.randn(2, 5, 2, 3, generator=gen)
-    t1 = torch.stack([m1[:, :, h, w] for h in range(3) for w in range(4)], 1)   # [B, 12, C]
-    t2 = torch.stack([m2[:, :, h, w] for h in range(2) for w in range(3)], 1)   # [B, 6, C]
+    t1 = torch.stack([m1[:, :, h, w] for h in range(3) for w in range(4)], 1)  # [B, 12, C]
+    t2 = torch.stack([m2[:, :, h, w] for h in range(2) for w in range(3)], 1)  # [B, 6, C]
     want = loop_match(t1, t2)
     assert torch.equal(dense_argmax_match(m1, m2), want)
     assert torch.equal(dense_argmax_match(m1, t2), want)
     assert torch.equal(dense_argmax_match(t1, m2), want)
 
 
-@pytest.mark.parametrize("f1, f2, pattern", [
-    (torch.zeros(2, 4), torch.zeros(2, 4, 3), "f1 must be"),
-    (torch.zeros(2, 4, 3), torch.zeros(3, 4, 3), "f2 must have 2 images"),
-    (torch.zeros(2, 4, 3), torch.zeros(2, 4, 5), "f2 must have 3 channels"),
-    (torch.zeros(2, 4, 3), torch.zeros(2, 5, 2, 2), "f2 must have 3 channels"),
-    (torch.zeros(2, 4, 3, dtype=torch.long), torch.zeros(2, 4, 3), "f1 must have dtype"),
-])
+@pytest.mark.parametrize(
+    "f1, f2, pattern",
+    [
+        (torch.zeros(2, 4), torch.zeros(2, 4, 3), "f1 must be"),
+        (torch.zeros(2, 4, 3), torch.zeros(3, 4, 3), "f2 must have 2 images"),
+        (torch.zeros(2, 4, 3), torch.zeros(2, 4, 5), "f2 must have 3 channels"),
+        (torch.zeros(2, 4, 3), torch.zeros(2, 5, 2, 2), "f2 must have 3 channels"),
+        (torch.zeros(2, 4, 3, dtype=torch.long), torch.zeros(2, 4, 3), "f1 must have dtype"),
+    ],
+)
 def test_match_errors(f1, f2, pattern):
     with pytest.raises((ValueError, TypeError), match=pattern):
         dense_argmax_match(f1, f2)
 
 
 # ---- the loss -----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("lam", [0.5, 0.0, 0.3, 1.0])
 def test_loss_and_gradients_equal_direct_formula(lam):
@@ -115,9 +125,9 @@ def test_loss_and_gradients_equal_direct_formula(lam):
     assert torch.allclose(l_global, moco_ce(ref[0], ref[1], gq), rtol=1e-12, atol=0)
     loss.backward()
     expected.backward()
-    for i in (0, 2):   # q_global, q_dense
+    for i in (0, 2):  # q_global, q_dense
         assert torch.allclose(ins[i].grad, ref[i].grad, rtol=1e-9, atol=1e-13)
-    for i in (1, 3, 4, 5):   # keys and backbone features: no gradient
+    for i in (1, 3, 4, 5):  # keys and backbone features: no gradient
         assert ins[i].grad is None
 
 
@@ -139,7 +149,7 @@ def test_maps_equal_tokens():
     f1, f2 = torch.randn(2, 5, 2, 3, generator=gen), torch.randn(2, 5, 3, 2, generator=gen)
     torch.manual_seed(0)
     crit = DenseCLLoss(dim=8, queue_size=16)
-    state = {n: t.clone() for n, t in crit.state_dict().items()}   # state_dict() aliases
+    state = {n: t.clone() for n, t in crit.state_dict().items()}  # state_dict() aliases
     maps = crit(q, k, dq, dk, f1, f2)
     crit.load_state_dict(state)
     tokens = crit(q, k, *(x.flatten(2).transpose(1, 2) for x in (dq, dk, f1, f2)))
@@ -180,6 +190,7 @@ def test_compile_fullgraph_matches_eager_including_queues():
 
 # ---- queues -------------------------------------------------------------------------------------
 
+
 def simulate_enqueue(queue, ptr, keys):
     """Write keys one at a time at ptr, ptr + 1, ... modulo K."""
     queue = queue.clone()
@@ -198,7 +209,7 @@ def test_enqueue_contents_and_pointer_with_wrap_around(size, b):
     for step in range(4):
         q, k, qd, kd, f1, f2 = batch(gen, b=b, dtype=torch.float32)
         crit(q, k, qd, kd, f1, f2)
-        pooled = F.normalize(kd.mean(1), dim=1)      # normalised per-image mean of raw keys
+        pooled = F.normalize(kd.mean(1), dim=1)  # normalised per-image mean of raw keys
         gq, new_ptr = simulate_enqueue(gq, ptr, F.normalize(k, dim=1))
         dq, _ = simulate_enqueue(dq, ptr, pooled)
         ptr = new_ptr
@@ -210,11 +221,17 @@ def test_enqueue_contents_and_pointer_with_wrap_around(size, b):
 
 
 def test_pooled_key_is_normalised_after_pooling():
-    kd = torch.tensor([[[10.0, 0.0], [0.0, 1.0]]])    # mean (5, 0.5): normalise-then-pool differs
+    kd = torch.tensor([[[10.0, 0.0], [0.0, 1.0]]])  # mean (5, 0.5): normalise-then-pool differs
     torch.manual_seed(0)
     crit = DenseCLLoss(dim=2, queue_size=3)
-    crit(torch.randn(1, 2), torch.randn(1, 2), torch.randn(1, 2, 2), kd, torch.randn(1, 2, 4),
-         torch.randn(1, 2, 4))
+    crit(
+        torch.randn(1, 2),
+        torch.randn(1, 2),
+        torch.randn(1, 2, 2),
+        kd,
+        torch.randn(1, 2, 4),
+        torch.randn(1, 2, 4),
+    )
     assert torch.allclose(crit.dense_queue[0], F.normalize(torch.tensor([5.0, 0.5]), dim=0))
 
 
@@ -239,7 +256,7 @@ def test_state_dict_round_trip_resumes_exactly():
     crit = DenseCLLoss(dim=8, queue_size=7)
     for data in steps[:2]:
         crit(*data)
-    torch.manual_seed(3)   # a fresh module starts from other queues
+    torch.manual_seed(3)  # a fresh module starts from other queues
     fresh = DenseCLLoss(dim=8, queue_size=7)
     assert not torch.equal(fresh.global_queue, crit.global_queue)
     fresh.load_state_dict(crit.state_dict())
@@ -250,6 +267,7 @@ def test_state_dict_round_trip_resumes_exactly():
 
 
 # ---- two ranks ----------------------------------------------------------------------------------
+
 
 def _two_rank_steps(rank, world, seed, steps, b):
     gen = torch.Generator().manual_seed(seed)
@@ -266,7 +284,7 @@ def _two_rank_steps(rank, world, seed, steps, b):
 
 
 def test_two_ranks_equal_one_process():
-    seed, steps, b, world = 9, 3, 3, 2    # 6 keys a step into a queue of 10: wraps around
+    seed, steps, b, world = 9, 3, 3, 2  # 6 keys a step into a queue of 10: wraps around
     ranks = run_ranks(_two_rank_steps, world, seed, steps, b)
     gen = torch.Generator().manual_seed(seed)
     data = [batch(gen, b=b * world, dtype=torch.float64) for _ in range(steps)]
@@ -278,10 +296,11 @@ def test_two_ranks_equal_one_process():
         loss.backward()
         mean = sum(r["steps"][t]["loss"] for r in ranks) / world
         assert torch.allclose(mean, loss.detach(), rtol=1e-12, atol=0)
-        for r, res in enumerate(ranks):   # each rank: world_size x its share of the gradient
+        for r, res in enumerate(ranks):  # each rank: world_size x its share of the gradient
             for key, i in (("grad_q", 0), ("grad_dq", 2)):
-                assert torch.allclose(res["steps"][t][key], world * ins[i].grad.chunk(world)[r],
-                                      rtol=1e-9, atol=1e-13)
+                assert torch.allclose(
+                    res["steps"][t][key], world * ins[i].grad.chunk(world)[r], rtol=1e-9, atol=1e-13
+                )
     for name, value in crit.state_dict().items():
         for res in ranks:
             got = res["state"][name].to(value.dtype)
@@ -291,14 +310,23 @@ def test_two_ranks_equal_one_process():
 
 # ---- bad input ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, name", [
-    ({"queue_size": 0}, "queue_size"), ({"queue_size": -4}, "queue_size"),
-    ({"queue_size": 2.5}, "queue_size"), ({"queue_size": True}, "queue_size"),
-    ({"loss_lambda": -0.1}, "loss_lambda"), ({"loss_lambda": 1.5}, "loss_lambda"),
-    ({"loss_lambda": float("nan")}, "loss_lambda"), ({"loss_lambda": "0.5"}, "loss_lambda"),
-    ({"temperature": 0}, "temperature"), ({"temperature": -0.2}, "temperature"),
-    ({"dim": 0}, "dim"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        ({"queue_size": 0}, "queue_size"),
+        ({"queue_size": -4}, "queue_size"),
+        ({"queue_size": 2.5}, "queue_size"),
+        ({"queue_size": True}, "queue_size"),
+        ({"loss_lambda": -0.1}, "loss_lambda"),
+        ({"loss_lambda": 1.5}, "loss_lambda"),
+        ({"loss_lambda": float("nan")}, "loss_lambda"),
+        ({"loss_lambda": "0.5"}, "loss_lambda"),
+        ({"temperature": 0}, "temperature"),
+        ({"temperature": -0.2}, "temperature"),
+        ({"dim": 0}, "dim"),
+    ],
+)
 def test_bad_hyperparameters(kwargs, name):
     with pytest.raises(ValueError, match=name):
         DenseCLLoss(**kwargs)
@@ -310,19 +338,22 @@ def _replace(data, i, x):
     return data
 
 
-@pytest.mark.parametrize("i, shape, pattern", [
-    (0, (3, 6), "q_global must have 8 features"),
-    (0, (3, 8, 1), "q_global must have 2 dimensions"),
-    (1, (2, 8), "k_global must be"),
-    (2, (3, 4, 8), "q_dense must have 5 positions"),
-    (2, (2, 5, 8), "q_dense must have 3 images"),
-    (2, (3, 5, 6), "q_dense must have 8 features"),
-    (2, (3, 8), "q_dense must be"),
-    (3, (3, 5, 8), "k_dense must have 6 positions"),
-    (3, (3, 8, 2, 2), "k_dense must have 6 positions"),
-    (4, (3, 5, 4), "f2 must have 4 channels"),
-    (5, (4, 6, 7), "f2 must have 3 images"),
-])
+@pytest.mark.parametrize(
+    "i, shape, pattern",
+    [
+        (0, (3, 6), "q_global must have 8 features"),
+        (0, (3, 8, 1), "q_global must have 2 dimensions"),
+        (1, (2, 8), "k_global must be"),
+        (2, (3, 4, 8), "q_dense must have 5 positions"),
+        (2, (2, 5, 8), "q_dense must have 3 images"),
+        (2, (3, 5, 6), "q_dense must have 8 features"),
+        (2, (3, 8), "q_dense must be"),
+        (3, (3, 5, 8), "k_dense must have 6 positions"),
+        (3, (3, 8, 2, 2), "k_dense must have 6 positions"),
+        (4, (3, 5, 4), "f2 must have 4 channels"),
+        (5, (4, 6, 7), "f2 must have 3 images"),
+    ],
+)
 def test_mismatched_shapes_name_the_argument(i, shape, pattern):
     gen = torch.Generator().manual_seed(10)
     data = batch(gen, dtype=torch.float32)

@@ -14,6 +14,7 @@ under ``.ci/``, as git lists them (tracked, plus new files that are not ignored)
 Each failure lists every bad reference as ``file:line``. The tests skip where git or the ``.git``
 folder is missing (an sdist or an exported tree), since the set of documents is then unknown.
 """
+
 from __future__ import annotations
 
 import re
@@ -38,7 +39,8 @@ URL_SCHEMES = ("http://", "https://", "mailto:")
 # ../tests/x.py are not taken for repository-relative paths).
 REPO_PATH = re.compile(
     r"(?<![\w./-])((?:docs|tests|benchmarks|mgc_kernels|python/mgc_pretrain|csrc)/"
-    r"[^\s`'\"()\[\],;:|]*)")
+    r"[^\s`'\"()\[\],;:|]*)"
+)
 PLACEHOLDER = re.compile(r"[<*{]")
 # made by a build (e.g. csrc/cuda/<op>.o), never tracked
 BUILD_OUTPUTS = (".o", ".obj", ".so", ".pyd")
@@ -52,10 +54,16 @@ def _listed_files() -> list[str]:
     if shutil.which("git") is None:
         pytest.skip("git is not installed: cannot list the repository's documents")
     if not (ROOT / ".git").exists():
-        pytest.skip(f"{ROOT} has no .git (an sdist or an exported tree): the repository's "
-                    "documents are unknown")
-    done = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                          cwd=ROOT, capture_output=True, check=False)
+        pytest.skip(
+            f"{ROOT} has no .git (an sdist or an exported tree): the repository's "
+            "documents are unknown"
+        )
+    done = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=False,
+    )
     if done.returncode != 0:
         pytest.skip(f"git ls-files failed: {done.stderr.decode(errors='replace').strip()}")
     return sorted({p for p in done.stdout.decode().split("\0") if p})
@@ -129,11 +137,16 @@ def _methods_sections() -> set[str]:
 
 
 def test_no_document_cites_notes_outside_the_repository(documents):
-    bad = [f"{rel}:{_line(text, m.start())}: {m.group()!r}"
-           for rel, text in documents.items()
-           for m in re.finditer("|".join(re.escape(s) for s in OUTSIDE_NOTES), text)]
-    assert not bad, _report(bad, "references to notes outside the repository "
-                                 "(write what they say into the repository, e.g. docs/methods.md)")
+    bad = [
+        f"{rel}:{_line(text, m.start())}: {m.group()!r}"
+        for rel, text in documents.items()
+        for m in re.finditer("|".join(re.escape(s) for s in OUTSIDE_NOTES), text)
+    ]
+    assert not bad, _report(
+        bad,
+        "references to notes outside the repository "
+        "(write what they say into the repository, e.g. docs/methods.md)",
+    )
 
 
 def test_markdown_links_resolve(documents):
@@ -164,6 +177,8 @@ def test_named_repository_paths_exist(documents):
                 bad.append(f"{rel}:{_line(text, m.start())}: no such file {path!r}")
         for m in SECTION_REF.finditer(text):
             if m.group(1) not in sections:
-                bad.append(f"{rel}:{_line(text, m.start())}: {METHODS_DOC} has no section "
-                           f"§{m.group(1)} (numbered headings: {sorted(sections) or 'none'})")
+                bad.append(
+                    f"{rel}:{_line(text, m.start())}: {METHODS_DOC} has no section "
+                    f"§{m.group(1)} (numbered headings: {sorted(sections) or 'none'})"
+                )
     assert not bad, _report(bad, "references to repository files or sections that do not exist")

@@ -5,6 +5,7 @@ published formulas (mgc = |a & b| / (|a| + |b|), iou, ioa = |a & b| / |a| of the
 the loss from ``F.log_softmax`` on materialised float64 logits; no library helper is used for
 the expected values.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -51,8 +52,18 @@ def weights_loop(q_regions, k_regions, q_image, k_image, metric) -> torch.Tensor
     return w
 
 
-def expected_loss(q, k, q_regions, k_regions, q_image, k_image, temperature=0.1, metric="mgc",
-                  normalize=True, reduction="mean"):
+def expected_loss(
+    q,
+    k,
+    q_regions,
+    k_regions,
+    q_image,
+    k_image,
+    temperature=0.1,
+    metric="mgc",
+    normalize=True,
+    reduction="mean",
+):
     """sum_i rho_i CE_i / sum_i rho_i in fp64 (``q``/``k`` may be fp64 leaves)."""
     w = weights_loop(q_regions, k_regions, q_image, k_image, metric)
     q64, k64 = q.double(), k.double()
@@ -86,23 +97,46 @@ def random_boxes(gen, n, dtype=torch.float32, span=8):
     return boxes.to(dtype)
 
 
-def check_against_loop(q0, k0, qr, kr, qi, ki, temperature=0.1, metric="mgc", normalize=True,
-                       reduction="mean", tol=None, cot_seed=0):
+def check_against_loop(
+    q0,
+    k0,
+    qr,
+    kr,
+    qi,
+    ki,
+    temperature=0.1,
+    metric="mgc",
+    normalize=True,
+    reduction="mean",
+    tol=None,
+    cot_seed=0,
+):
     if tol is None:
         # the overlap weights are computed in the boxes' accumulation dtype
         exact = q0.dtype == qr.dtype == kr.dtype == torch.float64
         tol = FP64_TOL if exact else FP32_TOL
     q, k = leaf(q0), leaf(k0)
-    got = mk.geometric_info_nce(q, k, qr, kr, qi, ki, temperature=temperature, metric=metric,
-                                normalize=normalize, reduction=reduction)
+    got = mk.geometric_info_nce(
+        q,
+        k,
+        qr,
+        kr,
+        qi,
+        ki,
+        temperature=temperature,
+        metric=metric,
+        normalize=normalize,
+        reduction=reduction,
+    )
     qe, ke = leaf(q0, torch.float64), leaf(k0, torch.float64)
     exp = expected_loss(qe, ke, qr, kr, qi, ki, temperature, metric, normalize, reduction)
     # fp32 losses for fp16/bf16/fp32 inputs, fp64 for fp64 inputs
     assert got.dtype == (torch.float64 if q0.dtype == torch.float64 else torch.float32)
     assert got.shape == exp.shape
     torch.testing.assert_close(got.double(), exp.detach(), **tol)
-    cot = torch.rand(exp.shape, generator=torch.Generator().manual_seed(cot_seed),
-                     dtype=torch.float64)
+    cot = torch.rand(
+        exp.shape, generator=torch.Generator().manual_seed(cot_seed), dtype=torch.float64
+    )
     dq, dk = torch.autograd.grad(got, (q, k), cot.to(got.dtype))
     edq, edk = torch.autograd.grad(exp, (qe, ke), cot)
     assert dq.dtype == q0.dtype and dk.dtype == k0.dtype
@@ -130,16 +164,28 @@ def test_weights_loop_known_answers():
 @pytest.mark.parametrize("metric", METRICS)
 def test_hand_made_example(metric):
     gen = torch.Generator().manual_seed(1)
-    q_regions = torch.tensor([[0, 0, 2, 2], [1, 1, 3, 3], [0, 0, 1, 4], [10, 10, 11, 11],
-                              [0, 0, 2, 2]], dtype=torch.float32)
-    k_regions = torch.tensor([[0, 0, 2, 2], [1, 1, 3, 3], [0, 0, 4, 1], [2, 0, 3, 2],
-                              [0, 0, 2, 2], [0.5, 0.5, 1.5, 1.5]], dtype=torch.float32)
+    q_regions = torch.tensor(
+        [[0, 0, 2, 2], [1, 1, 3, 3], [0, 0, 1, 4], [10, 10, 11, 11], [0, 0, 2, 2]],
+        dtype=torch.float32,
+    )
+    k_regions = torch.tensor(
+        [
+            [0, 0, 2, 2],
+            [1, 1, 3, 3],
+            [0, 0, 4, 1],
+            [2, 0, 3, 2],
+            [0, 0, 2, 2],
+            [0.5, 0.5, 1.5, 1.5],
+        ],
+        dtype=torch.float32,
+    )
     q_image = torch.tensor([0, 0, 0, 0, 1])
     k_image = torch.tensor([0, 0, 0, 0, 1, 0])
     q0, k0 = rand(gen, 5, 3), rand(gen, 6, 3)
     for reduction in ("mean", "sum", "none"):
-        check_against_loop(q0, k0, q_regions, k_regions, q_image, k_image, metric=metric,
-                           reduction=reduction)
+        check_against_loop(
+            q0, k0, q_regions, k_regions, q_image, k_image, metric=metric, reduction=reduction
+        )
 
     # with metric "ioa" the weight is over the QUERY region's area (asymmetric)
     if metric == "ioa":
@@ -158,28 +204,39 @@ def test_temperature_and_normalize(temperature, normalize):
     qi, ki = torch.randint(0, 2, (n,), generator=gen), torch.randint(0, 2, (m,), generator=gen)
     ki[0] = qi[0]
     scale = 1.0 if normalize else 0.3
-    check_against_loop(rand(gen, n, 4, scale=scale), rand(gen, m, 4, scale=scale), qr, kr, qi,
-                       ki, temperature=temperature, normalize=normalize)
+    check_against_loop(
+        rand(gen, n, 4, scale=scale),
+        rand(gen, m, 4, scale=scale),
+        qr,
+        kr,
+        qi,
+        ki,
+        temperature=temperature,
+        normalize=normalize,
+    )
 
 
 def test_rows_without_overlap_are_left_out():
     gen = torch.Generator().manual_seed(3)
-    q_regions = torch.tensor([[0, 0, 2, 2], [50, 50, 51, 51], [1, 1, 2, 2], [2, 0, 3, 1]],
-                             dtype=torch.float32)  # row 1 far away, row 3 only touches an edge
+    q_regions = torch.tensor(
+        [[0, 0, 2, 2], [50, 50, 51, 51], [1, 1, 2, 2], [2, 0, 3, 1]], dtype=torch.float32
+    )  # row 1 far away, row 3 only touches an edge
     k_regions = torch.tensor([[0, 0, 2, 2], [1, 0, 2, 1], [5, 5, 6, 6]], dtype=torch.float32)
     q_image = torch.tensor([0, 0, 0, 0])
     k_image = torch.tensor([0, 0, 0])
     q0, k0 = rand(gen, 4, 3), rand(gen, 3, 3)
     got, dq, _ = check_against_loop(q0, k0, q_regions, k_regions, q_image, k_image)
     assert torch.count_nonzero(dq[1]) == 0 and torch.count_nonzero(dq[3]) == 0
-    per_row = mk.geometric_info_nce(q0, k0, q_regions, k_regions, q_image, k_image,
-                                    reduction="none")
+    per_row = mk.geometric_info_nce(
+        q0, k0, q_regions, k_regions, q_image, k_image, reduction="none"
+    )
     assert per_row[1] == 0 and per_row[3] == 0 and (per_row[[0, 2]] > 0).all()
     # changing the queries of rows without overlap does not change the loss
     q1 = q0.clone()
     q1[[1, 3]] = rand(gen, 2, 3)
     torch.testing.assert_close(
-        mk.geometric_info_nce(q1, k0, q_regions, k_regions, q_image, k_image), got.detach())
+        mk.geometric_info_nce(q1, k0, q_regions, k_regions, q_image, k_image), got.detach()
+    )
 
 
 def test_keys_of_other_images_are_negatives_with_zero_target():
@@ -207,8 +264,7 @@ def test_no_overlap_anywhere():
     q_image, k_image = torch.tensor([0, 0]), torch.tensor([1, 1])
     q = torch.randn(2, 3, requires_grad=True)
     k = torch.randn(2, 3, requires_grad=True)
-    per_row = mk.geometric_info_nce(q, k, q_regions, k_regions, q_image, k_image,
-                                    reduction="none")
+    per_row = mk.geometric_info_nce(q, k, q_regions, k_regions, q_image, k_image, reduction="none")
     assert torch.equal(per_row.detach(), torch.zeros(2))
     total = mk.geometric_info_nce(q, k, q_regions, k_regions, q_image, k_image, reduction="sum")
     assert total.item() == 0
@@ -220,15 +276,23 @@ def test_no_overlap_anywhere():
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.sampled_from([1, 2, 3, 7, 9]), m=st.sampled_from([1, 2, 3, 7]),
-       d=st.sampled_from([1, 3, 7]), images=st.sampled_from([1, 2, 3]),
-       metric=st.sampled_from(METRICS), dtype=st.sampled_from([torch.float64, torch.float32]),
-       box_dtype=st.sampled_from([torch.float64, torch.float32]),
-       id_dtype=st.sampled_from([torch.int64, torch.int32]),
-       normalize=st.booleans(), reduction=st.sampled_from(["mean", "sum", "none"]),
-       temperature=st.sampled_from([0.05, 0.1, 0.5]), seed=st.integers(0, 2**31 - 1))
-def test_random_against_double_loop(n, m, d, images, metric, dtype, box_dtype, id_dtype,
-                                    normalize, reduction, temperature, seed):
+@given(
+    n=st.sampled_from([1, 2, 3, 7, 9]),
+    m=st.sampled_from([1, 2, 3, 7]),
+    d=st.sampled_from([1, 3, 7]),
+    images=st.sampled_from([1, 2, 3]),
+    metric=st.sampled_from(METRICS),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    box_dtype=st.sampled_from([torch.float64, torch.float32]),
+    id_dtype=st.sampled_from([torch.int64, torch.int32]),
+    normalize=st.booleans(),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    temperature=st.sampled_from([0.05, 0.1, 0.5]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_against_double_loop(
+    n, m, d, images, metric, dtype, box_dtype, id_dtype, normalize, reduction, temperature, seed
+):
     gen = torch.Generator().manual_seed(seed)
     qr, kr = random_boxes(gen, n, box_dtype), random_boxes(gen, m, box_dtype)
     qi = torch.randint(0, images, (n,), generator=gen).to(id_dtype)
@@ -237,9 +301,20 @@ def test_random_against_double_loop(n, m, d, images, metric, dtype, box_dtype, i
     scale = 1.0 if normalize else 0.5
     q0 = rand(gen, n, d, dtype=dtype, scale=scale)
     k0 = rand(gen, m, d, dtype=dtype, scale=scale)
-    check_against_loop(q0, k0, qr, kr, qi, ki, temperature, metric, normalize, reduction,
-                       tol=None if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4),
-                       cot_seed=seed)
+    check_against_loop(
+        q0,
+        k0,
+        qr,
+        kr,
+        qi,
+        ki,
+        temperature,
+        metric,
+        normalize,
+        reduction,
+        tol=None if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4),
+        cot_seed=seed,
+    )
 
 
 # --------------------------------------------------------------------------- chunking
@@ -293,8 +368,9 @@ def test_one_target_per_row_equals_weighted_info_nce(metric, dtype):
     n_img, per_img = 3, 4
     m = n_img * per_img
     # keys: image g, slot s -> unit box at x = 10 * s; the same boxes in every image
-    k_regions = torch.tensor([[10.0 * s, 0, 10.0 * s + 1, 1] for _ in range(n_img)
-                              for s in range(per_img)], dtype=dtype)
+    k_regions = torch.tensor(
+        [[10.0 * s, 0, 10.0 * s + 1, 1] for _ in range(n_img) for s in range(per_img)], dtype=dtype
+    )
     k_image = torch.arange(n_img).repeat_interleave(per_img)
     # queries: a shifted box of different size over one chosen key's slot, so rho differs
     n = 7
@@ -314,8 +390,9 @@ def test_one_target_per_row_equals_weighted_info_nce(metric, dtype):
     q0, k0 = rand(gen, n, 6, dtype=dtype), rand(gen, m, 6, dtype=dtype)
     for reduction in ("mean", "sum", "none"):
         qa, ka = leaf(q0), leaf(k0)
-        geo = mk.geometric_info_nce(qa, ka, q_regions, k_regions, q_image, k_image,
-                                    metric=metric, reduction=reduction)
+        geo = mk.geometric_info_nce(
+            qa, ka, q_regions, k_regions, q_image, k_image, metric=metric, reduction=reduction
+        )
         qb, kb = leaf(q0), leaf(k0)
         ref = mk.info_nce(qb, kb, target, row_weights=rho.to(dtype), reduction=reduction)
         tol = FP64_TOL if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
@@ -330,14 +407,22 @@ def test_one_target_per_row_equals_weighted_info_nce(metric, dtype):
 
 
 def _small_case(dtype, gen):
-    q_regions = torch.tensor([[0, 0, 2, 2], [1, 1, 3, 3], [0, 0, 1, 3], [9, 9, 10, 10]],
-                             dtype=torch.float64)
-    k_regions = torch.tensor([[0, 0, 2, 2], [1, 0, 3, 2], [0, 1, 2, 3], [0, 0, 3, 3],
-                              [0, 0, 1, 1]], dtype=torch.float64)
+    q_regions = torch.tensor(
+        [[0, 0, 2, 2], [1, 1, 3, 3], [0, 0, 1, 3], [9, 9, 10, 10]], dtype=torch.float64
+    )
+    k_regions = torch.tensor(
+        [[0, 0, 2, 2], [1, 0, 3, 2], [0, 1, 2, 3], [0, 0, 3, 3], [0, 0, 1, 1]], dtype=torch.float64
+    )
     q_image = torch.tensor([0, 0, 1, 0])
     k_image = torch.tensor([0, 0, 1, 1, 0])
-    return (rand(gen, 4, 3, dtype=dtype), rand(gen, 5, 3, dtype=dtype), q_regions, k_regions,
-            q_image, k_image)
+    return (
+        rand(gen, 4, 3, dtype=dtype),
+        rand(gen, 5, 3, dtype=dtype),
+        q_regions,
+        k_regions,
+        q_image,
+        k_image,
+    )
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -352,8 +437,9 @@ def test_gradcheck_fp64(metric):
     assert torch.autograd.gradcheck(f, (q, k), eps=1e-6, atol=1e-5, rtol=1e-4)
 
     def g(q, k):
-        return mk.geometric_info_nce(q, k, qr, kr, qi, ki, temperature=0.5, metric=metric,
-                                     normalize=False, reduction="none")
+        return mk.geometric_info_nce(
+            q, k, qr, kr, qi, ki, temperature=0.5, metric=metric, normalize=False, reduction="none"
+        )
 
     assert torch.autograd.gradcheck(g, (q, k), eps=1e-6, atol=1e-5, rtol=1e-4)
 
@@ -393,32 +479,35 @@ def test_inputs_unchanged():
 # --------------------------------------------------------------------------- bad inputs
 
 
-@pytest.mark.parametrize("case,exc,match", [
-    ("q_1d", ValueError, r"^q\b"),
-    ("q_int", TypeError, r"^q\b"),
-    ("k_3d", ValueError, r"^k\b"),
-    ("k_width", ValueError, r"^k\b"),
-    ("q_regions_1d", ValueError, r"^q_regions\b"),
-    ("q_regions_cols", ValueError, r"^q_regions\b"),
-    ("q_regions_rows", ValueError, r"^q_regions\b"),
-    ("q_regions_int", TypeError, r"^q_regions\b"),
-    ("k_regions_rows", ValueError, r"^k_regions\b"),
-    ("k_regions_cols", ValueError, r"^k_regions\b"),
-    ("q_regions_nan", ValueError, r"^q_regions\b"),
-    ("q_regions_inf", ValueError, r"^q_regions\b"),
-    ("k_regions_zero_area", ValueError, r"^k_regions\b"),
-    ("q_regions_zero_width", ValueError, r"^q_regions\b"),
-    ("k_regions_negative_height", ValueError, r"^k_regions\b"),
-    ("q_image_2d", ValueError, r"^q_image\b"),
-    ("q_image_len", ValueError, r"^q_image\b"),
-    ("q_image_float", TypeError, r"^q_image\b"),
-    ("k_image_len", ValueError, r"^k_image\b"),
-    ("k_image_bool", TypeError, r"^k_image\b"),
-    ("temperature_0", ValueError, r"^temperature\b"),
-    ("temperature_neg", ValueError, r"^temperature\b"),
-    ("metric", ValueError, r"^metric\b"),
-    ("reduction", ValueError, r"^reduction\b"),
-])
+@pytest.mark.parametrize(
+    "case,exc,match",
+    [
+        ("q_1d", ValueError, r"^q\b"),
+        ("q_int", TypeError, r"^q\b"),
+        ("k_3d", ValueError, r"^k\b"),
+        ("k_width", ValueError, r"^k\b"),
+        ("q_regions_1d", ValueError, r"^q_regions\b"),
+        ("q_regions_cols", ValueError, r"^q_regions\b"),
+        ("q_regions_rows", ValueError, r"^q_regions\b"),
+        ("q_regions_int", TypeError, r"^q_regions\b"),
+        ("k_regions_rows", ValueError, r"^k_regions\b"),
+        ("k_regions_cols", ValueError, r"^k_regions\b"),
+        ("q_regions_nan", ValueError, r"^q_regions\b"),
+        ("q_regions_inf", ValueError, r"^q_regions\b"),
+        ("k_regions_zero_area", ValueError, r"^k_regions\b"),
+        ("q_regions_zero_width", ValueError, r"^q_regions\b"),
+        ("k_regions_negative_height", ValueError, r"^k_regions\b"),
+        ("q_image_2d", ValueError, r"^q_image\b"),
+        ("q_image_len", ValueError, r"^q_image\b"),
+        ("q_image_float", TypeError, r"^q_image\b"),
+        ("k_image_len", ValueError, r"^k_image\b"),
+        ("k_image_bool", TypeError, r"^k_image\b"),
+        ("temperature_0", ValueError, r"^temperature\b"),
+        ("temperature_neg", ValueError, r"^temperature\b"),
+        ("metric", ValueError, r"^metric\b"),
+        ("reduction", ValueError, r"^reduction\b"),
+    ],
+)
 def test_bad_inputs(case, exc, match):
     gen = torch.Generator().manual_seed(10)
     q, k, qr, kr, qi, ki = _small_case(torch.float32, gen)
@@ -489,8 +578,10 @@ def test_opcheck(dtype, metric):
     gen = torch.Generator().manual_seed(11)
     q, k, qr, kr, qi, ki = _small_case(dtype, gen)
     q, k = l2n(q).detach().requires_grad_(True), l2n(k).detach().requires_grad_(True)
-    torch.library.opcheck(torch.ops.mgc_kernels.geometric_info_nce.default,
-                          (q, k, qr.to(dtype), kr.to(dtype), qi, ki, 0.1, metric, True, "torch"))
+    torch.library.opcheck(
+        torch.ops.mgc_kernels.geometric_info_nce.default,
+        (q, k, qr.to(dtype), kr.to(dtype), qi, ki, 0.1, metric, True, "torch"),
+    )
 
 
 def test_torch_compile_fullgraph_matches_eager():
@@ -536,10 +627,8 @@ def test_large_logits_stay_finite():
     scale = (q0 @ k0.T).abs().max().item() / 0.01
     assert scale > 1e4
     torch.testing.assert_close(loss.double(), exp.detach(), rtol=1e-5, atol=1e-6 * scale)
-    torch.testing.assert_close(q.grad.double(), edq, rtol=1e-4,
-                               atol=1e-4 * edq.abs().max().item())
-    torch.testing.assert_close(k.grad.double(), edk, rtol=1e-4,
-                               atol=1e-4 * edk.abs().max().item())
+    torch.testing.assert_close(q.grad.double(), edq, rtol=1e-4, atol=1e-4 * edq.abs().max().item())
+    torch.testing.assert_close(k.grad.double(), edk, rtol=1e-4, atol=1e-4 * edk.abs().max().item())
 
 
 def test_fp16_inputs_with_large_norms():

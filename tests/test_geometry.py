@@ -1,11 +1,12 @@
 """region_boxes, correspondence and sample_pairs: known answers, properties, and the released
 sampling rule re-implemented independently (benchmarks/released_mgc.py)."""
+
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import mgc_kernels as mk
-
 from benchmarks import released_mgc as official_mgc
 
 
@@ -20,13 +21,16 @@ FULL = (0, 0, 224, 224, False)
 
 # ----------------------------------------------------------------------------- known answers
 
+
 def test_region_boxes_row_major_and_flipped():
     boxes, flips = views((10, 20, 110, 220, False), (10, 20, 110, 220, True))
     r = mk.region_boxes(boxes, flips, grid=14, cell=7)
-    expected = torch.tensor([[10, 20, 60, 120], [60, 20, 110, 120],
-                             [10, 120, 60, 220], [60, 120, 110, 220]], dtype=torch.float64)
+    expected = torch.tensor(
+        [[10, 20, 60, 120], [60, 20, 110, 120], [10, 120, 60, 220], [60, 120, 110, 220]],
+        dtype=torch.float64,
+    )
     assert torch.equal(r[0], expected)
-    assert torch.equal(r[1], expected[[1, 0, 3, 2]])        # columns mirrored, rows kept
+    assert torch.equal(r[1], expected[[1, 0, 3, 2]])  # columns mirrored, rows kept
 
 
 def test_identical_views_match_region_to_itself():
@@ -49,12 +53,12 @@ def test_identical_views_one_flipped_match_mirrored_region():
 
 def test_disjoint_and_touching_views_have_no_correspondence():
     b1, f1 = views((0, 0, 100, 100, False), (0, 0, 100, 100, False))
-    b2, f2 = views((150, 150, 250, 250, False), (100, 0, 200, 100, True))   # far; touching edge
+    b2, f2 = views((150, 150, 250, 250, False), (100, 0, 200, 100, True))  # far; touching edge
     for metric in ("mgc", "iou", "ioa"):
         assert mk.correspondence(b1, f1, b2, f2, 14, 1, metric).abs().sum() == 0
     pairs = mk.sample_pairs(b1, f1, b2, f2, 14, 1, k=10)
     for t in pairs:
-        assert t.abs().sum() == 0                           # padding (0, 0, 0) only
+        assert t.abs().sum() == 0  # padding (0, 0, 0) only
 
 
 def test_view_inside_the_other():
@@ -63,8 +67,11 @@ def test_view_inside_the_other():
     b1, f1 = views(FULL)
     b2, f2 = views((0, 0, 112, 112, False))
     # |a & b| = 56*56 = 3136, |a| = 112*112 = 12544, |b| = 3136
-    for metric, value in (("mgc", 3136 / (12544 + 3136)), ("iou", 3136 / 12544),
-                          ("ioa", 3136 / 12544)):
+    for metric, value in (
+        ("mgc", 3136 / (12544 + 3136)),
+        ("iou", 3136 / 12544),
+        ("ioa", 3136 / 12544),
+    ):
         w = mk.correspondence(b1, f1, b2, f2, 14, 7, metric)[0]
         expected = torch.zeros(4, 4, dtype=w.dtype)
         expected[0] = value
@@ -109,6 +116,7 @@ def test_topk_and_all_methods():
 
 # ----------------------------------------------------------------------------- properties
 
+
 @st.composite
 def crop_pairs(draw, batch=st.integers(1, 4), source=320):
     """Integer crop boxes (as the two-view transform makes) of a ``source``-pixel image."""
@@ -142,12 +150,12 @@ def test_intersections_sum_to_the_region_inside_the_overlap(v, cell):
     (b1, f1), (b2, f2) = v
     n = 14 // cell
     w = mk.correspondence(b1, f1, b2, f2, 14, cell)
-    area1 = ((b1[:, 2] - b1[:, 0]) * (b1[:, 3] - b1[:, 1]) / n ** 2)[:, None, None]
-    area2 = ((b2[:, 2] - b2[:, 0]) * (b2[:, 3] - b2[:, 1]) / n ** 2)[:, None, None]
-    inter = (w * (area1 + area2)).sum(2)                    # over all view-2 regions
+    area1 = ((b1[:, 2] - b1[:, 0]) * (b1[:, 3] - b1[:, 1]) / n**2)[:, None, None]
+    area2 = ((b2[:, 2] - b2[:, 0]) * (b2[:, 3] - b2[:, 1]) / n**2)[:, None, None]
+    inter = (w * (area1 + area2)).sum(2)  # over all view-2 regions
     r = mk.region_boxes(b1, f1, 14, cell)
-    dx = (torch.minimum(r[..., 2], b2[:, None, 2]) - torch.maximum(r[..., 0], b2[:, None, 0]))
-    dy = (torch.minimum(r[..., 3], b2[:, None, 3]) - torch.maximum(r[..., 1], b2[:, None, 1]))
+    dx = torch.minimum(r[..., 2], b2[:, None, 2]) - torch.maximum(r[..., 0], b2[:, None, 0])
+    dy = torch.minimum(r[..., 3], b2[:, None, 3]) - torch.maximum(r[..., 1], b2[:, None, 1])
     inside = dx.clamp_min(0) * dy.clamp_min(0)
     assert torch.allclose(inter, inside, rtol=1e-9, atol=1e-6)
 
@@ -164,8 +172,8 @@ def test_region_boxes_tile_the_crop(v, cell):
 # ----------------------------------------------------------------------------- the released rule
 
 OFFICIAL = [(cell, official_mgc.PAIRS[cell], *official_mgc.RULES[cell]) for cell in (1, 2, 7)]
-REAL = 1e-6   # real overlaps of integer crops of a <= 320 px image are far above this; the
-              # released float32 arithmetic adds slivers below it where cell edges coincide
+REAL = 1e-6  # real overlaps of integer crops of a <= 320 px image are far above this; the
+# released float32 arithmetic adds slivers below it where cell edges coincide
 
 
 def as_sets(idx1, idx2, weight):
@@ -179,10 +187,17 @@ def test_mgc_candidates_equal_the_released_rule(cell, k, rows, cols, v):
     released per-sample loops visit (up to float32 slivers of rounding below REAL)."""
     (b1, f1), (b2, f2) = v
     n = 14 // cell
-    lib = mk.sample_pairs(b1, f1, b2, f2, 14, cell, k=n ** 4)
+    lib = mk.sample_pairs(b1, f1, b2, f2, 14, cell, k=n**4)
     for b in range(len(b1)):
-        off = official_mgc.candidate_pairs(b1[b].tolist(), b2[b].tolist(), bool(f1[b]),
-                                           bool(f2[b]), n, row_rule=rows, col_rule=cols)
+        off = official_mgc.candidate_pairs(
+            b1[b].tolist(),
+            b2[b].tolist(),
+            bool(f1[b]),
+            bool(f2[b]),
+            n,
+            row_rule=rows,
+            col_rule=cols,
+        )
         expected = as_sets(*zip(*off)) if off else {}
         got = as_sets(lib.idx1[b].tolist(), lib.idx2[b].tolist(), lib.weight[b].tolist())
         assert got.keys() == expected.keys()
@@ -198,14 +213,29 @@ def test_mgc_top_k_equals_the_released_rule(cell, k, rows, cols, v):
     lib = mk.sample_pairs(b1, f1, b2, f2, 14, cell, k=k)
     assert lib.idx1.shape == (len(b1), k)
     for b in range(len(b1)):
-        off = official_mgc.sample_pairs(b1[b].tolist(), b2[b].tolist(), bool(f1[b]),
-                                        bool(f2[b]), n, k, row_rule=rows, col_rule=cols)
+        off = official_mgc.sample_pairs(
+            b1[b].tolist(),
+            b2[b].tolist(),
+            bool(f1[b]),
+            bool(f2[b]),
+            n,
+            k,
+            row_rule=rows,
+            col_rule=cols,
+        )
         off_w = [w if w > REAL else 0.0 for _, _, w in off]
         assert lib.weight[b].tolist() == pytest.approx(off_w, rel=1e-4)
-        all_pairs = official_mgc.candidate_pairs(b1[b].tolist(), b2[b].tolist(), bool(f1[b]),
-                                                 bool(f2[b]), n, row_rule=rows, col_rule=cols)
+        all_pairs = official_mgc.candidate_pairs(
+            b1[b].tolist(),
+            b2[b].tolist(),
+            bool(f1[b]),
+            bool(f2[b]),
+            n,
+            row_rule=rows,
+            col_rule=cols,
+        )
         cut = sorted((w for *_, w in all_pairs if w > REAL), reverse=True)
-        if len(cut) <= k or cut[k - 1] > cut[k] * (1 + 1e-4):   # no tie across the cut
+        if len(cut) <= k or cut[k - 1] > cut[k] * (1 + 1e-4):  # no tie across the cut
             got = as_sets(lib.idx1[b].tolist(), lib.idx2[b].tolist(), lib.weight[b].tolist())
             assert got.keys() == as_sets(*zip(*off)).keys()
         pads = lib.weight[b] == 0
@@ -219,7 +249,7 @@ def test_sample_pairs_ties_follow_visiting_order():
     assert pairs.idx1[0].tolist() == [0, 1, 2, 3]
     flipped = torch.tensor([True])
     pairs = mk.sample_pairs(b, flipped, b, flipped, 14, 7, k=4)
-    assert pairs.idx1[0].tolist() == [1, 0, 3, 2]           # unflipped columns first
+    assert pairs.idx1[0].tolist() == [1, 0, 3, 2]  # unflipped columns first
 
 
 def test_pairs_gather_selects_rows():
@@ -260,7 +290,7 @@ def collapsed_crop():
 def test_cells_collapsed_by_rounding_are_not_pairs():
     boxes, flips = collapsed_crop()
     assert mk.correspondence(boxes, flips, boxes, flips, 14, 1).isnan().any()
-    for method, k in (("topk", 5), ("all", 14)):       # 14 cells keep an area: one column
+    for method, k in (("topk", 5), ("all", 14)):  # 14 cells keep an area: one column
         pairs = mk.sample_pairs(boxes, flips, boxes, flips, 14, 1, 5, method, backend="torch")
         assert pairs.weight.shape == (1, k) and (pairs.weight == 0.5).all()
         assert torch.equal(pairs.idx1, pairs.idx2)

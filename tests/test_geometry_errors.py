@@ -1,4 +1,5 @@
 """Bad input to the geometry ops: a ValueError/TypeError that names the argument."""
+
 import math
 
 import pytest
@@ -16,9 +17,18 @@ def call(op, **bad):
     if op == "region_boxes":
         return mk.region_boxes(args["boxes1"], args["flips1"], args["grid"], args["cell"])
     fn = mk.correspondence if op == "correspondence" else mk.sample_pairs
-    extra = {k: v for k, v in args.items() if k in ("metric", "k", "method", "strides", "view_size")}
-    return fn(args["boxes1"], args["flips1"], args["boxes2"], args["flips2"], args["grid"],
-              args["cell"], **extra)
+    extra = {
+        k: v for k, v in args.items() if k in ("metric", "k", "method", "strides", "view_size")
+    }
+    return fn(
+        args["boxes1"],
+        args["flips1"],
+        args["boxes2"],
+        args["flips2"],
+        args["grid"],
+        args["cell"],
+        **extra,
+    )
 
 
 OPS = ["region_boxes", "correspondence", "sample_pairs"]
@@ -27,8 +37,16 @@ BAD_VIEW_1 = [
     (dict(boxes1=BOXES[0]), ValueError, "boxes"),
     (dict(boxes1=BOXES.long()), TypeError, "boxes"),
     (dict(boxes1=BOXES.tolist()), TypeError, "boxes"),
-    (dict(boxes1=torch.tensor([[0.0, 0, 0, 80], [10, 10, 60, 90]])), ValueError, "boxes"),   # zero width
-    (dict(boxes1=torch.tensor([[0.0, 50, 100, 20], [10, 10, 60, 90]])), ValueError, "boxes"),  # y1 < y0
+    (
+        dict(boxes1=torch.tensor([[0.0, 0, 0, 80], [10, 10, 60, 90]])),
+        ValueError,
+        "boxes",
+    ),  # zero width
+    (
+        dict(boxes1=torch.tensor([[0.0, 50, 100, 20], [10, 10, 60, 90]])),
+        ValueError,
+        "boxes",
+    ),  # y1 < y0
     (dict(boxes1=torch.tensor([[0.0, 0, math.nan, 80], [10, 10, 60, 90]])), ValueError, "boxes"),
     (dict(boxes1=torch.tensor([[0.0, 0, math.inf, 80], [10, 10, 60, 90]])), ValueError, "boxes"),
     (dict(flips1=FLIPS.float()), TypeError, "flips"),
@@ -60,20 +78,30 @@ def test_bad_second_view(op, bad, error, match):
         call(op, **bad)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(metric="dice"), "metric"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(metric="dice"), "metric"),
+    ],
+)
 def test_bad_metric(bad, match):
     with pytest.raises(ValueError, match=match):
         call("correspondence", **bad)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(k=0), "k must"), (dict(k=2.5), "k must"), (dict(method="random"), "method"),
-    (dict(strides=((12, 0, 8), (8, 2, 6))), "strides"), (dict(strides=(12, 2, 8)), "strides"),
-    (dict(view_size=0), "view_size"), (dict(view_size=math.inf), "view_size"),
-    (dict(view_size=1e39), "view_size"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(k=0), "k must"),
+        (dict(k=2.5), "k must"),
+        (dict(method="random"), "method"),
+        (dict(strides=((12, 0, 8), (8, 2, 6))), "strides"),
+        (dict(strides=(12, 2, 8)), "strides"),
+        (dict(view_size=0), "view_size"),
+        (dict(view_size=math.inf), "view_size"),
+        (dict(view_size=1e39), "view_size"),
+    ],
+)
 def test_bad_sampling_arguments(bad, match):
     with pytest.raises(ValueError, match=match):
         call("sample_pairs", **bad)
@@ -83,15 +111,21 @@ def test_value_checks_can_be_switched_off():
     bad = torch.tensor([[0.0, 0, math.nan, 80], [10, 10, 60, 90]])
     mk.set_value_checks(False)
     try:
-        call("region_boxes", boxes1=bad)                     # no host sync, no error
+        call("region_boxes", boxes1=bad)  # no host sync, no error
     finally:
         mk.set_value_checks(True)
     with pytest.raises(ValueError, match="boxes"):
         call("region_boxes", boxes1=bad)
 
 
-INVALID_CORNERS = [[0.0, 0, math.nan, 80], [0.0, 0, math.inf, 80], [-math.inf, 0, 10, 80],
-                   [math.inf, 0, math.inf, 80], [0.0, 0, 0, 80], [0.0, 50, 100, 20]]
+INVALID_CORNERS = [
+    [0.0, 0, math.nan, 80],
+    [0.0, 0, math.inf, 80],
+    [-math.inf, 0, 10, 80],
+    [math.inf, 0, math.inf, 80],
+    [0.0, 0, 0, 80],
+    [0.0, 50, 100, 20],
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -102,8 +136,10 @@ def test_every_invalid_box_is_named(corners, dtype):
         mk.region_boxes(boxes, torch.zeros(3, dtype=torch.bool), 14, 2)
 
 
-@pytest.mark.parametrize("corners, dtype", [([-3e38, 0.0, 3e38, 1.0], torch.float32),
-                                            ([-6e4, 0.0, 6e4, 1.0], torch.float16)])
+@pytest.mark.parametrize(
+    "corners, dtype",
+    [([-3e38, 0.0, 3e38, 1.0], torch.float32), ([-6e4, 0.0, 6e4, 1.0], torch.float16)],
+)
 def test_a_huge_valid_box_is_accepted(corners, dtype):
     # its width overflows the dtype, which must not make the cheap check refuse it
     boxes = torch.tensor([corners], dtype=dtype)

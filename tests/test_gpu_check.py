@@ -1,6 +1,7 @@
 """``python -m benchmarks.gpu_check``: the dry run (every phase on the CPU, Triton through its
 interpreter) works end to end, and the check can fail: wrong numbers, errors and hangs show up
 in its verdict instead of passing or stalling the next phase."""
+
 import io
 import json
 import subprocess
@@ -16,8 +17,15 @@ from benchmarks.gpu_check import headline, smoke, summary
 from benchmarks.gpu_check.rule import excess
 
 REPO = Path(__file__).resolve().parents[1]
-FILES = {"gpu_check.log", "summary.md", "summary.json", "benchmarks.jsonl", "benchmarks.csv",
-         "junit.xml", "kernels.jsonl"}
+FILES = {
+    "gpu_check.log",
+    "summary.md",
+    "summary.json",
+    "benchmarks.jsonl",
+    "benchmarks.csv",
+    "junit.xml",
+    "kernels.jsonl",
+}
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +33,13 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     committed = {p: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").glob("*.*")}
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out",
-                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     seconds = time.monotonic() - start
     after = {p: p.stat().st_mtime_ns for p in (REPO / "benchmarks" / "results").glob("*.*")}
     assert after == committed, "a dry run must not touch the committed results"
@@ -47,8 +60,9 @@ def test_dry_run_passes_and_writes_its_files(dry_run):
 def test_dry_run_smoke_covers_every_op_backend_and_dtype(dry_run):
     _, _, report, _ = dry_run
     cells = {(r["op"], r["backend"], r["dtype"]): r["status"] for r in report["smoke"]}
-    assert set(cells) == {(o, b, d) for o in smoke.OPS for b in smoke.BACKENDS
-                          for d in smoke.DTYPES}
+    assert set(cells) == {
+        (o, b, d) for o in smoke.OPS for b in smoke.BACKENDS for d in smoke.DTYPES
+    }
     assert all(cells[op, "torch", d] == "ok" for op in smoke.OPS for d in smoke.DTYPES)
     assert all(cells[op, "triton", "fp16"] == "ok" for op in smoke.OPS)
     assert cells["multigrain_pool", "native", "bf16"] == "ok"
@@ -58,8 +72,9 @@ def test_dry_run_smoke_covers_every_op_backend_and_dtype(dry_run):
 def test_dry_run_headline_checks_ran(dry_run):
     _, _, report, _ = dry_run
     ran = {(r["check"], r["backend"]): r for r in report["headline"]}
-    assert set(ran) == {(check.__name__, b) for check, _, backends in headline.CHECKS
-                        for b in backends}
+    assert set(ran) == {
+        (check.__name__, b) for check, _, backends in headline.CHECKS for b in backends
+    }
     assert all(r["status"] == "ok" and r["values"] for r in ran.values())
 
 
@@ -119,21 +134,35 @@ def test_the_rule_measures_the_excess():
     exact = torch.tensor([1.0, 2.0], dtype=torch.float64)
     assert excess(exact, exact, exact, 0.0) == 0.0
     assert excess(exact + 1e-3, exact, exact, 1e-4) == pytest.approx(9e-4)
-    assert excess(exact + 1e-3, exact + 2e-3, exact, 0.0) < 0      # as close as the reference
+    assert excess(exact + 1e-3, exact + 2e-3, exact, 0.0) < 0  # as close as the reference
     assert excess(torch.tensor([float("nan"), 2.0]), exact, exact, 1.0) == float("inf")
 
 
 def test_failures_reach_the_verdict(tmp_path):
-    phases = [{"phase": "smoke", "status": "ok", "seconds": 1.0},
-              {"phase": "bench", "status": "timed out", "seconds": 9.0}]
+    phases = [
+        {"phase": "smoke", "status": "ok", "seconds": 1.0},
+        {"phase": "bench", "status": "timed out", "seconds": 9.0},
+    ]
     work = tmp_path / "work"
     work.mkdir()
-    (work / "smoke.jsonl").write_text(json.dumps(
-        {"op": "info_nce", "backend": "triton", "dtype": "bf16", "status": "FAIL: boom"}) + "\n")
-    (work / "kernels.jsonl").write_text(json.dumps(
-        {"kernel": "_dk_kernel", "regs": 255, "spill_bytes": 0, "shared_bytes": 300000,
-         "num_warps": 8, "num_stages": 2,
-         "launch_problems": ["needs 300000 bytes of shared memory per block"]}) + "\n")
+    (work / "smoke.jsonl").write_text(
+        json.dumps({"op": "info_nce", "backend": "triton", "dtype": "bf16", "status": "FAIL: boom"})
+        + "\n"
+    )
+    (work / "kernels.jsonl").write_text(
+        json.dumps(
+            {
+                "kernel": "_dk_kernel",
+                "regs": 255,
+                "spill_bytes": 0,
+                "shared_bytes": 300000,
+                "num_warps": 8,
+                "num_stages": 2,
+                "launch_problems": ["needs 300000 bytes of shared memory per block"],
+            }
+        )
+        + "\n"
+    )
     report = summary.collect(phases, work, tmp_path, dry_run=True)
     assert not report["passed"]
     text = "\n".join(report["failures"])
@@ -156,6 +185,11 @@ def test_a_hanging_phase_is_killed_at_its_cap():
 def test_without_a_gpu_it_says_so(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("there is a GPU here")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--out",
-                           str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr

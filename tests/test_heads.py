@@ -1,14 +1,24 @@
 """mgc_kernels.heads: layer layouts at the papers' sizes, output shapes, BatchNorm over every row,
 DenseCL's two input layouts, DINO's normalised last layer, and the same layers, initial weights
 and state_dict keys as the heads the reference trainer built by hand before (written out here)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import mgc_kernels as mk
-from mgc_kernels.heads import (DenseCLDenseHead, DenseCLGlobalHead, DINOHead, MGCHeads, MLP,
-                               SMoGHeads, mgc_predictor, mgc_projector, mlp)
+from mgc_kernels.heads import (
+    MLP,
+    DenseCLDenseHead,
+    DenseCLGlobalHead,
+    DINOHead,
+    MGCHeads,
+    SMoGHeads,
+    mgc_predictor,
+    mgc_projector,
+    mlp,
+)
 
 
 def layout(module: nn.Module) -> list[tuple]:
@@ -42,8 +52,13 @@ def old_two_layer(d_in, hidden, d_out):
 class OldDinoHead(nn.Module):
     def __init__(self, d_in, hidden, bottleneck, num_prototypes):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, hidden),
-                                 nn.GELU(), nn.Linear(hidden, bottleneck))
+        self.mlp = nn.Sequential(
+            nn.Linear(d_in, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, hidden),
+            nn.GELU(),
+            nn.Linear(hidden, bottleneck),
+        )
         self.prototypes = nn.Parameter(torch.empty(num_prototypes, bottleneck))
         nn.init.trunc_normal_(self.prototypes, std=0.02)
 
@@ -62,34 +77,57 @@ def build(seed, fn, *args, **kwargs):
 
 def test_mlp_layouts():
     assert layout(mlp([8, 16, 16, 4], last_batch_norm=True)) == [
-        ("Linear", 8, 16, False), ("BN", 16, True), ("ReLU",),
-        ("Linear", 16, 16, False), ("BN", 16, True), ("ReLU",),
-        ("Linear", 16, 4, False), ("BN", 4, False)]
-    assert layout(mlp([8, 16, 4])) == [("Linear", 8, 16, False), ("BN", 16, True), ("ReLU",),
-                                       ("Linear", 16, 4, True)]
+        ("Linear", 8, 16, False),
+        ("BN", 16, True),
+        ("ReLU",),
+        ("Linear", 16, 16, False),
+        ("BN", 16, True),
+        ("ReLU",),
+        ("Linear", 16, 4, False),
+        ("BN", 4, False),
+    ]
+    assert layout(mlp([8, 16, 4])) == [
+        ("Linear", 8, 16, False),
+        ("BN", 16, True),
+        ("ReLU",),
+        ("Linear", 16, 4, True),
+    ]
     assert layout(mlp([8, 16, 4], batch_norm=False, activation="gelu")) == [
-        ("Linear", 8, 16, True), ("GELU",), ("Linear", 16, 4, True)]
+        ("Linear", 8, 16, True),
+        ("GELU",),
+        ("Linear", 16, 4, True),
+    ]
     assert layout(mlp([8, 4])) == [("Linear", 8, 4, True)]
     assert isinstance(mlp([8, 4]), MLP) and isinstance(mlp([8, 4]), nn.Sequential)
     assert mlp([8, 16, 4])[2].inplace
 
 
-@pytest.mark.parametrize("dims, activation, match", [
-    ([8], "relu", "dims"), (8, "relu", "dims"), ([8, 0, 4], "relu", r"dims\[1\]"),
-    ([8, 2.0, 4], "relu", r"dims\[1\]"), ([8, 4], "tanh", "activation")])
+@pytest.mark.parametrize(
+    "dims, activation, match",
+    [
+        ([8], "relu", "dims"),
+        (8, "relu", "dims"),
+        ([8, 0, 4], "relu", r"dims\[1\]"),
+        ([8, 2.0, 4], "relu", r"dims\[1\]"),
+        ([8, 4], "tanh", "activation"),
+    ],
+)
 def test_mlp_rejects_bad_arguments(dims, activation, match):
     with pytest.raises(ValueError, match=match):
         mlp(dims, activation=activation)
 
 
 def test_head_constructors_name_the_bad_argument():
-    for call, name in ((lambda: MGCHeads(0), "in_dim"), (lambda: MGCHeads(8, cells=()), "cells"),
-                       (lambda: MGCHeads(8, cells=(1, -2)), r"cells\[1\]"),
-                       (lambda: MGCHeads(8, hidden_dim=0), "hidden_dim"),
-                       (lambda: mgc_projector(8, num_layers=1), "num_layers"),
-                       (lambda: mgc_predictor(0), "dim"),
-                       (lambda: DenseCLDenseHead(8, out_dim=0), "out_dim"),
-                       (lambda: DINOHead(8, num_prototypes=0), "num_prototypes")):
+    for call, name in (
+        (lambda: MGCHeads(0), "in_dim"),
+        (lambda: MGCHeads(8, cells=()), "cells"),
+        (lambda: MGCHeads(8, cells=(1, -2)), r"cells\[1\]"),
+        (lambda: MGCHeads(8, hidden_dim=0), "hidden_dim"),
+        (lambda: mgc_projector(8, num_layers=1), "num_layers"),
+        (lambda: mgc_predictor(0), "dim"),
+        (lambda: DenseCLDenseHead(8, out_dim=0), "out_dim"),
+        (lambda: DINOHead(8, num_prototypes=0), "num_prototypes"),
+    ):
         with pytest.raises(ValueError, match=name):
             call()
 
@@ -116,17 +154,28 @@ def test_mgc_heads_at_the_papers_sizes():
     assert heads.cells == (1, 2, 7)
     assert len(heads.projectors) == len(heads.predictors) == 3
     for proj, pred in zip(heads.projectors, heads.predictors):
-        assert layout(proj) == [("Linear", 384, 4096, False), ("BN", 4096, True), ("ReLU",),
-                                ("Linear", 4096, 4096, False), ("BN", 4096, True), ("ReLU",),
-                                ("Linear", 4096, 128, False), ("BN", 128, False)]
-        assert layout(pred) == [("Linear", 128, 4096, False), ("BN", 4096, True), ("ReLU",),
-                                ("Linear", 4096, 128, True)]
+        assert layout(proj) == [
+            ("Linear", 384, 4096, False),
+            ("BN", 4096, True),
+            ("ReLU",),
+            ("Linear", 4096, 4096, False),
+            ("BN", 4096, True),
+            ("ReLU",),
+            ("Linear", 4096, 128, False),
+            ("BN", 128, False),
+        ]
+        assert layout(pred) == [
+            ("Linear", 128, 4096, False),
+            ("BN", 4096, True),
+            ("ReLU",),
+            ("Linear", 4096, 128, True),
+        ]
 
 
 def test_mgc_heads_shapes_and_query_key_paths():
     torch.manual_seed(0)
     heads = MGCHeads(12, cells=(1, 7), hidden_dim=20, out_dim=5)
-    x = torch.randn(3, 4, 12)                       # [B, K, C] sampled regions
+    x = torch.randn(3, 4, 12)  # [B, K, C] sampled regions
     for level in (0, 1, -1):
         q, k = heads(x, level), heads.project(x, level)
         assert q.shape == k.shape == (3, 4, 5)
@@ -151,8 +200,11 @@ def test_mgc_heads_equal_the_old_trainer_heads():
     old.projectors = nn.ModuleList(old_trainer_mlp([16, 24, 24, 8], "bn") for _ in range(3))
     old.predictors = nn.ModuleList(old_trainer_mlp([8, 24, 8]) for _ in range(3))
     same_state(new, old)
-    assert list(new.state_dict())[:3] == ["projectors.0.0.weight", "projectors.0.1.weight",
-                                          "projectors.0.1.bias"]
+    assert list(new.state_dict())[:3] == [
+        "projectors.0.0.weight",
+        "projectors.0.1.weight",
+        "projectors.0.1.bias",
+    ]
 
 
 def test_smog_heads():
@@ -160,10 +212,19 @@ def test_smog_heads():
         heads = SMoGHeads()
         paper = SMoGHeads(projector_layers=2)
     assert layout(heads.projector) == layout(mgc_projector(2048, 2048, 128))
-    assert layout(paper.projector) == [("Linear", 2048, 2048, False), ("BN", 2048, True),
-                                       ("ReLU",), ("Linear", 2048, 128, False), ("BN", 128, False)]
-    assert layout(heads.predictor) == [("Linear", 128, 2048, False), ("BN", 2048, True),
-                                       ("ReLU",), ("Linear", 2048, 128, True)]
+    assert layout(paper.projector) == [
+        ("Linear", 2048, 2048, False),
+        ("BN", 2048, True),
+        ("ReLU",),
+        ("Linear", 2048, 128, False),
+        ("BN", 128, False),
+    ]
+    assert layout(heads.predictor) == [
+        ("Linear", 128, 2048, False),
+        ("BN", 2048, True),
+        ("ReLU",),
+        ("Linear", 2048, 128, True),
+    ]
     torch.manual_seed(0)
     small, x = SMoGHeads(12, 20, 6), torch.randn(5, 12)
     assert small(x).shape == small.project(x).shape == (5, 6)
@@ -178,8 +239,11 @@ def test_smog_heads():
 def test_densecl_heads_layout_and_old_trainer_weights():
     with torch.device("meta"):
         for head in (DenseCLGlobalHead(), DenseCLDenseHead()):
-            assert layout(head) == [("Linear", 2048, 2048, True), ("ReLU",),
-                                    ("Linear", 2048, 128, True)]
+            assert layout(head) == [
+                ("Linear", 2048, 2048, True),
+                ("ReLU",),
+                ("Linear", 2048, 128, True),
+            ]
     for cls in (DenseCLGlobalHead, DenseCLDenseHead):
         same_state(build(2, cls, 12, 20, 6), build(2, old_two_layer, 12, 20, 6))
 
@@ -187,7 +251,7 @@ def test_densecl_heads_layout_and_old_trainer_weights():
 def test_densecl_global_head_pools_maps_and_tokens():
     torch.manual_seed(0)
     head, fmap = DenseCLGlobalHead(12, 20, 6), torch.randn(2, 12, 3, 4)
-    tokens = fmap.flatten(2).transpose(1, 2)                    # [B, S, C], row-major
+    tokens = fmap.flatten(2).transpose(1, 2)  # [B, S, C], row-major
     pooled = F.adaptive_avg_pool2d(fmap, 1).flatten(1)
     want = head[2](head[1](head[0](pooled)))
     for x in (fmap, tokens, pooled):
@@ -201,8 +265,11 @@ def test_densecl_global_head_pools_maps_and_tokens():
 def test_densecl_dense_head_is_a_pair_of_1x1_convolutions():
     torch.manual_seed(0)
     head, fmap = DenseCLDenseHead(12, 20, 6), torch.randn(2, 12, 3, 4)
-    conv = F.conv2d(F.relu(F.conv2d(fmap, head[0].weight[:, :, None, None], head[0].bias)),
-                    head[2].weight[:, :, None, None], head[2].bias)
+    conv = F.conv2d(
+        F.relu(F.conv2d(fmap, head[0].weight[:, :, None, None], head[0].bias)),
+        head[2].weight[:, :, None, None],
+        head[2].bias,
+    )
     got = head(fmap)
     assert got.shape == (2, 6, 3, 4)
     torch.testing.assert_close(got, conv, rtol=1e-5, atol=1e-6)
@@ -219,14 +286,18 @@ def test_densecl_dense_head_is_a_pair_of_1x1_convolutions():
 def test_dino_head():
     with torch.device("meta"):
         paper = DINOHead(384)
-    assert layout(paper.mlp) == [("Linear", 384, 2048, True), ("GELU",),
-                                 ("Linear", 2048, 2048, True), ("GELU",),
-                                 ("Linear", 2048, 256, True)]
+    assert layout(paper.mlp) == [
+        ("Linear", 384, 2048, True),
+        ("GELU",),
+        ("Linear", 2048, 2048, True),
+        ("GELU",),
+        ("Linear", 2048, 256, True),
+    ]
     assert paper.prototypes.shape == (65536, 256)
     torch.manual_seed(0)
     head = DINOHead(12, 20, 8, 30)
     with torch.no_grad():
-        head.prototypes.mul_(torch.rand(30, 1) * 5 + 0.1)   # prototypes of various norms
+        head.prototypes.mul_(torch.rand(30, 1) * 5 + 0.1)  # prototypes of various norms
     x = torch.randn(4, 3, 12)
     z = head(x)
     assert z.shape == (4, 3, 8)
@@ -238,8 +309,13 @@ def test_dino_head():
     torch.testing.assert_close(w, head.prototypes / head.prototypes.norm(dim=-1, keepdim=True))
     # what linear_soft_ce takes: gradients reach the MLP and the prototypes
     teacher = DINOHead(12, 20, 8, 30)
-    loss, _ = mk.linear_soft_ce(head(x[:, 0]), head.weight(), teacher(x[:, 1]).detach(),
-                                teacher.weight().detach(), backend="torch")
+    loss, _ = mk.linear_soft_ce(
+        head(x[:, 0]),
+        head.weight(),
+        teacher(x[:, 1]).detach(),
+        teacher.weight().detach(),
+        backend="torch",
+    )
     loss.backward()
     assert head.prototypes.grad is not None and head.prototypes.grad.abs().sum() > 0
     assert head.mlp[0].weight.grad.abs().sum() > 0

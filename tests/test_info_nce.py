@@ -4,6 +4,7 @@ The expected values never use the library's reference helpers: they are built fr
 ``F.cross_entropy`` / ``F.log_softmax`` on explicitly L2-normalised float64 inputs, and the
 expected gradients come from autograd through that direct formula.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,17 @@ def dense_targets(index: torch.Tensor, weight: torch.Tensor, cols: int) -> torch
     return torch.where(s > 0, t / torch.where(s > 0, s, 1.0), torch.zeros_like(t))
 
 
-def expected_loss(q, k, index, weight, temperature=0.1, row_weights=None, queue=None,
-                  normalize=True, reduction="mean"):
+def expected_loss(
+    q,
+    k,
+    index,
+    weight,
+    temperature=0.1,
+    row_weights=None,
+    queue=None,
+    normalize=True,
+    reduction="mean",
+):
     """Direct fp64 formula; ``q``/``k`` may require grad (fp64 leaves), the queue never does."""
     q64, k64 = q.double(), k.double()
     keys = k64 if queue is None else torch.cat([k64, queue.detach().double()])
@@ -81,16 +91,24 @@ def test_soft_targets_duplicates_padding_and_empty_row():
     gen = torch.Generator().manual_seed(4)
     n, m, d = 5, 6, 4
     q0, k0 = rand(gen, n, d), rand(gen, m, d)
-    index = torch.tensor([[1, 1, 3, 0],    # duplicate index 1: weights add up
-                          [2, 0, 0, 0],    # zero-weight padding after one target
-                          [0, 0, 0, 0],    # all-zero row: no target, left out of the mean
-                          [5, 4, 5, 5],
-                          [0, 1, 2, 3]])
-    weight = torch.tensor([[1.0, 2.0, 1.0, 0.0],
-                           [3.0, 0.0, 0.0, 0.0],
-                           [0.0, 0.0, 0.0, 0.0],
-                           [0.5, 0.5, 0.25, 0.25],
-                           [1.0, 1.0, 1.0, 1.0]])
+    index = torch.tensor(
+        [
+            [1, 1, 3, 0],  # duplicate index 1: weights add up
+            [2, 0, 0, 0],  # zero-weight padding after one target
+            [0, 0, 0, 0],  # all-zero row: no target, left out of the mean
+            [5, 4, 5, 5],
+            [0, 1, 2, 3],
+        ]
+    )
+    weight = torch.tensor(
+        [
+            [1.0, 2.0, 1.0, 0.0],
+            [3.0, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 0.0],
+            [0.5, 0.5, 0.25, 0.25],
+            [1.0, 1.0, 1.0, 1.0],
+        ]
+    )
     q, k = leaf(q0), leaf(k0)
     loss = mk.info_nce(q, k, (index, weight))
     dq, dk = grads(loss, q, k)
@@ -106,8 +124,12 @@ def test_soft_targets_duplicates_padding_and_empty_row():
 
     # explicitly: mean over the 4 rows that have a target
     logp = F.log_softmax(l2n(q0) @ l2n(k0).T / 0.1, dim=1)
-    rows = [-(logp[0, 1] * 3 + logp[0, 3]) / 4, -logp[1, 2],
-            -(logp[3, 5] * 1.0 + logp[3, 4] * 0.5) / 1.5, -logp[4, :4].mean()]
+    rows = [
+        -(logp[0, 1] * 3 + logp[0, 3]) / 4,
+        -logp[1, 2],
+        -(logp[3, 5] * 1.0 + logp[3, 4] * 0.5) / 1.5,
+        -logp[4, :4].mean(),
+    ]
     torch.testing.assert_close(loss.double(), torch.stack(rows).mean(), **FP64_TOL)
 
     per_row = mk.info_nce(q0, k0, (index, weight), reduction="none")
@@ -119,13 +141,16 @@ def test_soft_targets_are_normalised_per_row():
     q, k = rand(gen, 3, 4, dtype=torch.float32), rand(gen, 5, 4, dtype=torch.float32)
     index = torch.tensor([[0, 1], [2, 3], [4, 0]])
     weight = torch.tensor([[1.0, 3.0], [0.2, 0.2], [2.0, 0.0]])
-    torch.testing.assert_close(mk.info_nce(q, k, (index, weight)),
-                               mk.info_nce(q, k, (index, weight * 17.0)))
+    torch.testing.assert_close(
+        mk.info_nce(q, k, (index, weight)), mk.info_nce(q, k, (index, weight * 17.0))
+    )
     # fp64 and fp16 target weights are accepted and mean the same thing
-    torch.testing.assert_close(mk.info_nce(q, k, (index, weight.double())),
-                               mk.info_nce(q, k, (index, weight)))
-    torch.testing.assert_close(mk.info_nce(q, k, (index.int(), weight.half())),
-                               mk.info_nce(q, k, (index, weight)))
+    torch.testing.assert_close(
+        mk.info_nce(q, k, (index, weight.double())), mk.info_nce(q, k, (index, weight))
+    )
+    torch.testing.assert_close(
+        mk.info_nce(q, k, (index.int(), weight.half())), mk.info_nce(q, k, (index, weight))
+    )
 
 
 # --------------------------------------------------------------------------- row weights, queue
@@ -151,13 +176,22 @@ def test_row_weights_weighted_mean():
     assert torch.count_nonzero(dq[1]) == 0  # weight 0: left out
 
     # uniform weights (any scale) give the plain mean
-    torch.testing.assert_close(mk.info_nce(q0, k0, t, row_weights=torch.full((n,), 4.0)),
-                               mk.info_nce(q0, k0, t), **FP64_TOL)
+    torch.testing.assert_close(
+        mk.info_nce(q0, k0, t, row_weights=torch.full((n,), 4.0)),
+        mk.info_nce(q0, k0, t),
+        **FP64_TOL,
+    )
     # "sum" and "none" are weighted but not normalised
-    torch.testing.assert_close(mk.info_nce(q0, k0, t, row_weights=rw, reduction="sum").double(),
-                               (rw.double() * ce).sum().detach(), **FP64_TOL)
-    torch.testing.assert_close(mk.info_nce(q0, k0, t, row_weights=rw, reduction="none").double(),
-                               (rw.double() * ce).detach(), **FP64_TOL)
+    torch.testing.assert_close(
+        mk.info_nce(q0, k0, t, row_weights=rw, reduction="sum").double(),
+        (rw.double() * ce).sum().detach(),
+        **FP64_TOL,
+    )
+    torch.testing.assert_close(
+        mk.info_nce(q0, k0, t, row_weights=rw, reduction="none").double(),
+        (rw.double() * ce).detach(),
+        **FP64_TOL,
+    )
 
 
 def test_row_weights_combined_with_rows_without_target():
@@ -209,8 +243,7 @@ def test_empty_queue_equals_no_queue():
     gen = torch.Generator().manual_seed(10)
     q, k = rand(gen, 4, 3, dtype=torch.float32), rand(gen, 5, 3, dtype=torch.float32)
     t = torch.tensor([0, 4, 2, 1])
-    torch.testing.assert_close(mk.info_nce(q, k, t, queue=torch.empty(0, 3)),
-                               mk.info_nce(q, k, t))
+    torch.testing.assert_close(mk.info_nce(q, k, t, queue=torch.empty(0, 3)), mk.info_nce(q, k, t))
 
 
 # --------------------------------------------------------------------------- reductions
@@ -246,13 +279,22 @@ SIZES = st.sampled_from([1, 2, 3, 7])
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=SIZES, m=SIZES, nq=st.sampled_from([0, 1, 3]), d=st.sampled_from([1, 3, 7]),
-       p=st.sampled_from([0, 1, 2, 3]), dtype=st.sampled_from([torch.float64, torch.float32]),
-       normalize=st.booleans(), weighted=st.booleans(),
-       reduction=st.sampled_from(["mean", "sum", "none"]),
-       temperature=st.sampled_from([0.05, 0.1, 0.3, 1.0]), seed=st.integers(0, 2**31 - 1))
-def test_random_against_direct_formula(n, m, nq, d, p, dtype, normalize, weighted, reduction,
-                                       temperature, seed):
+@given(
+    n=SIZES,
+    m=SIZES,
+    nq=st.sampled_from([0, 1, 3]),
+    d=st.sampled_from([1, 3, 7]),
+    p=st.sampled_from([0, 1, 2, 3]),
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    normalize=st.booleans(),
+    weighted=st.booleans(),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    temperature=st.sampled_from([0.05, 0.1, 0.3, 1.0]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_against_direct_formula(
+    n, m, nq, d, p, dtype, normalize, weighted, reduction, temperature, seed
+):
     gen = torch.Generator().manual_seed(seed)
     scale = 1.0 if normalize else 0.5
     q0, k0 = rand(gen, n, d, dtype=dtype, scale=scale), rand(gen, m, d, dtype=dtype, scale=scale)
@@ -273,11 +315,20 @@ def test_random_against_direct_formula(n, m, nq, d, p, dtype, normalize, weighte
         row_weights[0] = 0.5
 
     q, k = leaf(q0), leaf(k0)
-    got = mk.info_nce(q, k, targets, temperature=temperature, row_weights=row_weights,
-                      queue=queue, normalize=normalize, reduction=reduction)
+    got = mk.info_nce(
+        q,
+        k,
+        targets,
+        temperature=temperature,
+        row_weights=row_weights,
+        queue=queue,
+        normalize=normalize,
+        reduction=reduction,
+    )
     qe, ke = leaf(q0, torch.float64), leaf(k0, torch.float64)
-    exp = expected_loss(qe, ke, index, weight, temperature, row_weights, queue, normalize,
-                        reduction)
+    exp = expected_loss(
+        qe, ke, index, weight, temperature, row_weights, queue, normalize, reduction
+    )
     assert got.dtype == loss_dtype(dtype)
     assert got.shape == exp.shape
     # fp32 vs fp64-exact with logits up to 20; fp64 inputs are computed in fp64
@@ -322,8 +373,9 @@ def test_large_logits_stay_finite():
     u0 = torch.randint(-20, 21, (3, d), generator=gen).float()
     index = torch.randint(0, m, (n, 2), generator=gen)
     weight = torch.rand(n, 2, generator=gen)
-    got = mk.info_nce(q0, k0, (index, weight), temperature=0.01, queue=u0, normalize=False,
-                      reduction="none")
+    got = mk.info_nce(
+        q0, k0, (index, weight), temperature=0.01, queue=u0, normalize=False, reduction="none"
+    )
     exp = expected_loss(q0, k0, index, weight, 0.01, queue=u0, normalize=False, reduction="none")
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-6 * scale)
@@ -339,8 +391,9 @@ def test_identical_keys_ties():
     loss = mk.info_nce(q, k, t)
     dq, dk = grads(loss, q, k)
     # all logits of a row are equal: CE = log(M) exactly, no gradient w.r.t. the queries
-    torch.testing.assert_close(loss.double(), torch.tensor(math.log(m), dtype=torch.float64),
-                               **FP32_TOL)
+    torch.testing.assert_close(
+        loss.double(), torch.tensor(math.log(m), dtype=torch.float64), **FP32_TOL
+    )
     torch.testing.assert_close(dq, torch.zeros_like(dq), rtol=0, atol=1e-5)
     qe, ke = leaf(q0), leaf(k0)
     edk = grads(F.cross_entropy(l2n(qe) @ l2n(ke).T / 0.1, t), ke)[0]
@@ -392,8 +445,7 @@ def test_gradcheck_fp64_with_queue_and_soft_targets():
     assert torch.autograd.gradcheck(f, (q, k), eps=1e-6, atol=1e-5, rtol=1e-4)
 
     def g(q, k):
-        return mk.info_nce(q, k, index[:, 0], temperature=0.5, normalize=False,
-                           reduction="none")
+        return mk.info_nce(q, k, index[:, 0], temperature=0.5, normalize=False, reduction="none")
 
     assert torch.autograd.gradcheck(g, (q, k), eps=1e-6, atol=1e-5, rtol=1e-4)
 
@@ -434,47 +486,53 @@ def test_half_precision_inputs(dtype, tol):
 
 def _ok():
     gen = torch.Generator().manual_seed(18)
-    return (rand(gen, 4, 3, dtype=torch.float32), rand(gen, 5, 3, dtype=torch.float32),
-            torch.tensor([0, 1, 4, 2]))
+    return (
+        rand(gen, 4, 3, dtype=torch.float32),
+        rand(gen, 5, 3, dtype=torch.float32),
+        torch.tensor([0, 1, 4, 2]),
+    )
 
 
-@pytest.mark.parametrize("case,exc,match", [
-    ("q_1d", ValueError, r"^q\b"),
-    ("q_3d", ValueError, r"^q\b"),
-    ("q_int", TypeError, r"^q\b"),
-    ("k_1d", ValueError, r"^k\b"),
-    ("k_int", TypeError, r"^k\b"),
-    ("k_width", ValueError, r"^k\b"),
-    ("k_dtype", TypeError, r"^k\b"),
-    ("queue_dtype", TypeError, r"^queue\b"),
-    ("queue_1d", ValueError, r"^queue\b"),
-    ("queue_width", ValueError, r"^queue\b"),
-    ("queue_int", TypeError, r"^queue\b"),
-    ("targets_2d_tensor", ValueError, r"^targets\b"),
-    ("targets_len", ValueError, r"^targets\b"),
-    ("targets_float", TypeError, r"^targets\b"),
-    ("targets_list_of_ints", TypeError, r"^targets\b"),
-    ("targets_minus_one", ValueError, r"^targets\b"),
-    ("targets_m", ValueError, r"^targets\b"),
-    ("soft_index_out_of_range", ValueError, r"^targets\b"),
-    ("soft_index_negative", ValueError, r"^targets\b"),
-    ("soft_shape_mismatch", ValueError, r"^targets\b"),
-    ("soft_rows", ValueError, r"^targets\b"),
-    ("soft_1d", ValueError, r"^targets\[0\]"),
-    ("soft_weight_int", TypeError, r"^targets\[1\]"),
-    ("soft_weight_negative", ValueError, r"^targets\[1\]"),
-    ("soft_weight_nan", ValueError, r"^targets\[1\]"),
-    ("soft_weight_inf", ValueError, r"^targets\[1\]"),
-    ("row_weights_2d", ValueError, r"^row_weights\b"),
-    ("row_weights_len", ValueError, r"^row_weights\b"),
-    ("row_weights_int", TypeError, r"^row_weights\b"),
-    ("row_weights_negative", ValueError, r"^row_weights\b"),
-    ("row_weights_nan", ValueError, r"^row_weights\b"),
-    ("temperature_0", ValueError, r"^temperature\b"),
-    ("temperature_neg", ValueError, r"^temperature\b"),
-    ("temperature_nan", ValueError, r"^temperature\b"),
-    ("reduction", ValueError, r"^reduction\b"),
-])
+@pytest.mark.parametrize(
+    "case,exc,match",
+    [
+        ("q_1d", ValueError, r"^q\b"),
+        ("q_3d", ValueError, r"^q\b"),
+        ("q_int", TypeError, r"^q\b"),
+        ("k_1d", ValueError, r"^k\b"),
+        ("k_int", TypeError, r"^k\b"),
+        ("k_width", ValueError, r"^k\b"),
+        ("k_dtype", TypeError, r"^k\b"),
+        ("queue_dtype", TypeError, r"^queue\b"),
+        ("queue_1d", ValueError, r"^queue\b"),
+        ("queue_width", ValueError, r"^queue\b"),
+        ("queue_int", TypeError, r"^queue\b"),
+        ("targets_2d_tensor", ValueError, r"^targets\b"),
+        ("targets_len", ValueError, r"^targets\b"),
+        ("targets_float", TypeError, r"^targets\b"),
+        ("targets_list_of_ints", TypeError, r"^targets\b"),
+        ("targets_minus_one", ValueError, r"^targets\b"),
+        ("targets_m", ValueError, r"^targets\b"),
+        ("soft_index_out_of_range", ValueError, r"^targets\b"),
+        ("soft_index_negative", ValueError, r"^targets\b"),
+        ("soft_shape_mismatch", ValueError, r"^targets\b"),
+        ("soft_rows", ValueError, r"^targets\b"),
+        ("soft_1d", ValueError, r"^targets\[0\]"),
+        ("soft_weight_int", TypeError, r"^targets\[1\]"),
+        ("soft_weight_negative", ValueError, r"^targets\[1\]"),
+        ("soft_weight_nan", ValueError, r"^targets\[1\]"),
+        ("soft_weight_inf", ValueError, r"^targets\[1\]"),
+        ("row_weights_2d", ValueError, r"^row_weights\b"),
+        ("row_weights_len", ValueError, r"^row_weights\b"),
+        ("row_weights_int", TypeError, r"^row_weights\b"),
+        ("row_weights_negative", ValueError, r"^row_weights\b"),
+        ("row_weights_nan", ValueError, r"^row_weights\b"),
+        ("temperature_0", ValueError, r"^temperature\b"),
+        ("temperature_neg", ValueError, r"^temperature\b"),
+        ("temperature_nan", ValueError, r"^temperature\b"),
+        ("reduction", ValueError, r"^reduction\b"),
+    ],
+)
 def test_bad_inputs(case, exc, match):
     q, k, t = _ok()
     kw = dict(q=q, k=k, targets=t)
@@ -528,11 +586,15 @@ def test_bad_inputs(case, exc, match):
     elif case == "soft_weight_negative":
         kw["targets"] = (soft_i, torch.tensor([[1.0, 0.0], [1.0, -0.5], [1.0, 0], [1.0, 0]]))
     elif case == "soft_weight_nan":
-        kw["targets"] = (soft_i, torch.tensor([[1.0, 0.0], [1.0, float("nan")], [1.0, 0],
-                                               [1.0, 0]]))
+        kw["targets"] = (
+            soft_i,
+            torch.tensor([[1.0, 0.0], [1.0, float("nan")], [1.0, 0], [1.0, 0]]),
+        )
     elif case == "soft_weight_inf":
-        kw["targets"] = (soft_i, torch.tensor([[1.0, 0.0], [1.0, float("inf")], [1.0, 0],
-                                               [1.0, 0]]))
+        kw["targets"] = (
+            soft_i,
+            torch.tensor([[1.0, 0.0], [1.0, float("inf")], [1.0, 0], [1.0, 0]]),
+        )
     elif case == "row_weights_2d":
         kw["row_weights"] = torch.ones(4, 1)
     elif case == "row_weights_len":

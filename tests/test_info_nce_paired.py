@@ -1,9 +1,11 @@
 """``info_nce(targets="paired")``: MoCo's InfoNCE (own positive + queue negatives), on both
 backends, against the materialised formula; and the op's differentiable LSE output."""
+
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import mgc_kernels as mk
 from mgc_kernels.ops.info_nce import _info_nce
@@ -26,12 +28,21 @@ def moco(q, k, queue, tau, row_weights=None):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@given(n=st.integers(1, 9), nq=st.integers(1, 21), d=st.integers(1, 9),
-       tau=st.sampled_from([0.07, 0.2, 1.0]), weighted=st.booleans(), seed=st.integers(0, 99))
+@given(
+    n=st.integers(1, 9),
+    nq=st.integers(1, 21),
+    d=st.integers(1, 9),
+    tau=st.sampled_from([0.07, 0.2, 1.0]),
+    weighted=st.booleans(),
+    seed=st.integers(0, 99),
+)
 def test_paired_equals_moco_formula(backend, n, nq, d, tau, weighted, seed):
     gen = torch.Generator().manual_seed(seed)
-    q0, k0, u = rand(gen, n, d, dtype=torch.float32), rand(gen, n, d, dtype=torch.float32), \
-        rand(gen, nq, d, dtype=torch.float32)
+    q0, k0, u = (
+        rand(gen, n, d, dtype=torch.float32),
+        rand(gen, n, d, dtype=torch.float32),
+        rand(gen, nq, d, dtype=torch.float32),
+    )
     rw = torch.rand(n, generator=gen) + 0.1 if weighted else None
     q, k = leaf(q0), leaf(k0)
     got = mk.info_nce(q, k, "paired", tau, row_weights=rw, queue=u, backend=backend)
@@ -52,8 +63,7 @@ def test_paired_gradcheck_fp64():
     gen = torch.Generator().manual_seed(1)
     q, k = leaf(rand(gen, 5, 4)), leaf(rand(gen, 5, 4))
     u = rand(gen, 11, 4)
-    assert torch.autograd.gradcheck(lambda a, b: mk.info_nce(a, b, "paired", 0.3, queue=u),
-                                    (q, k))
+    assert torch.autograd.gradcheck(lambda a, b: mk.info_nce(a, b, "paired", 0.3, queue=u), (q, k))
 
 
 def test_paired_queue_gets_no_gradient():
@@ -63,14 +73,16 @@ def test_paired_queue_gets_no_gradient():
     assert u.grad is None and q.grad is not None and k.grad is not None
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(queue=None), "queue"),
-    (dict(k=torch.randn(5, 3)), "k must have size 4"),
-    (dict(targets="diagonal"), "targets"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(queue=None), "queue"),
+        (dict(k=torch.randn(5, 3)), "k must have size 4"),
+        (dict(targets="diagonal"), "targets"),
+    ],
+)
 def test_paired_bad_input(bad, match):
-    args = dict(q=torch.randn(4, 3), k=torch.randn(4, 3), targets="paired",
-                queue=torch.randn(6, 3))
+    args = dict(q=torch.randn(4, 3), k=torch.randn(4, 3), targets="paired", queue=torch.randn(6, 3))
     args.update(bad)
     with pytest.raises((ValueError, TypeError), match=match):
         mk.info_nce(args["q"], args["k"], args["targets"], queue=args["queue"])

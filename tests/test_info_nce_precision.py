@@ -4,15 +4,25 @@ Notation: u = 2**-8 is bf16's unit roundoff (8 significant bits: ``|bf16(x) - x|
 The bounds below hold per row; ``k`` rows are unit (up to bf16 rounding) and at these sizes a
 key's cosine with another random key stays below ~0.35 (4 standard deviations at D = 128).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from benchmarks.info_nce_precision import (OPTIONS, bf16, fp16, make_setting, reference,
-                                           round_bits, row_errors, softmax_and_p_pos, study)
+from benchmarks.info_nce_precision import (
+    OPTIONS,
+    bf16,
+    fp16,
+    make_setting,
+    reference,
+    round_bits,
+    row_errors,
+    softmax_and_p_pos,
+    study,
+)
 
-U = 2.0 ** -8
+U = 2.0**-8
 LEVEL = 0.99
 TAU = 0.1
 

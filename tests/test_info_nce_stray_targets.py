@@ -1,6 +1,7 @@
 """Out-of-range target indices where the host-side range check does not run (value checks off,
 or under torch.compile): no backend may crash, read or write outside ``k``, or return a silently
 wrong loss. The rows with such a target get a NaN loss; every other row is untouched."""
+
 import pytest
 import torch
 

@@ -3,6 +3,7 @@ library's ops and against plain formulas of what lightly documents, fp64 on CPU.
 
 lightly comes with the ``bench`` extra (which CI installs); without it these tests skip.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,24 +29,42 @@ def _unit(*shape, grad=False, seed=0):
 
 # ----------------------------------------------------------------------------- DINO
 
+
 def _dino_inputs():
-    return (_randn(N, D, grad=True, seed=1), _randn(K, D, grad=True, seed=2),
-            _randn(N, D, seed=3), _randn(K, D, seed=4), _randn(K, seed=5))
+    return (
+        _randn(N, D, grad=True, seed=1),
+        _randn(K, D, grad=True, seed=2),
+        _randn(N, D, seed=3),
+        _randn(K, D, seed=4),
+        _randn(K, seed=5),
+    )
 
 
 # temperatures float32 holds exactly: DINOLoss divides by a float32 teacher temperature
-@pytest.mark.parametrize("student_temperature, teacher_temperature", [(0.125, 0.0625),
-                                                                      (0.5, 0.25)])
+@pytest.mark.parametrize("student_temperature, teacher_temperature", [(0.125, 0.0625), (0.5, 0.25)])
 def test_dino_equals_linear_soft_ce(student_temperature, teacher_temperature):
     student, student_weight, teacher, teacher_weight, center = _dino_inputs()
-    step = lightly_baselines.dino(student, student_weight, teacher, teacher_weight, center,
-                                  student_temperature, teacher_temperature)
+    step = lightly_baselines.dino(
+        student,
+        student_weight,
+        teacher,
+        teacher_weight,
+        center,
+        student_temperature,
+        teacher_temperature,
+    )
     loss = step()
     grads = torch.autograd.grad(loss, (student, student_weight))
     expected, _ = mgc_kernels.linear_soft_ce(
-        student, student_weight, teacher, teacher_weight, center=center,
-        student_temperature=student_temperature, teacher_temperature=teacher_temperature,
-        reduction="mean")
+        student,
+        student_weight,
+        teacher,
+        teacher_weight,
+        center=center,
+        student_temperature=student_temperature,
+        teacher_temperature=teacher_temperature,
+        reduction="mean",
+    )
     expected_grads = torch.autograd.grad(expected, (student, student_weight))
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(grads, expected_grads)
@@ -54,8 +73,9 @@ def test_dino_equals_linear_soft_ce(student_temperature, teacher_temperature):
 def test_dino_moves_its_centre_not_the_callers():
     student, student_weight, teacher, teacher_weight, center = _dino_inputs()
     given = center.clone()
-    step = lightly_baselines.dino(student, student_weight, teacher, teacher_weight, center,
-                                  0.1, 0.04, center_momentum=0.9)
+    step = lightly_baselines.dino(
+        student, student_weight, teacher, teacher_weight, center, 0.1, 0.04, center_momentum=0.9
+    )
     step()
     moved = 0.9 * given + 0.1 * (teacher @ teacher_weight.T).mean(0)
     torch.testing.assert_close(step.lightly_module.center.view(-1), moved)
@@ -64,9 +84,17 @@ def test_dino_moves_its_centre_not_the_callers():
 
 # ----------------------------------------------------------------------------- SMoG
 
+
 def _smog_loss(groups, beta, temperature):
-    criterion = mgc_kernels.SMoGLoss(dim=D, num_groups=K, temperature=temperature, beta=beta,
-                                     symmetric=False, reset_every=0, bank_size=0).to(F64)
+    criterion = mgc_kernels.SMoGLoss(
+        dim=D,
+        num_groups=K,
+        temperature=temperature,
+        beta=beta,
+        symmetric=False,
+        reset_every=0,
+        bank_size=0,
+    ).to(F64)
     criterion.grouping.groups.copy_(groups)
     return criterion
 
@@ -107,8 +135,7 @@ def test_smog_follows_lightly_formula_over_two_steps():
         loss = step()
         expected, groups = _lightly_smog_formula(p1, z2, groups, beta=0.9, temperature=0.2)
         torch.testing.assert_close(loss, expected)
-        torch.testing.assert_close(torch.autograd.grad(loss, p1),
-                                   torch.autograd.grad(expected, p1))
+        torch.testing.assert_close(torch.autograd.grad(loss, p1), torch.autograd.grad(expected, p1))
     torch.testing.assert_close(step.lightly_module.group_features.data, groups)
 
 
@@ -120,6 +147,7 @@ def test_smog_leaves_the_callers_groups_alone():
 
 
 # SMoGLoss(variant="lightly") against lightly's SMoGPrototypes itself
+
 
 def _lightly_example_step(prototypes, p1, z2, proj1, temperature):
     """One step as lightly's examples/pytorch/smog.py takes it: targets from the momentum
@@ -135,9 +163,15 @@ def _lightly_example_step(prototypes, p1, z2, proj1, temperature):
 def _lightly_variant_pair(dim, groups, beta, temperature, dtype):
     from lightly.models.modules.heads import SMoGPrototypes
 
-    criterion = mgc_kernels.SMoGLoss(dim=dim, num_groups=len(groups), temperature=temperature,
-                                     beta=beta, reset_every=0, bank_size=0,
-                                     variant="lightly").to(dtype)
+    criterion = mgc_kernels.SMoGLoss(
+        dim=dim,
+        num_groups=len(groups),
+        temperature=temperature,
+        beta=beta,
+        reset_every=0,
+        bank_size=0,
+        variant="lightly",
+    ).to(dtype)
     criterion.grouping.groups.copy_(groups)
     prototypes = SMoGPrototypes(groups.detach().clone(), beta=beta).to(dtype)
     return criterion, prototypes
@@ -145,8 +179,10 @@ def _lightly_variant_pair(dim, groups, beta, temperature, dtype):
 
 # (dtype, loss/gradient rtol, atol, group atol): fp64 to the last bits; fp32 within a few ulps
 # (the library sums each group's rows with one index_add, lightly with a mean per group)
-PRECISIONS = [pytest.param(F64, 1e-12, 1e-15, 1e-14, id="fp64"),
-              pytest.param(torch.float32, 2e-6, 1e-8, 5e-7, id="fp32")]
+PRECISIONS = [
+    pytest.param(F64, 1e-12, 1e-15, 1e-14, id="fp64"),
+    pytest.param(torch.float32, 2e-6, 1e-8, 5e-7, id="fp32"),
+]
 
 
 @pytest.mark.parametrize("dtype, rtol, atol, group_atol", PRECISIONS)
@@ -173,8 +209,9 @@ def test_smog_lightly_variant_equals_lightly(dtype, rtol, atol, group_atol, seed
         assert want[1].abs().sum() > 0
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=rtol, atol=atol)
-        torch.testing.assert_close(criterion.group_features, prototypes.group_features.data,
-                                   rtol=0, atol=group_atol)
+        torch.testing.assert_close(
+            criterion.group_features, prototypes.group_features.data, rtol=0, atol=group_atol
+        )
 
 
 def test_smog_lightly_variant_at_example_sizes():
@@ -190,11 +227,13 @@ def test_smog_lightly_variant_at_example_sizes():
         expected = _lightly_example_step(prototypes, p1, z2, proj1, 0.1)
         loss = criterion(p1, z2, proj1=proj1)
         torch.testing.assert_close(loss, expected, rtol=2e-6, atol=1e-8)
-        for g, w in zip(torch.autograd.grad(loss, (p1, proj1)),
-                        torch.autograd.grad(expected, (p1, proj1))):
+        for g, w in zip(
+            torch.autograd.grad(loss, (p1, proj1)), torch.autograd.grad(expected, (p1, proj1))
+        ):
             torch.testing.assert_close(g, w, rtol=2e-6, atol=1e-9)
-        torch.testing.assert_close(criterion.group_features, prototypes.group_features.data,
-                                   rtol=0, atol=5e-7)
+        torch.testing.assert_close(
+            criterion.group_features, prototypes.group_features.data, rtol=0, atol=5e-7
+        )
 
 
 def test_smog_lightly_variant_with_proj1_p1_is_the_baseline_wrapper():
@@ -219,6 +258,7 @@ def test_smog_lightly_variant_initial_groups_are_the_examples():
 
 
 # ----------------------------------------------------------------------------- NTXent + queue
+
 
 def _moco_formula(q, k, bank, temperature):
     """CE of [q_i . k_i, q_i . bank] / T against column 0, normalised q and k (bank as stored)."""
@@ -249,16 +289,19 @@ def test_ntxent_queue_gradient_reaches_q():
 
 # ----------------------------------------------------------------------------- DetConB
 
+
 def _detconb_formula(q, k, temperature):
     """DetConB with mask id = region index: per direction, anchor row i of one view (its
     prediction) against the targets of the other view (column i is the positive) and of its own
     view without row i, hard-label CE averaged over rows; the two directions summed."""
+
     def direction(pred, other, same):
         pred = F.normalize(pred, dim=1)
         other, same = F.normalize(other.detach(), dim=1), F.normalize(same.detach(), dim=1)
         own = (pred @ same.T).masked_fill(torch.eye(len(pred), dtype=torch.bool), float("-inf"))
         logits = torch.cat([pred @ other.T, own], 1) / temperature
         return F.cross_entropy(logits, torch.arange(len(pred)))
+
     return direction(q, k, q) + direction(k, q, k)
 
 

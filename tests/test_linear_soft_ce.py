@@ -1,6 +1,7 @@
 """``linear_soft_ce`` on the torch reference: against the formula written out here with
 materialised logits in fp64, both teacher forms, centre, temperatures, reductions, teacher mean,
 gradcheck, row chunking, input errors, opcheck and torch.compile."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,8 +27,12 @@ def direct(x, w, teacher, teacher_weight, center, tau_s, tau_t):
 
 
 def problem(gen, n=9, k=13, d=6, dt=5, dtype=torch.float64):
-    return (rand(gen, n, d, dtype=dtype), rand(gen, k, d, dtype=dtype, scale=0.5),
-            rand(gen, n, dt, dtype=dtype), rand(gen, k, dt, dtype=dtype))
+    return (
+        rand(gen, n, d, dtype=dtype),
+        rand(gen, k, d, dtype=dtype, scale=0.5),
+        rand(gen, n, dt, dtype=dtype),
+        rand(gen, k, dt, dtype=dtype),
+    )
 
 
 @pytest.mark.parametrize("given_logits", [False, True])
@@ -40,8 +45,16 @@ def test_equals_direct_formula(given_logits, with_center, reduction, temps):
     center = rand(gen, 13) if with_center else None
     teacher, teacher_weight = (y @ v.T, None) if given_logits else (y, v)
     x, w = leaf(x0), leaf(w0)
-    loss, mean = linear_soft_ce(x, w, teacher, teacher_weight, student_temperature=temps[0],
-                                teacher_temperature=temps[1], center=center, reduction=reduction)
+    loss, mean = linear_soft_ce(
+        x,
+        w,
+        teacher,
+        teacher_weight,
+        student_temperature=temps[0],
+        teacher_temperature=temps[1],
+        center=center,
+        reduction=reduction,
+    )
     xe, we = leaf(x0), leaf(w0)
     ce, want_mean = direct(xe, we, y, v, center, *temps)
     want = {"mean": ce.mean(), "sum": ce.sum(), "none": ce}[reduction]
@@ -85,8 +98,9 @@ def test_teacher_equal_to_student_distribution_gives_entropy_and_zero_gradient()
     gen = torch.Generator().manual_seed(3)
     x0, w0, _, _ = problem(gen)
     x, w = leaf(x0), leaf(w0)
-    loss, _ = linear_soft_ce(x, w, x0, w0, student_temperature=0.3, teacher_temperature=0.3,
-                             reduction="none")
+    loss, _ = linear_soft_ce(
+        x, w, x0, w0, student_temperature=0.3, teacher_temperature=0.3, reduction="none"
+    )
     p = F.softmax(x0 @ w0.T / 0.3, 1)
     torch.testing.assert_close(loss, -(p * p.log()).sum(1), rtol=1e-12, atol=1e-12)
     loss.sum().backward()
@@ -97,12 +111,14 @@ def test_extreme_logits_are_finite():
     gen = torch.Generator().manual_seed(4)
     x0, w0, y, v = problem(gen, dtype=torch.float32)
     x, w = leaf(x0 * 30), leaf(w0 * 30)
-    loss, mean = linear_soft_ce(x, w, y * 30, v * 30, student_temperature=0.01,
-                                teacher_temperature=0.01, reduction="none")
+    loss, mean = linear_soft_ce(
+        x, w, y * 30, v * 30, student_temperature=0.01, teacher_temperature=0.01, reduction="none"
+    )
     loss.sum().backward()
     assert all(torch.isfinite(t).all() for t in (loss, mean, x.grad, w.grad))
-    ce, _ = direct(x0.double() * 30, w0.double() * 30, y.double() * 30, v.double() * 30, None,
-                   0.01, 0.01)
+    ce, _ = direct(
+        x0.double() * 30, w0.double() * 30, y.double() * 30, v.double() * 30, None, 0.01, 0.01
+    )
     torch.testing.assert_close(loss.double(), ce, rtol=1e-4, atol=1e-2)
 
 
@@ -117,14 +133,29 @@ def test_gradcheck_fp64(given_logits):
     teacher, teacher_weight = (y @ v.T, None) if given_logits else (y, v)
 
     def f(x, w):
-        return linear_soft_ce(x, w, teacher, teacher_weight, center=center,
-                              student_temperature=0.5, teacher_temperature=0.3)[0]
+        return linear_soft_ce(
+            x,
+            w,
+            teacher,
+            teacher_weight,
+            center=center,
+            student_temperature=0.5,
+            teacher_temperature=0.3,
+        )[0]
 
     assert torch.autograd.gradcheck(f, (leaf(x0), leaf(w0)), eps=1e-6, atol=1e-5, rtol=1e-4)
 
     def g(x, w):
-        return linear_soft_ce(x, w, teacher, teacher_weight, center=center, reduction="none",
-                              student_temperature=0.5, teacher_temperature=0.3)[0]
+        return linear_soft_ce(
+            x,
+            w,
+            teacher,
+            teacher_weight,
+            center=center,
+            reduction="none",
+            student_temperature=0.5,
+            teacher_temperature=0.3,
+        )[0]
 
     assert torch.autograd.gradcheck(g, (leaf(x0), leaf(w0)), eps=1e-6, atol=1e-5, rtol=1e-4)
 
@@ -140,8 +171,7 @@ def test_chunked_equals_unchunked(monkeypatch, n, k, chunk, given_logits):
 
     def run():
         x, w = leaf(x0), leaf(w0)
-        loss, mean = linear_soft_ce(x, w, teacher, teacher_weight, center=center,
-                                    reduction="none")
+        loss, mean = linear_soft_ce(x, w, teacher, teacher_weight, center=center, reduction="none")
         loss.backward(cot)
         return loss.detach(), mean, x.grad, w.grad
 
@@ -177,8 +207,9 @@ def test_half_precision_inputs(dtype, tol):
     gen = torch.Generator().manual_seed(8)
     x0, w0, y, v = problem(gen, n=6, k=10, d=16, dt=8)
     x, w = leaf(x0, dtype), leaf(w0, dtype)
-    loss, mean = linear_soft_ce(x, w, y.to(dtype), v.to(dtype), student_temperature=0.5,
-                                teacher_temperature=0.5)
+    loss, mean = linear_soft_ce(
+        x, w, y.to(dtype), v.to(dtype), student_temperature=0.5, teacher_temperature=0.5
+    )
     loss.backward()
     assert loss.dtype == torch.float32 and mean.dtype == torch.float32
     assert x.grad.dtype == dtype and w.grad.dtype == dtype
@@ -207,27 +238,30 @@ def _kwargs():
     return dict(student=x, student_weight=w, teacher=y, teacher_weight=v)
 
 
-@pytest.mark.parametrize("case,exc,match", [
-    ("student_list", TypeError, "student must be a torch.Tensor"),
-    ("student_1d", ValueError, "student must have 2 dimensions"),
-    ("student_int", TypeError, "student must have dtype"),
-    ("weight_d", ValueError, "student_weight must have size 3 in dimension 1"),
-    ("weight_dtype", TypeError, "student_weight must have the dtype of student"),
-    ("teacher_rows", ValueError, "teacher must have size 4 in dimension 0"),
-    ("teacher_weight_k", ValueError, "teacher_weight must have size 5 in dimension 0"),
-    ("teacher_weight_d", ValueError, "teacher_weight must have size 2 in dimension 1"),
-    ("teacher_weight_dtype", TypeError, "teacher_weight must have the dtype of teacher"),
-    ("logits_shape", ValueError, r"teacher must be \[N, K\] = \[4, 5\]"),
-    ("center_shape", ValueError, "center must have size 5"),
-    ("center_2d", ValueError, "center must have 1 dimensions"),
-    ("empty", ValueError, "at least one row"),
-    ("tau_s", ValueError, "student_temperature must be a positive number"),
-    ("tau_t", ValueError, "teacher_temperature must be a positive number"),
-    ("tau_nan", ValueError, "teacher_temperature must be a positive number"),
-    ("reduction", ValueError, "reduction must be one of"),
-    ("device", ValueError, "on meta but student is on cpu"),
-    ("backend", ValueError, "backend must be one of"),
-])
+@pytest.mark.parametrize(
+    "case,exc,match",
+    [
+        ("student_list", TypeError, "student must be a torch.Tensor"),
+        ("student_1d", ValueError, "student must have 2 dimensions"),
+        ("student_int", TypeError, "student must have dtype"),
+        ("weight_d", ValueError, "student_weight must have size 3 in dimension 1"),
+        ("weight_dtype", TypeError, "student_weight must have the dtype of student"),
+        ("teacher_rows", ValueError, "teacher must have size 4 in dimension 0"),
+        ("teacher_weight_k", ValueError, "teacher_weight must have size 5 in dimension 0"),
+        ("teacher_weight_d", ValueError, "teacher_weight must have size 2 in dimension 1"),
+        ("teacher_weight_dtype", TypeError, "teacher_weight must have the dtype of teacher"),
+        ("logits_shape", ValueError, r"teacher must be \[N, K\] = \[4, 5\]"),
+        ("center_shape", ValueError, "center must have size 5"),
+        ("center_2d", ValueError, "center must have 1 dimensions"),
+        ("empty", ValueError, "at least one row"),
+        ("tau_s", ValueError, "student_temperature must be a positive number"),
+        ("tau_t", ValueError, "teacher_temperature must be a positive number"),
+        ("tau_nan", ValueError, "teacher_temperature must be a positive number"),
+        ("reduction", ValueError, "reduction must be one of"),
+        ("device", ValueError, "on meta but student is on cpu"),
+        ("backend", ValueError, "backend must be one of"),
+    ],
+)
 def test_bad_inputs(case, exc, match):
     kw = _kwargs()
     if case == "student_list":
@@ -280,16 +314,25 @@ def _op_args(dtype, given_logits, with_center):
     x, w, y, v = problem(gen, n=5, k=7, d=4, dt=3, dtype=dtype)
     teacher, teacher_weight = (y @ v.T, None) if given_logits else (y, v)
     center = rand(gen, 7, dtype=dtype) if with_center else None
-    return (x.requires_grad_(True), w.requires_grad_(True), teacher, teacher_weight, center,
-            0.1, 0.07, "torch")
+    return (
+        x.requires_grad_(True),
+        w.requires_grad_(True),
+        teacher,
+        teacher_weight,
+        center,
+        0.1,
+        0.07,
+        "torch",
+    )
 
 
 @pytest.mark.parametrize("with_center", [True, False])
 @pytest.mark.parametrize("given_logits", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_opcheck(dtype, given_logits, with_center):
-    torch.library.opcheck(torch.ops.mgc_kernels.linear_soft_ce.default,
-                          _op_args(dtype, given_logits, with_center))
+    torch.library.opcheck(
+        torch.ops.mgc_kernels.linear_soft_ce.default, _op_args(dtype, given_logits, with_center)
+    )
 
 
 def test_torch_compile_fullgraph_matches_eager():

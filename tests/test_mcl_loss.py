@@ -1,11 +1,13 @@
 """MCLLoss against the released loss written out here; montage slots = multigrain_pool regions;
 detached keys; two ranks."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mgc_kernels as mk
 from mgc_kernels.losses.mcl import MCLLoss, default_level_weights
@@ -28,8 +30,10 @@ def level_inputs(batch, ratios, dim, gen, counts=(None, None)):
     q, s = [], []
     for count in counts:
         per_level = count if isinstance(count, tuple) else (count,) * len(ratios)
-        sources = [montage(torch.zeros(batch, 1, r, r), r, c, generator=gen)[1]
-                   for r, c in zip(ratios, per_level)]
+        sources = [
+            montage(torch.zeros(batch, 1, r, r), r, c, generator=gen)[1]
+            for r, c in zip(ratios, per_level)
+        ]
         s.append(sources)
         q.append([leaf(len(src), r * r, dim, gen=gen) for r, src in zip(ratios, sources)])
     k1, k2 = leaf(batch, dim, gen=gen), leaf(batch, dim, gen=gen)
@@ -44,8 +48,11 @@ def released(q1, q2, k1, k2, s1, s2, weights, temperature=1.0, scale=None, offse
     total = 0
     for level, w in enumerate(weights):
         for q, k, s in ((q1[level], k2, s1[level]), (q2[level], k1, s2[level])):
-            logits = (F.normalize(q.reshape(-1, q.shape[-1]), dim=1)
-                      @ F.normalize(k.detach(), dim=1).T / temperature)
+            logits = (
+                F.normalize(q.reshape(-1, q.shape[-1]), dim=1)
+                @ F.normalize(k.detach(), dim=1).T
+                / temperature
+            )
             total = total + w * scale * F.cross_entropy(logits, s.reshape(-1) + offset)
     return total / sum(weights)
 
@@ -54,10 +61,10 @@ def test_default_hyperparameters_are_the_released_ones():
     crit = MCLLoss()
     assert crit.ratios == (1, 2, 7) and crit.cells == (14, 7, 2)
     assert crit.level_weights == (0.5, 0.25, 0.25)
-    assert crit.temperature == 1.0 and crit.loss_scale == 2.0          # T = 1, CE times 2T
+    assert crit.temperature == 1.0 and crit.loss_scale == 2.0  # T = 1, CE times 2T
     assert MCLLoss(temperature=0.3).loss_scale == pytest.approx(0.6)
     assert MCLLoss(temperature=0.2, loss_scale=1.0).loss_scale == 1.0
-    assert default_level_weights(4) == (0.5, 0.25, 0.125, 0.125)   # the released four levels
+    assert default_level_weights(4) == (0.5, 0.25, 0.125, 0.125)  # the released four levels
     assert default_level_weights(1) == (1.0,)
     released_levels = MCLLoss(ratios=(1, 2, 4, 8), grid=56)
     assert released_levels.level_weights == (0.5, 0.25, 0.125, 0.125)
@@ -65,13 +72,16 @@ def test_default_hyperparameters_are_the_released_ones():
     assert "loss_scale=2.0" in repr(crit)
 
 
-@pytest.mark.parametrize("ratios, weights, grid, counts", [
-    ((1, 2, 7), None, 14, (None, None)),
-    ((1, 2, 4, 8), None, 56, (None, None)),
-    ((1, 2, 4, 8), None, 56, ((5, 2, 1, 1), (5, 3, 2, 1))),    # the release's B/32 at ratio 8
-    ((2, 7, 14), (3.0, 0.0, 1.0), 14, (None, None)),
-    ((7,), None, 14, (None, None)),
-])
+@pytest.mark.parametrize(
+    "ratios, weights, grid, counts",
+    [
+        ((1, 2, 7), None, 14, (None, None)),
+        ((1, 2, 4, 8), None, 56, (None, None)),
+        ((1, 2, 4, 8), None, 56, ((5, 2, 1, 1), (5, 3, 2, 1))),  # the release's B/32 at ratio 8
+        ((2, 7, 14), (3.0, 0.0, 1.0), 14, (None, None)),
+        ((7,), None, 14, (None, None)),
+    ],
+)
 def test_equals_the_released_formula(ratios, weights, grid, counts):
     gen = torch.Generator().manual_seed(0)
     inputs = level_inputs(5, ratios, 8, gen, counts)
@@ -86,11 +96,17 @@ def test_equals_the_released_formula(ratios, weights, grid, counts):
 
 
 @settings(max_examples=15, deadline=None)
-@given(batch=st.integers(1, 9), dim=st.integers(1, 6), temperature=st.floats(0.05, 2.0),
-       scale=st.one_of(st.none(), st.floats(0.1, 3.0)), seed=st.integers(0, 2 ** 31),
-       counts=st.tuples(st.integers(1, 4), st.integers(1, 4)))
-def test_equals_the_released_formula_for_any_montage_counts(batch, dim, temperature, scale, seed,
-                                                            counts):
+@given(
+    batch=st.integers(1, 9),
+    dim=st.integers(1, 6),
+    temperature=st.floats(0.05, 2.0),
+    scale=st.one_of(st.none(), st.floats(0.1, 3.0)),
+    seed=st.integers(0, 2**31),
+    counts=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+)
+def test_equals_the_released_formula_for_any_montage_counts(
+    batch, dim, temperature, scale, seed, counts
+):
     gen = torch.Generator().manual_seed(seed)
     inputs = level_inputs(batch, (1, 2, 7), dim, gen, counts)
     crit = MCLLoss(temperature=temperature, loss_scale=scale)
@@ -168,7 +184,7 @@ def test_positive_is_the_source_image():
     k = torch.randn(4, 8, generator=gen, dtype=torch.float64)
     sources = [montage(torch.zeros(4, 1, 2, 2), 2, 3, generator=gen)[1]]
     crit = MCLLoss(ratios=(2,), temperature=0.05)
-    right = [k[sources[0]]]                      # [3, 4, 8]: slot s predicts key sources[m, s]
+    right = [k[sources[0]]]  # [3, 4, 8]: slot s predicts key sources[m, s]
     wrong = [k[(sources[0] + 1) % 4]]
     assert crit(right, right, k, k, sources, sources) < 0.01
     assert crit(wrong, wrong, k, k, sources, sources) > 0.5
@@ -184,14 +200,14 @@ def test_montage_slot_is_multigrain_pool_region(ratio):
     images = torch.rand(6, 3, 28, 28, generator=gen, dtype=torch.float64)
     embed = torch.nn.Conv2d(3, 5, kernel_size=2, stride=2).double()
 
-    def tokens_of(x):                             # [B, 3, h, w] -> [B, h * w / 4, 5]
+    def tokens_of(x):  # [B, 3, h, w] -> [B, h * w / 4, 5]
         return embed(x).flatten(2).transpose(1, 2)
 
     m, sources = montage(images, ratio, generator=gen)
-    count = math.ceil(6 / ratio ** 2)
+    count = math.ceil(6 / ratio**2)
     regions = mk.multigrain_pool(tokens_of(m), 14, (MCLLoss(ratios=(ratio,)).cells[0],))[0]
     assert regions.shape == (count, ratio * ratio, 5)
-    per_image = tokens_of(images[:, :, ::ratio, ::ratio]).mean(1)   # each nearest-downsampled
+    per_image = tokens_of(images[:, :, ::ratio, ::ratio]).mean(1)  # each nearest-downsampled
     torch.testing.assert_close(regions, per_image[sources], rtol=1e-10, atol=1e-12)
 
 
@@ -215,30 +231,33 @@ def test_compile_fullgraph(compiler):
     assert torch.allclose(compiled, eager, rtol=1e-10)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"ratios": (1, 3)}, "ratios must each divide grid"),
-    ({"ratios": (1, 2, 7), "grid": 16}, "ratios must each divide grid"),
-    ({"ratios": (1, 2, 4, 8)}, "ratios must each divide grid"),
-    ({"ratios": ()}, "ratios"),
-    ({"ratios": 2}, "ratios"),
-    ({"ratios": (1, 1.5)}, "ratios"),
-    ({"ratios": (0, 2)}, "ratios"),
-    ({"ratios": (2, 1, 7)}, "strictly increasing"),
-    ({"ratios": (1, 1, 7)}, "strictly increasing"),
-    ({"level_weights": (1, 1)}, "level_weights"),
-    ({"level_weights": (0, 0, 0)}, "level_weights"),
-    ({"level_weights": (-1, 1, 1)}, "level_weights"),
-    ({"level_weights": (float("nan"), 1, 1)}, "level_weights"),
-    ({"level_weights": 1.0}, "level_weights"),
-    ({"temperature": 0.0}, "temperature"),
-    ({"temperature": -0.2}, "temperature"),
-    ({"loss_scale": 0.0}, "loss_scale"),
-    ({"loss_scale": -1.0}, "loss_scale"),
-    ({"loss_scale": float("inf")}, "loss_scale"),
-    ({"loss_scale": True}, "loss_scale"),
-    ({"loss_scale": "2"}, "loss_scale"),
-    ({"grid": 0}, "grid"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"ratios": (1, 3)}, "ratios must each divide grid"),
+        ({"ratios": (1, 2, 7), "grid": 16}, "ratios must each divide grid"),
+        ({"ratios": (1, 2, 4, 8)}, "ratios must each divide grid"),
+        ({"ratios": ()}, "ratios"),
+        ({"ratios": 2}, "ratios"),
+        ({"ratios": (1, 1.5)}, "ratios"),
+        ({"ratios": (0, 2)}, "ratios"),
+        ({"ratios": (2, 1, 7)}, "strictly increasing"),
+        ({"ratios": (1, 1, 7)}, "strictly increasing"),
+        ({"level_weights": (1, 1)}, "level_weights"),
+        ({"level_weights": (0, 0, 0)}, "level_weights"),
+        ({"level_weights": (-1, 1, 1)}, "level_weights"),
+        ({"level_weights": (float("nan"), 1, 1)}, "level_weights"),
+        ({"level_weights": 1.0}, "level_weights"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -0.2}, "temperature"),
+        ({"loss_scale": 0.0}, "loss_scale"),
+        ({"loss_scale": -1.0}, "loss_scale"),
+        ({"loss_scale": float("inf")}, "loss_scale"),
+        ({"loss_scale": True}, "loss_scale"),
+        ({"loss_scale": "2"}, "loss_scale"),
+        ({"grid": 0}, "grid"),
+    ],
+)
 def test_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MCLLoss(**kwargs)
@@ -279,6 +298,7 @@ def test_bad_forward_inputs():
 
 # ----------------------------------------------------------------------------- two ranks
 
+
 def _two_rank_losses(rank, world):
     """Every rank builds the full batch from one seed, keeps its half (its montages draw sources
     from its own half), and returns its loss and query gradients; rank -1 is one process over
@@ -286,22 +306,39 @@ def _two_rank_losses(rank, world):
     gen = torch.Generator().manual_seed(11)
     batch, ratios, dim = 4, (1, 2, 7), 6
     half = batch // 2
-    local = [[[montage(torch.zeros(half, 1, r, r), r, generator=gen)[1] for r in ratios]
-              for _ in range(2)] for _ in range(2)]              # [rank][view][level]
-    full = [[[torch.randn(len(local[p][v][level]), r * r, dim, generator=gen,
-                          dtype=torch.float64) for p in range(2)]
-             for level, r in enumerate(ratios)] for v in range(2)]   # [view][level][rank]
+    local = [
+        [
+            [montage(torch.zeros(half, 1, r, r), r, generator=gen)[1] for r in ratios]
+            for _ in range(2)
+        ]
+        for _ in range(2)
+    ]  # [rank][view][level]
+    full = [
+        [
+            [
+                torch.randn(len(local[p][v][level]), r * r, dim, generator=gen, dtype=torch.float64)
+                for p in range(2)
+            ]
+            for level, r in enumerate(ratios)
+        ]
+        for v in range(2)
+    ]  # [view][level][rank]
     keys = [torch.randn(batch, dim, generator=gen, dtype=torch.float64) for _ in range(2)]
     crit = MCLLoss(ratios=ratios, gather_distributed=rank >= 0)
     if rank < 0:
-        sources = [[torch.cat([local[p][v][level] + p * half for p in range(2)])
-                    for level in range(len(ratios))] for v in range(2)]
+        sources = [
+            [
+                torch.cat([local[p][v][level] + p * half for p in range(2)])
+                for level in range(len(ratios))
+            ]
+            for v in range(2)
+        ]
         q1, q2 = ([torch.cat(per_rank).requires_grad_() for per_rank in x] for x in full)
         k1, k2 = (k.clone().requires_grad_() for k in keys)
     else:
         sources = local[rank]
         q1, q2 = ([per_rank[rank].clone().requires_grad_() for per_rank in x] for x in full)
-        k1, k2 = (k[rank * half:(rank + 1) * half].clone().requires_grad_() for k in keys)
+        k1, k2 = (k[rank * half : (rank + 1) * half].clone().requires_grad_() for k in keys)
     loss = crit(q1, q2, k1, k2, *sources)
     grads = torch.autograd.grad(loss, [*q1, *q2])
     assert torch.autograd.grad(loss, [k1, k2], allow_unused=True) == (None, None)

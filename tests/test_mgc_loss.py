@@ -1,4 +1,5 @@
 """MGCLoss against the formula written out here; dense vs sparse; torch.compile; two ranks."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,7 +78,7 @@ def test_uniform_leaves_padded_rows_out_but_keeps_their_keys():
     real = pairs[0].weight.reshape(-1) > 0
     expected = 0
     for q, k in ((q1[0][0], k2[0][0]), (q2[0][0], k1[0][0])):
-        logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / TAU   # all 10 keys
+        logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / TAU  # all 10 keys
         expected = expected + F.cross_entropy(logits[real], torch.arange(10)[real])
     assert torch.allclose(loss, expected)
 
@@ -104,7 +105,9 @@ def test_dense_with_one_target_per_row_equals_sparse_overlap():
     loss_dense = dense(q1, q2, k1, k2, boxes=(box, f1, box, f2))
     assert torch.allclose(loss_dense, loss_sparse, rtol=1e-12)
     leaves = q1 + q2 + k1 + k2
-    for g, e in zip(torch.autograd.grad(loss_dense, leaves), torch.autograd.grad(loss_sparse, leaves)):
+    for g, e in zip(
+        torch.autograd.grad(loss_dense, leaves), torch.autograd.grad(loss_sparse, leaves)
+    ):
         assert torch.allclose(g, e, rtol=1e-9, atol=1e-12)
 
 
@@ -115,12 +118,15 @@ def test_dense_equals_direct_soft_target_formula():
     q1, q2, k1, k2 = (features([(2, 4, 8)], gen) for _ in range(4))
     loss = crit(q1, q2, k1, k2, boxes=(b1, f1, b2, f2))
     expected = 0
-    for (q, k), (ba, fa, bb, fb) in (((q1[0], k2[0]), (b1, f1, b2, f2)),
-                                      ((q2[0], k1[0]), (b2, f2, b1, f1))):
+    for (q, k), (ba, fa, bb, fb) in (
+        ((q1[0], k2[0]), (b1, f1, b2, f2)),
+        ((q2[0], k1[0]), (b2, f2, b1, f1)),
+    ):
         w = torch.block_diag(*mk.correspondence(ba, fa, bb, fb, 14, 7, "iou"))  # [8, 8]
         rho = w.sum(1)
-        logp = torch.log_softmax(F.normalize(q.reshape(8, 8), dim=1)
-                                 @ F.normalize(k.reshape(8, 8), dim=1).T / TAU, dim=1)
+        logp = torch.log_softmax(
+            F.normalize(q.reshape(8, 8), dim=1) @ F.normalize(k.reshape(8, 8), dim=1).T / TAU, dim=1
+        )
         ce = -(w / rho.clamp_min(1e-300)[:, None] * logp).sum(1)
         expected = expected + (rho * ce).sum() / rho.sum()
     assert torch.allclose(loss, expected, rtol=1e-12)
@@ -154,20 +160,23 @@ def test_compile_fullgraph_training_step(compiler):
         assert torch.allclose(g, e, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(cells=(1, 3)), "cell must divide grid"),
-    (dict(cells=()), "cells"),
-    (dict(num_pairs=(10, 10)), "num_pairs"),
-    (dict(temperature=0.0), "temperature"),
-    (dict(temperature=-1), "temperature"),
-    (dict(mode="full"), "mode"),
-    (dict(weighting="area"), "weighting"),
-    (dict(mode="dense", weighting="uniform"), "weighting"),
-    (dict(metric="dice"), "metric"),
-    (dict(granularity_weights=(1, 1)), "granularity_weights"),
-    (dict(granularity_weights=(0, 0, 0)), "granularity_weights"),
-    (dict(sample_method="random"), "sample_method"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(cells=(1, 3)), "cell must divide grid"),
+        (dict(cells=()), "cells"),
+        (dict(num_pairs=(10, 10)), "num_pairs"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=-1), "temperature"),
+        (dict(mode="full"), "mode"),
+        (dict(weighting="area"), "weighting"),
+        (dict(mode="dense", weighting="uniform"), "weighting"),
+        (dict(metric="dice"), "metric"),
+        (dict(granularity_weights=(1, 1)), "granularity_weights"),
+        (dict(granularity_weights=(0, 0, 0)), "granularity_weights"),
+        (dict(sample_method="random"), "sample_method"),
+    ],
+)
 def test_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         mk.MGCLoss(**kwargs)
@@ -191,17 +200,21 @@ def test_bad_forward_inputs():
 
 # ----------------------------------------------------------------------------- two ranks
 
+
 def _two_rank_losses(rank, world, mode):
     """Every rank builds the full batch from one seed, keeps its half, and returns its loss and
     gradients; rank -1 computes the single-process reference over the whole batch."""
     gen = torch.Generator().manual_seed(5)
     batch = 4
     b1, f1, b2, f2 = random_views(batch, gen)
-    crit = mk.MGCLoss(mode=mode, weighting="overlap" if mode == "sparse" else None,
-                      gather_distributed=rank >= 0)
+    crit = mk.MGCLoss(
+        mode=mode, weighting="overlap" if mode == "sparse" else None, gather_distributed=rank >= 0
+    )
     rows = [k for k in crit.num_pairs] if mode == "sparse" else [(14 // c) ** 2 for c in crit.cells]
-    full = [[torch.randn(batch, r, 8, generator=gen, dtype=torch.float64) for r in rows]
-            for _ in range(4)]
+    full = [
+        [torch.randn(batch, r, 8, generator=gen, dtype=torch.float64) for r in rows]
+        for _ in range(4)
+    ]
     part = slice(None) if rank < 0 else slice(rank * batch // world, (rank + 1) * batch // world)
     mine = [[t[part].clone().requires_grad_() for t in x] for x in full]
     views = (b1[part], f1[part], b2[part], f2[part])

@@ -1,6 +1,7 @@
 """mgc_kernels.momentum: update_momentum against the EMA written out per parameter (buffers
 included), without autograd, mismatches rejected; momentum_copy; cosine_momentum against the
 closed form and the reference trainer's former ``momentum_at`` (written out here)."""
+
 import math
 
 import pytest
@@ -12,8 +13,9 @@ import mgc_kernels as mk
 
 def net(seed: int, width: int = 6, dtype=torch.float32) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, width), nn.BatchNorm1d(width), nn.ReLU(),
-                         nn.Linear(width, 3)).to(dtype)
+    return nn.Sequential(
+        nn.Linear(5, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, 3)
+    ).to(dtype)
 
 
 def pair(dtype=torch.float32):
@@ -37,7 +39,7 @@ def test_update_momentum_is_the_ema_of_each_parameter(m):
     for name, value in params.items():
         p_m, p_o = before_m[name], before_o[name]
         torch.testing.assert_close(value, m * p_m + (1 - m) * p_o, rtol=1e-6, atol=1e-7)
-        assert torch.equal(value, torch.lerp(p_m, p_o, 1 - m))   # rounded once
+        assert torch.equal(value, torch.lerp(p_m, p_o, 1 - m))  # rounded once
     if m == 1.0:
         assert all(torch.equal(params[k], before_m[k]) for k in params)
     if m == 0.0:
@@ -63,7 +65,7 @@ def test_update_momentum_records_no_graph_and_keeps_requires_grad():
     online, momentum = pair()
     frozen = mk.momentum_copy(momentum)
     with torch.enable_grad():
-        mk.update_momentum(online, momentum, 0.99)       # momentum still requires grad here
+        mk.update_momentum(online, momentum, 0.99)  # momentum still requires grad here
         mk.update_momentum(online, frozen, 0.99)
     for p in momentum.parameters():
         assert p.requires_grad and p.grad_fn is None and p.grad is None
@@ -97,17 +99,22 @@ def test_update_momentum_rejects_mismatched_modules():
         mk.update_momentum(online, renamed, 0.9)
     no_stats = net(0)
     no_stats[1] = nn.BatchNorm1d(6, track_running_stats=False)
-    mk.update_momentum(online, no_stats, 0.9)                 # parameters match: fine
+    mk.update_momentum(online, no_stats, 0.9)  # parameters match: fine
     with pytest.raises(ValueError, match="buffers do not match"):
         mk.update_momentum(online, no_stats, 0.9, buffers="copy")
 
 
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(m=-0.1), ValueError, "m must be in"), (dict(m=1.5), ValueError, "m must be in"),
-    (dict(m=float("nan")), ValueError, "m must be a finite"),
-    (dict(m="0.9"), ValueError, "m must be a finite"), (dict(m=True), ValueError, "m must"),
-    (dict(m=0.9, buffers="ema"), ValueError, "buffers must be one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(m=-0.1), ValueError, "m must be in"),
+        (dict(m=1.5), ValueError, "m must be in"),
+        (dict(m=float("nan")), ValueError, "m must be a finite"),
+        (dict(m="0.9"), ValueError, "m must be a finite"),
+        (dict(m=True), ValueError, "m must"),
+        (dict(m=0.9, buffers="ema"), ValueError, "buffers must be one of"),
+    ],
+)
 def test_update_momentum_validates_arguments(kwargs, error, match):
     online, momentum = pair()
     before = snapshot(momentum)
@@ -127,7 +134,7 @@ def test_update_momentum_wants_modules():
 
 def test_momentum_copy():
     online, _ = pair()
-    online(torch.randn(4, 5)).sum().backward()            # online has gradients
+    online(torch.randn(4, 5)).sum().backward()  # online has gradients
     ema = mk.momentum_copy(online)
     assert ema is not online
     for (name, a), b in zip(online.state_dict().items(), ema.state_dict().values()):
@@ -144,10 +151,22 @@ def old_momentum_at(step, total, start):
     return 1 - (1 - start) * (math.cos(math.pi * step / total) + 1) / 2
 
 
-@pytest.mark.parametrize("step, total, start", [
-    (0, 100, 0.996), (1, 100, 0.996), (25, 100, 0.996), (50, 100, 0.996), (99, 100, 0.996),
-    (100, 100, 0.996), (3, 7, 0.99), (2.5, 12.75, 0.999), (118.4, 120.0, 0.996), (0, 1, 0.5),
-    (12345, 500000, 0.9995)])
+@pytest.mark.parametrize(
+    "step, total, start",
+    [
+        (0, 100, 0.996),
+        (1, 100, 0.996),
+        (25, 100, 0.996),
+        (50, 100, 0.996),
+        (99, 100, 0.996),
+        (100, 100, 0.996),
+        (3, 7, 0.99),
+        (2.5, 12.75, 0.999),
+        (118.4, 120.0, 0.996),
+        (0, 1, 0.5),
+        (12345, 500000, 0.9995),
+    ],
+)
 def test_cosine_momentum_equals_the_old_trainer_schedule_exactly(step, total, start):
     assert mk.cosine_momentum(step, total, start) == old_momentum_at(step, total, start)
     assert mk.cosine_momentum(step, total, start, 1.0) == old_momentum_at(step, total, start)
@@ -158,22 +177,30 @@ def test_cosine_momentum_closed_form():
     assert mk.cosine_momentum(50, 100) == pytest.approx(0.998, abs=1e-15)
     assert mk.cosine_momentum(100, 100) == 1.0
     # cos(pi / 4) = sqrt(2) / 2, cos(3 pi / 4) = -sqrt(2) / 2
-    assert mk.cosine_momentum(25, 100) == pytest.approx(1 - 0.002 * (1 + 2 ** -0.5), abs=1e-15)
-    assert mk.cosine_momentum(75, 100) == pytest.approx(1 - 0.002 * (1 - 2 ** -0.5), abs=1e-15)
+    assert mk.cosine_momentum(25, 100) == pytest.approx(1 - 0.002 * (1 + 2**-0.5), abs=1e-15)
+    assert mk.cosine_momentum(75, 100) == pytest.approx(1 - 0.002 * (1 - 2**-0.5), abs=1e-15)
     # cos(pi / 3) = 1 / 2: three quarters of the way from start to end
     assert mk.cosine_momentum(1, 3, 0.9, 0.99) == pytest.approx(0.99 - 0.09 * 0.75, abs=1e-15)
-    assert mk.cosine_momentum(0, 10, 0.2, 0.1) == 0.2                  # any direction
+    assert mk.cosine_momentum(0, 10, 0.2, 0.1) == 0.2  # any direction
     assert mk.cosine_momentum(10, 10, 0.2, 0.1) == 0.1
     values = [mk.cosine_momentum(s, 40) for s in range(41)]
     assert values == sorted(values)
     assert mk.cosine_momentum(500, 100) == mk.cosine_momentum(100.0001, 100) == 1.0  # past: end
 
 
-@pytest.mark.parametrize("args, match", [
-    ((-1, 100), "step must be >= 0"), ((float("inf"), 100), "step must be a finite"),
-    ((0, 0), "total_steps must be > 0"), ((0, -5), "total_steps must be > 0"),
-    ((0, "100"), "total_steps must be a finite"), ((0, 100, 1.2), "start must be in"),
-    ((0, 100, 0.996, -0.1), "end must be in"), ((None, 100), "step must be a finite")])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((-1, 100), "step must be >= 0"),
+        ((float("inf"), 100), "step must be a finite"),
+        ((0, 0), "total_steps must be > 0"),
+        ((0, -5), "total_steps must be > 0"),
+        ((0, "100"), "total_steps must be a finite"),
+        ((0, 100, 1.2), "start must be in"),
+        ((0, 100, 0.996, -0.1), "end must be in"),
+        ((None, 100), "step must be a finite"),
+    ],
+)
 def test_cosine_momentum_validates_arguments(args, match):
     with pytest.raises(ValueError, match=match):
         mk.cosine_momentum(*args)

@@ -1,10 +1,12 @@
 """Tests of mgc_kernels.transforms.montage: MCL's r x r tiling of downsampled batch images."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mgc_kernels.transforms import montage
 
@@ -23,39 +25,44 @@ def tile(m, ratio, s):
     """Slot s (row-major) of montages m [M, C, H, W]."""
     h, w = m.shape[2] // ratio, m.shape[3] // ratio
     row, col = divmod(s, ratio)
-    return m[:, :, row * h:(row + 1) * h, col * w:(col + 1) * w]
+    return m[:, :, row * h : (row + 1) * h, col * w : (col + 1) * w]
 
 
 # ----------------------------------------------------------------------------- counts and draws
 
-@pytest.mark.parametrize("batch, ratio, count", [(5, 2, 2), (8, 2, 2), (9, 2, 3), (4, 7, 1),
-                                                 (256, 2, 64), (256, 7, 6), (256, 8, 4),
-                                                 (3, 1, 3)])
+
+@pytest.mark.parametrize(
+    "batch, ratio, count",
+    [(5, 2, 2), (8, 2, 2), (9, 2, 3), (4, 7, 1), (256, 2, 64), (256, 7, 6), (256, 8, 4), (3, 1, 3)],
+)
 def test_default_count_is_the_fewest_that_hold_every_image(batch, ratio, count):
     m, sources = montage(torch.rand(batch, 1, 8 * ratio, 8 * ratio), ratio, generator=seeded(0))
-    assert count == math.ceil(batch / ratio ** 2)
-    assert m.shape == (count, 1, 8 * ratio, 8 * ratio) and sources.shape == (count, ratio ** 2)
+    assert count == math.ceil(batch / ratio**2)
+    assert m.shape == (count, 1, 8 * ratio, 8 * ratio) and sources.shape == (count, ratio**2)
     assert set(sources.flatten().tolist()) == set(range(batch))
 
 
 @settings(max_examples=60, deadline=None)
-@given(batch=st.integers(1, 40), ratio=st.integers(1, 7), count=st.integers(1, 30),
-       seed=st.integers(0, 2 ** 31))
+@given(
+    batch=st.integers(1, 40),
+    ratio=st.integers(1, 7),
+    count=st.integers(1, 30),
+    seed=st.integers(0, 2**31),
+)
 def test_coverage_and_no_repeats_where_possible(batch, ratio, count, seed):
     slots = ratio * ratio
-    _, sources = montage(torch.zeros(batch, 1, ratio, ratio), ratio, count,
-                         generator=seeded(seed))
+    _, sources = montage(torch.zeros(batch, 1, ratio, ratio), ratio, count, generator=seeded(seed))
     assert sources.shape == (count, slots) and sources.dtype == torch.long
     assert ((sources >= 0) & (sources < batch)).all()
     flat = sources.flatten().tolist()
     if count * slots >= batch:
-        assert set(flat) == set(range(batch))         # every image at least once
+        assert set(flat) == set(range(batch))  # every image at least once
         if not (ratio == 1 and count == batch):
-            assert sorted(flat[:batch]) == list(range(batch))   # a permutation first
+            assert sorted(flat[:batch]) == list(range(batch))  # a permutation first
     else:
-        assert len(set(flat)) == len(flat)            # a subset, each image at most once
-    for row in sources.tolist():                      # no image twice in a montage while the
-        for image in set(row):                        # batch has others left for it
+        assert len(set(flat)) == len(flat)  # a subset, each image at most once
+    for row in sources.tolist():  # no image twice in a montage while the
+        for image in set(row):  # batch has others left for it
             assert row.count(image) <= math.ceil(slots / batch)
 
 
@@ -75,7 +82,7 @@ def test_ratio_one_with_the_default_count_is_the_identity():
         m, sources = montage(images, 1, count, generator=seeded(4))
         assert torch.equal(m, images) and m.data_ptr() != images.data_ptr()
         assert torch.equal(sources, torch.arange(4)[:, None])
-    m, sources = montage(images, 1, 2, generator=seeded(4))    # another count: a random subset
+    m, sources = montage(images, 1, 2, generator=seeded(4))  # another count: a random subset
     assert m.shape == (2, 3, 10, 6) and torch.equal(m, images[sources[:, 0]])
 
 
@@ -97,6 +104,7 @@ def test_global_rng_draws_follow_torch_manual_seed():
 
 # ----------------------------------------------------------------------------- pixels
 
+
 @pytest.mark.parametrize("ratio, height, width", [(2, 8, 8), (3, 12, 6), (7, 14, 28), (4, 16, 8)])
 def test_nearest_tiles_are_every_ratio_th_pixel_exactly(ratio, height, width):
     images = torch.rand(5, 3, height, width, dtype=torch.float64)
@@ -105,7 +113,7 @@ def test_nearest_tiles_are_every_ratio_th_pixel_exactly(ratio, height, width):
     nearest = F.interpolate(images, scale_factor=1 / ratio, mode="nearest")
     for s in range(ratio * ratio):
         assert torch.equal(tile(m, ratio, s), images[sources[:, s], :, ::ratio, ::ratio])
-        assert torch.equal(tile(m, ratio, s), nearest[sources[:, s]])   # the released resize
+        assert torch.equal(tile(m, ratio, s), nearest[sources[:, s]])  # the released resize
 
 
 def test_nearest_keeps_uint8_exact():
@@ -131,8 +139,13 @@ def test_bilinear_tiles_are_the_antialiased_downsampled_images(ratio):
     images = torch.rand(4, 2, 16, 24, dtype=torch.float64)
     m, sources = montage(images, ratio, 4, resize="bilinear", generator=seeded(2))
     assert m.dtype == torch.float64
-    small = F.interpolate(images, size=(16 // ratio, 24 // ratio), mode="bilinear",
-                          align_corners=False, antialias=True)
+    small = F.interpolate(
+        images,
+        size=(16 // ratio, 24 // ratio),
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
+    )
     for s in range(ratio * ratio):
         torch.testing.assert_close(tile(m, ratio, s), small[sources[:, s]], rtol=0, atol=1e-12)
     # a downsample keeps each image's mean (area-correct), here to within the edge clipping
@@ -168,7 +181,7 @@ def test_montage_is_differentiable():
     appearances = torch.bincount(sources.flatten(), minlength=3).double()
     torch.testing.assert_close(images.grad.sum((1, 2, 3)), 4 * appearances)
     images.grad = None
-    m, sources = montage(images, 2, 3, generator=seeded(6))     # nearest: the kept pixels
+    m, sources = montage(images, 2, 3, generator=seeded(6))  # nearest: the kept pixels
     m.sum().backward()
     kept = torch.zeros(4, 4, dtype=torch.float64)
     kept[::2, ::2] = 1
@@ -177,6 +190,7 @@ def test_montage_is_differentiable():
 
 
 # ----------------------------------------------------------------------------- errors
+
 
 @pytest.mark.parametrize("ratio", [0, -2, 3, 5, 2.5, True, "2"])
 def test_bad_ratio_names_ratio(ratio):
@@ -201,12 +215,15 @@ def test_bad_resize_names_resize(resize):
         montage(torch.rand(2, 3, 8, 8), 2, resize=resize)
 
 
-@pytest.mark.parametrize("images, error, words", [
-    (torch.rand(3, 8, 8), ValueError, "images"),
-    (torch.rand(0, 3, 8, 8), ValueError, "images"),
-    (torch.zeros(2, 3, 8, 8, dtype=torch.int32), TypeError, "dtype"),
-    ([[0.0]], TypeError, "images"),
-])
+@pytest.mark.parametrize(
+    "images, error, words",
+    [
+        (torch.rand(3, 8, 8), ValueError, "images"),
+        (torch.rand(0, 3, 8, 8), ValueError, "images"),
+        (torch.zeros(2, 3, 8, 8, dtype=torch.int32), TypeError, "dtype"),
+        ([[0.0]], TypeError, "images"),
+    ],
+)
 def test_bad_images(images, error, words):
     with pytest.raises(error, match=words):
         montage(images, 2)

@@ -7,6 +7,7 @@ before any GPU sees it. Skipped where there is no nvcc or the installed torch ha
 The toolkit is found from ``CUDA_HOME``, ``/usr/local/cuda`` or ``PATH`` (resolved through
 wrappers, which torch's own guess does not do), and handed to the build as ``CUDA_HOME``.
 """
+
 import os
 import shutil
 import subprocess
@@ -21,8 +22,9 @@ TIMEOUT_S = 1200
 
 
 def find_cuda_home() -> Path | None:
-    candidates = [Path(os.environ["CUDA_HOME"], "bin", "nvcc")] if os.environ.get("CUDA_HOME") \
-        else []
+    candidates = (
+        [Path(os.environ["CUDA_HOME"], "bin", "nvcc")] if os.environ.get("CUDA_HOME") else []
+    )
     candidates.append(Path("/usr/local/cuda/bin/nvcc"))
     which = shutil.which("nvcc")
     if which:
@@ -39,7 +41,8 @@ CUDA_HOME = find_cuda_home()
 pytestmark = pytest.mark.skipif(
     CUDA_HOME is None or torch.version.cuda is None,
     reason="needs nvcc with its toolkit ($CUDA_HOME, /usr/local/cuda or PATH) and a CUDA build "
-           "of torch to compile the CUDA sources")
+    "of torch to compile the CUDA sources",
+)
 
 LOAD_AND_RUN = """
 import importlib.util, sys, torch
@@ -56,19 +59,46 @@ assert torch.equal(native.correspondence(boxes, flips, boxes.flip(0), flips, 7, 
 
 
 def test_setup_py_builds_the_cuda_extension(tmp_path):
-    env = {**os.environ, "CUDA_HOME": str(CUDA_HOME), "MGC_KERNELS_BUILD_EXT": "1",
-           "TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": str(os.cpu_count() or 1)}
+    env = {
+        **os.environ,
+        "CUDA_HOME": str(CUDA_HOME),
+        "MGC_KERNELS_BUILD_EXT": "1",
+        "TORCH_CUDA_ARCH_LIST": "9.0",
+        "MAX_JOBS": str(os.cpu_count() or 1),
+    }
     build = subprocess.run(
-        [sys.executable, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
-         "--build-temp", str(tmp_path / "temp")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert build.returncode == 0, f"setup.py build_ext failed:\n{build.stdout[-6000:]}\n" \
-                                  f"{build.stderr[-6000:]}"
-    objects = sorted(p.relative_to(tmp_path / "temp").as_posix()
-                     for p in (tmp_path / "temp").rglob("*.o"))
+        [
+            sys.executable,
+            "setup.py",
+            "build_ext",
+            "--build-lib",
+            str(tmp_path / "lib"),
+            "--build-temp",
+            str(tmp_path / "temp"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert build.returncode == 0, (
+        f"setup.py build_ext failed:\n{build.stdout[-6000:]}\n{build.stderr[-6000:]}"
+    )
+    objects = sorted(
+        p.relative_to(tmp_path / "temp").as_posix() for p in (tmp_path / "temp").rglob("*.o")
+    )
     assert [o for o in objects if o.startswith("csrc/cuda/")] == [
-        "csrc/cuda/correspondence.o", "csrc/cuda/multigrain_pool.o", "csrc/cuda/sample_pairs.o"]
+        "csrc/cuda/correspondence.o",
+        "csrc/cuda/multigrain_pool.o",
+        "csrc/cuda/sample_pairs.o",
+    ]
     (module,) = (tmp_path / "lib" / "mgc_kernels").glob("_native*.so")
-    run = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(module)], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_RUN, str(module)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-6000:]

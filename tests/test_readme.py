@@ -1,4 +1,5 @@
 """The README's Python examples run as written."""
+
 import re
 from pathlib import Path
 
@@ -10,7 +11,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def readme_block(heading: str) -> str:
     """The first Python block after ``heading``."""
     text = README.read_text()
-    section = text[text.index(heading):]
+    section = text[text.index(heading) :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
@@ -38,8 +39,9 @@ def test_readme_worker_pairs_example_runs():
     scope: dict = {}
     exec(compile(readme_block("### Pairs in data-loader workers"), str(README), "exec"), scope)
     batch, criterion = scope["batch"], scope["criterion"]
-    want = criterion.sample_pairs(batch["box1"], batch["flip1"], batch["box2"], batch["flip2"],
-                                  backend="torch")
+    want = criterion.sample_pairs(
+        batch["box1"], batch["flip1"], batch["box2"], batch["flip2"], backend="torch"
+    )
     assert len(batch["pairs"]) == len(criterion.cells)
     for got, ref in zip(batch["pairs"], want):
         assert all(torch.equal(g, r) for g, r in zip(got, ref))

@@ -2,6 +2,7 @@
 update, the loss and its gradients, the k-means reset, the state round trip and two ranks; and
 ``variant="lightly"`` against lightly's step written out here (tests/test_lightly_baselines.py
 checks it against lightly's own code)."""
+
 import copy
 import io
 
@@ -48,27 +49,38 @@ def direct_step(groups, p1, z2, p2, z1, beta, tau, update=True):
 
 # ----------------------------------------------------------------------------- the loss
 
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_loss_and_gradients_equal_direct_formula(symmetric):
     gen = torch.Generator().manual_seed(0)
-    crit = SMoGLoss(dim=6, num_groups=5, temperature=0.2, beta=0.7, reset_every=0, bank_size=0,
-                    symmetric=symmetric).double()
+    crit = SMoGLoss(
+        dim=6,
+        num_groups=5,
+        temperature=0.2,
+        beta=0.7,
+        reset_every=0,
+        bank_size=0,
+        symmetric=symmetric,
+    ).double()
     crit.grouping.groups.copy_(unit(randn(gen, 5, 6)))
     start = crit.group_features.clone()
-    for step in range(3):  # the groups carry over from step to step
+    for _ in range(3):  # the groups carry over from step to step
         p1, p2 = randn(gen, 12, 6, grad=True) * 3, randn(gen, 12, 6, grad=True)
         z2, z1 = randn(gen, 12, 6), randn(gen, 12, 6)
         args = (p1, z2, p2, z1) if symmetric else (p1, z2)
-        expected, groups, targets = direct_step(start, *args, *(() if symmetric else (None, None)),
-                                                beta=0.7, tau=0.2)
+        expected, groups, targets = direct_step(
+            start, *args, *(() if symmetric else (None, None)), beta=0.7, tau=0.2
+        )
         assert len(set(targets[0].tolist())) > 1
         loss = crit(*args)
         assert loss.dtype == torch.float64
         torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
         torch.testing.assert_close(crit.group_features, groups, rtol=0, atol=1e-14)
         leaves = [p1, p2] if symmetric else [p1]
-        for got, want in zip(torch.autograd.grad(loss, leaves, retain_graph=True),
-                             torch.autograd.grad(expected, leaves)):
+        for got, want in zip(
+            torch.autograd.grad(loss, leaves, retain_graph=True),
+            torch.autograd.grad(expected, leaves),
+        ):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
         start = groups
 
@@ -108,11 +120,13 @@ def test_eval_mode_leaves_the_state_alone():
 
 # ----------------------------------------------------------------------------- variant="lightly"
 
+
 def lightly_direct_step(groups, p1, z2, proj1, beta, tau, update=True):
     """lightly's SMoG step written out row by row: targets are z2's nearest groups (cosine, the
     groups before the step); each proj1 row moves ITS OWN nearest group by the raw mean of the
     rows that chose it, with gradient, without normalising; CE of the cosine logits of p1
     against the moved groups. Returns (loss, moved groups)."""
+
     def cos(x, g):
         return unit(x) @ unit(g).T
 
@@ -146,8 +160,12 @@ def test_lightly_variant_equals_direct_formula(seed):
         proj1 = (randn(gen, 20, 8) * 3).requires_grad_()
         z2 = randn(gen, 20, 8)
         expected, groups = lightly_direct_step(groups, p1, z2, proj1, beta=0.7, tau=0.2)
-        own_differs += int(((unit(proj1) @ unit(crit.group_features).T).argmax(1)
-                            != (unit(z2) @ unit(crit.group_features).T).argmax(1)).sum())
+        own_differs += int(
+            (
+                (unit(proj1) @ unit(crit.group_features).T).argmax(1)
+                != (unit(z2) @ unit(crit.group_features).T).argmax(1)
+            ).sum()
+        )
         loss = crit(p1, z2, proj1=proj1)
         assert loss.dtype == torch.float64
         torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
@@ -190,8 +208,9 @@ def test_lightly_variant_eval_mode_leaves_the_state_alone():
     crit = crit.double().eval()
     before = copy.deepcopy(crit.state_dict())
     p1, z2 = randn(gen, 6, 4), randn(gen, 6, 4)
-    expected, _ = lightly_direct_step(before["grouping.groups"], p1, z2, None, 0.99, 0.1,
-                                      update=False)
+    expected, _ = lightly_direct_step(
+        before["grouping.groups"], p1, z2, None, 0.99, 0.1, update=False
+    )
     torch.testing.assert_close(crit(p1, z2), expected, rtol=1e-12, atol=0)  # no proj1 needed
     for key, value in crit.state_dict().items():
         assert torch.equal(value, before[key]), key
@@ -199,10 +218,11 @@ def test_lightly_variant_eval_mode_leaves_the_state_alone():
 
 def test_lightly_variant_banks_the_online_projections_and_resets():
     gen = torch.Generator().manual_seed(6)
-    crit = SMoGLoss(dim=8, num_groups=4, reset_every=2, bank_size=32, kmeans_iters=5, seed=11,
-                    variant="lightly").double()
+    crit = SMoGLoss(
+        dim=8, num_groups=4, reset_every=2, bank_size=32, kmeans_iters=5, seed=11, variant="lightly"
+    ).double()
     banked, flags = [], []
-    for step in range(2):
+    for _ in range(2):
         p1, z2, proj1 = randn(gen, 6, 8), randn(gen, 6, 8), randn(gen, 6, 8)
         crit(p1, z2, proj1=proj1)
         banked.append(proj1)
@@ -222,14 +242,17 @@ def test_explicit_smog_variant_is_the_default():
     assert torch.equal(a.group_features, b.group_features)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(variant="Lightly"), "variant must be one of"),
-    (dict(variant="paper"), "variant must be one of"),
-    (dict(variant=None), "variant must be one of"),
-    (dict(variant=1), "variant must be one of"),
-    (dict(variant="lightly", symmetric=True), "symmetric"),
-    (dict(variant="lightly", gather_distributed=True), "gather_distributed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(variant="Lightly"), "variant must be one of"),
+        (dict(variant="paper"), "variant must be one of"),
+        (dict(variant=None), "variant must be one of"),
+        (dict(variant=1), "variant must be one of"),
+        (dict(variant="lightly", symmetric=True), "symmetric"),
+        (dict(variant="lightly", gather_distributed=True), "gather_distributed"),
+    ],
+)
 def test_bad_variant(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SMoGLoss(dim=4, num_groups=3, reset_every=0, bank_size=0, **kwargs)
@@ -254,6 +277,7 @@ def test_bad_lightly_inputs():
 
 
 # ----------------------------------------------------------------------------- the groups
+
 
 def test_assignment_is_argmax_cosine():
     groups = SMoGGroups(num_groups=4, dim=2).double()
@@ -281,8 +305,9 @@ def test_momentum_update_known_answer():
     # group 1: 0.5 * (0, 1) + 0.5 * (1, 0) -> (1, 1) / sqrt(2); group 2 has no member: unchanged
     x = torch.tensor([[0.0, 3.0], [2.0, 0.0], [4.0, 0.0]]).double()
     groups.update(x, torch.tensor([0, 1, 0]))
-    expected = torch.tensor([[3 / 10 ** 0.5, 1 / 10 ** 0.5], [2 ** -0.5, 2 ** -0.5], [-1.0, 0.0]],
-                            dtype=torch.float64)
+    expected = torch.tensor(
+        [[3 / 10**0.5, 1 / 10**0.5], [2**-0.5, 2**-0.5], [-1.0, 0.0]], dtype=torch.float64
+    )
     torch.testing.assert_close(groups.groups, expected, rtol=0, atol=1e-15)
 
 
@@ -315,6 +340,7 @@ def test_feature_bank_is_a_ring_of_the_last_rows():
 
 # ----------------------------------------------------------------------------- k-means reset
 
+
 def blobs(gen, per_blob=40, dim=16, count=5, noise=0.05):
     labels = torch.arange(count).repeat_interleave(per_blob)
     centres = torch.eye(dim, dtype=torch.float64)[:count]
@@ -344,8 +370,9 @@ def test_kmeans_reset_recovers_separated_blobs_and_is_deterministic():
 def test_kmeans_reseeds_empty_clusters_with_the_worst_fitting_points():
     gen = torch.Generator().manual_seed(8)
     e = torch.eye(6, dtype=torch.float64)
-    x = torch.cat([e[0] + 0.05 * randn(gen, 10, 6), e[1] + 0.05 * randn(gen, 10, 6),
-                   e[2:3] * 4, e[3:4]])  # two outliers, orthogonal to both blobs
+    x = torch.cat(
+        [e[0] + 0.05 * randn(gen, 10, 6), e[1] + 0.05 * randn(gen, 10, 6), e[2:3] * 4, e[3:4]]
+    )  # two outliers, orthogonal to both blobs
     away = unit(-(e[0] + e[1]))
     # centres 2 and 3 are far from every point: both are empty after the first assignment
     init = torch.stack([e[0], e[1], away, away])
@@ -366,8 +393,9 @@ def test_kmeans_of_identical_points_stays_finite():
 
 def test_scheduled_reset_clusters_the_bank_and_raises_the_flag():
     gen = torch.Generator().manual_seed(9)
-    crit = SMoGLoss(dim=8, num_groups=4, reset_every=2, bank_size=32, kmeans_iters=5,
-                    seed=11).double()
+    crit = SMoGLoss(
+        dim=8, num_groups=4, reset_every=2, bank_size=32, kmeans_iters=5, seed=11
+    ).double()
     flags, banked = [], []
     for step in range(4):
         p1, z2, p2, z1 = (randn(gen, 6, 8) for _ in range(4))
@@ -396,6 +424,7 @@ def test_reset_with_too_few_features_is_a_clear_error():
 
 # ----------------------------------------------------------------------------- state
 
+
 def test_state_dict_round_trip_resumes_exactly():
     gen = torch.Generator().manual_seed(10)
     kwargs = dict(dim=8, num_groups=4, reset_every=3, bank_size=16, kmeans_iters=4)
@@ -422,29 +451,38 @@ def test_state_dict_round_trip_resumes_exactly():
 
 # ----------------------------------------------------------------------------- errors
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(num_groups=0), "num_groups"),
-    (dict(num_groups=2.5), "num_groups"),
-    (dict(dim=0), "dim"),
-    (dict(temperature=0.0), "temperature"),
-    (dict(temperature=-0.1), "temperature"),
-    (dict(beta=1.0), "beta"),
-    (dict(beta=-0.1), "beta"),
-    (dict(reset_every=-1), "reset_every"),
-    (dict(bank_size=100), "bank_size"),
-    (dict(bank_size=-1, reset_every=0), "bank_size"),
-    (dict(kmeans_iters=0), "kmeans_iters"),
-    (dict(symmetric="yes"), "symmetric"),
-    (dict(seed="a"), "seed"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_groups=0), "num_groups"),
+        (dict(num_groups=2.5), "num_groups"),
+        (dict(dim=0), "dim"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(beta=1.0), "beta"),
+        (dict(beta=-0.1), "beta"),
+        (dict(reset_every=-1), "reset_every"),
+        (dict(bank_size=100), "bank_size"),
+        (dict(bank_size=-1, reset_every=0), "bank_size"),
+        (dict(kmeans_iters=0), "kmeans_iters"),
+        (dict(symmetric="yes"), "symmetric"),
+        (dict(seed="a"), "seed"),
+    ],
+)
 def test_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SMoGLoss(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(num_groups=-1), "num_groups"), (dict(dim=0), "dim"), (dict(beta=2), "beta"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_groups=-1), "num_groups"),
+        (dict(dim=0), "dim"),
+        (dict(beta=2), "beta"),
+    ],
+)
 def test_bad_group_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SMoGGroups(**kwargs)
@@ -480,12 +518,20 @@ def test_bad_forward_inputs():
 
 # ----------------------------------------------------------------------------- two ranks
 
+
 def _two_rank_steps(rank, world, steps):
     """Every rank builds the full batches from one seed and keeps its half; rank -1 is the one
     process over the whole batch. Runs ``steps`` training steps, the second one re-clustering."""
     gen = torch.Generator().manual_seed(12)
-    crit = SMoGLoss(dim=6, num_groups=5, beta=0.8, reset_every=2, bank_size=40, kmeans_iters=4,
-                    gather_distributed=rank >= 0).double()
+    crit = SMoGLoss(
+        dim=6,
+        num_groups=5,
+        beta=0.8,
+        reset_every=2,
+        bank_size=40,
+        kmeans_iters=4,
+        gather_distributed=rank >= 0,
+    ).double()
     batch = 8
     part = slice(None) if rank < 0 else slice(rank * batch // world, (rank + 1) * batch // world)
     out = []
@@ -495,8 +541,15 @@ def _two_rank_steps(rank, world, steps):
         p1.requires_grad_(), p2.requires_grad_()
         loss = crit(p1, z2, p2, z1)
         grads = torch.autograd.grad(loss, (p1, p2))
-        out.append({"loss": loss.detach(), "grads": grads, "groups": crit.group_features.clone(),
-                    "bank": crit.bank.valid().clone(), "flag": crit.needs_reset})
+        out.append(
+            {
+                "loss": loss.detach(),
+                "grads": grads,
+                "groups": crit.group_features.clone(),
+                "bank": crit.bank.valid().clone(),
+                "flag": crit.needs_reset,
+            }
+        )
     return out
 
 

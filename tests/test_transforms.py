@@ -75,7 +75,9 @@ def test_crop_box_inside_image_with_integer_corners_and_ratio(height, width, see
     ratio=st.tuples(st.floats(0.5, 2.0), st.floats(0.5, 2.0)).map(sorted),
 )
 def test_crop_box_respects_custom_ranges(height, width, seed, scale_low, ratio):
-    box = random_resized_crop_box(height, width, scale=(scale_low, 1.0), ratio=ratio, generator=seeded(seed))
+    box = random_resized_crop_box(
+        height, width, scale=(scale_low, 1.0), ratio=ratio, generator=seeded(seed)
+    )
     assert_valid_box(box, height, width, ratio)
 
 
@@ -96,7 +98,9 @@ def test_box_iou_known_answers_and_broadcasting():
     assert box_iou(a, torch.tensor([2.0, 0.0, 3.0, 1.0])) == 0  # touching edges
     assert box_iou(a, torch.tensor([5.0, 5.0, 6.0, 6.0])) == 0
     assert box_iou(torch.tensor([0, 0, 4, 4]), torch.tensor([1, 1, 3, 3])) == 0.25  # ints promoted
-    many = box_iou(torch.rand(3, 1, 2).repeat(1, 1, 2) + torch.tensor([0, 0, 1, 1]), torch.rand(5, 4))
+    many = box_iou(
+        torch.rand(3, 1, 2).repeat(1, 1, 2) + torch.tensor([0, 0, 1, 1]), torch.rand(5, 4)
+    )
     assert many.shape == (3, 5)
     with pytest.raises(ValueError, match="shape"):
         box_iou(torch.zeros(3), a)
@@ -118,7 +122,13 @@ def test_view_boxes_fallback_when_overlap_cannot_be_met(seed):
     # Same-size 447 x 447 boxes in a 1000 x 1000 image: IoU > 0.999 needs the very same box
     # (chance ~3e-6 a draw), so 3 tries fail and view 2 is the whole image.
     box1, box2 = sample_view_boxes(
-        1000, 1000, scale=(0.2, 0.2), ratio=(1, 1), min_iou=0.999, max_tries=3, generator=seeded(seed)
+        1000,
+        1000,
+        scale=(0.2, 0.2),
+        ratio=(1, 1),
+        min_iou=0.999,
+        max_tries=3,
+        generator=seeded(seed),
     )
     assert box1[2] - box1[0] == 447
     assert box2.tolist() == [0.0, 0.0, 1000.0, 1000.0]
@@ -135,7 +145,9 @@ def test_view_boxes_reproducible_with_generator():
 
 
 @SLOW
-@given(height=st.integers(1, 300), width=st.integers(1, 300), channels=st.integers(1, 4), seed=seeds)
+@given(
+    height=st.integers(1, 300), width=st.integers(1, 300), channels=st.integers(1, 4), seed=seeds
+)
 def test_transform_output_shapes_and_types(height, width, channels, seed):
     transform = TwoViewTransform(size=12, photometric=False, generator=seeded(seed))
     out = transform(torch.rand(channels, height, width))
@@ -163,8 +175,12 @@ def test_views_show_the_pixels_of_their_boxes(seed):
         x_map = view[0].flip(-1) if out[f"flip{i}"] else view[0]
         inner = slice(1, -1)
         close = {"atol": 0.05, "rtol": 0.0}
-        torch.testing.assert_close(x_map[inner, inner], expected_x[inner].expand(size - 2, -1), **close)
-        torch.testing.assert_close(view[1][inner, inner], expected_y[inner, None].expand(-1, size - 2), **close)
+        torch.testing.assert_close(
+            x_map[inner, inner], expected_x[inner].expand(size - 2, -1), **close
+        )
+        torch.testing.assert_close(
+            view[1][inner, inner], expected_y[inner, None].expand(-1, size - 2), **close
+        )
         assert x_map.mean().item() == pytest.approx((x0 + x1) / 2, abs=0.05)
 
 
@@ -188,7 +204,9 @@ def test_uint8_images_stay_uint8():
 
 def test_transform_reproducible_with_generator():
     img = torch.rand(3, 64, 80)
-    a, b = (TwoViewTransform(size=16, photometric=False, generator=seeded(3))(img) for _ in range(2))
+    a, b = (
+        TwoViewTransform(size=16, photometric=False, generator=seeded(3))(img) for _ in range(2)
+    )
     for key in a:
         assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key]))
 
@@ -209,7 +227,11 @@ def assert_clear_import_error():
     with pytest.raises(ImportError) as info:
         TwoViewTransform()
     message = str(info.value)
-    assert "torchvision" in message and "mgc_kernels[train]" in message and "photometric=False" in message
+    assert (
+        "torchvision" in message
+        and "mgc_kernels[train]" in message
+        and "photometric=False" in message
+    )
 
 
 def test_photometric_pipeline_or_clear_import_error():
@@ -218,11 +240,17 @@ def test_photometric_pipeline_or_clear_import_error():
         return
     # A black image stays black under jitter, grayscale, blur and solarize (0 < threshold), so
     # every view is exactly -mean / std per channel after normalisation.
-    expected = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD))[:, None, None].expand(3, 16, 16)
+    expected = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD))[:, None, None].expand(
+        3, 16, 16
+    )
     from PIL import Image  # installed with torchvision
 
     transform = TwoViewTransform(size=16)
-    for img in (torch.zeros(3, 40, 50, dtype=torch.uint8), torch.zeros(3, 40, 50), Image.new("RGB", (50, 40))):
+    for img in (
+        torch.zeros(3, 40, 50, dtype=torch.uint8),
+        torch.zeros(3, 40, 50),
+        Image.new("RGB", (50, 40)),
+    ):
         for _ in range(5):
             out = transform(img)
             for view in ("view1", "view2"):
@@ -238,7 +266,9 @@ def test_photometric_pipeline_or_clear_import_error():
         TwoViewTransform(size=16, photometric=False, generator=seeded(5))(img)
         for img in (Image.fromarray(pixels.permute(1, 2, 0).numpy()), pixels)
     )
-    assert torch.equal(pil_out["box2"], tensor_out["box2"]) and pil_out["flip2"] == tensor_out["flip2"]
+    assert (
+        torch.equal(pil_out["box2"], tensor_out["box2"]) and pil_out["flip2"] == tensor_out["flip2"]
+    )
     pil_view = torch.from_numpy(np.asarray(pil_out["view2"]).copy()).permute(2, 0, 1).int()
     assert (pil_view - tensor_out["view2"].int()).abs().max() <= 1
 

@@ -5,6 +5,7 @@ ragged last tiles, fp32 and fp64 boxes (the kernels make the targets in fp32), f
 features (bf16 in tests/gpu). The ``test_fp16_*`` tests aim at the geometric side of the fp16
 paths: the targets are inside the tile, so ``softmax - target`` must be formed in fp32 before
 the tile is rounded, and tiny upstream gradients must not flush it."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,17 +18,43 @@ from mgc_kernels.reference import geometric_info_nce as reference
 from mgc_kernels.transforms import sample_view_boxes
 
 try:
-    from ._helpers import (INTERPRETER_DTYPES, geometric_info_nce_op, leaf, rand,
-                           requires_triton, unit_rows)
+    from ._helpers import (
+        INTERPRETER_DTYPES,
+        geometric_info_nce_op,
+        leaf,
+        rand,
+        requires_triton,
+        unit_rows,
+    )
     from .test_geometric_info_nce import METRICS, random_boxes
-    from .test_triton_info_nce import (assert_obeys_rule, assert_op_results, autotuned,
-                                       cotangent, error_scales, small_blocks, tiles)
+    from .test_triton_info_nce import (
+        assert_obeys_rule,
+        assert_op_results,
+        autotuned,
+        cotangent,
+        error_scales,
+        small_blocks,
+        tiles,
+    )
 except ImportError:
-    from _helpers import (INTERPRETER_DTYPES, geometric_info_nce_op, leaf, rand,
-                          requires_triton, unit_rows)
+    from _helpers import (
+        INTERPRETER_DTYPES,
+        geometric_info_nce_op,
+        leaf,
+        rand,
+        requires_triton,
+        unit_rows,
+    )
     from test_geometric_info_nce import METRICS, random_boxes
-    from test_triton_info_nce import (assert_obeys_rule, assert_op_results, autotuned,
-                                      cotangent, error_scales, small_blocks, tiles)
+    from test_triton_info_nce import (
+        assert_obeys_rule,
+        assert_op_results,
+        autotuned,
+        cotangent,
+        error_scales,
+        small_blocks,
+        tiles,
+    )
 
 pytestmark = requires_triton
 
@@ -39,32 +66,69 @@ def run(backend, dtype, q0, k0, geometry, cot, **kwargs):
     return loss, dq, dk
 
 
-def check(q0, k0, geometry, temperature=0.1, metric="mgc", normalize=True, reduction="mean",
-          seed=0, dtype=torch.float32):
+def check(
+    q0,
+    k0,
+    geometry,
+    temperature=0.1,
+    metric="mgc",
+    normalize=True,
+    reduction="mean",
+    seed=0,
+    dtype=torch.float32,
+):
     """Triton's loss, dq and dk on features in ``dtype`` obey the tolerance rule (the fp32
     features are rounded to ``dtype`` first); returns Triton's three tensors."""
     q0, k0 = q0.to(dtype).float(), k0.to(dtype).float()
     cot = cotangent(len(q0), reduction, seed)
-    kwargs = dict(temperature=temperature, metric=metric, normalize=normalize,
-                  reduction=reduction)
+    kwargs = dict(temperature=temperature, metric=metric, normalize=normalize, reduction=reduction)
     fast = run("triton", dtype, q0, k0, geometry, cot, **kwargs)
     ref = run("torch", dtype, q0, k0, geometry, cot, **kwargs)
     exact = run("torch", torch.float64, q0, k0, geometry, cot, **kwargs)
-    rho = reference.geometric_info_nce(q0.double(), k0.double(), *geometry, temperature,
-                                       metric)[2]  # the row weights: independent of q and k
-    assert_obeys_rule(fast, ref, exact, *error_scales(q0, [k0], normalize, temperature), rho,
-                      reduction, cot, dtype)
+    rho = reference.geometric_info_nce(q0.double(), k0.double(), *geometry, temperature, metric)[
+        2
+    ]  # the row weights: independent of q and k
+    assert_obeys_rule(
+        fast,
+        ref,
+        exact,
+        *error_scales(q0, [k0], normalize, temperature),
+        rho,
+        reduction,
+        cot,
+        dtype,
+    )
     return fast
 
 
 def hand_made(dtype=torch.float32):
     """Three images; query 3 lies far from every key, query 4 only touches key 3's edge, query
     6's image has no key, key 7's image has no query."""
-    q_regions = torch.tensor([[0, 0, 2, 2], [1, 1, 3, 3], [0, 0, 1, 3], [50, 50, 51, 51],
-                              [3, 0, 4, 2], [0.5, 0.5, 1.5, 1.5], [0, 0, 2, 2]], dtype=dtype)
-    k_regions = torch.tensor([[0, 0, 2, 2], [1, 0, 3, 2], [0, 1, 2, 3], [2, 0, 3, 2],
-                              [0, 0, 1, 1], [0, 0, 4, 4], [1, 1, 2, 2], [0, 0, 9, 9]],
-                             dtype=dtype)
+    q_regions = torch.tensor(
+        [
+            [0, 0, 2, 2],
+            [1, 1, 3, 3],
+            [0, 0, 1, 3],
+            [50, 50, 51, 51],
+            [3, 0, 4, 2],
+            [0.5, 0.5, 1.5, 1.5],
+            [0, 0, 2, 2],
+        ],
+        dtype=dtype,
+    )
+    k_regions = torch.tensor(
+        [
+            [0, 0, 2, 2],
+            [1, 0, 3, 2],
+            [0, 1, 2, 3],
+            [2, 0, 3, 2],
+            [0, 0, 1, 1],
+            [0, 0, 4, 4],
+            [1, 1, 2, 2],
+            [0, 0, 9, 9],
+        ],
+        dtype=dtype,
+    )
     q_image = torch.tensor([0, 0, 0, 0, 0, 1, 3])
     k_image = torch.tensor([0, 0, 0, 0, 0, 1, 1, 2])
     return q_regions, k_regions, q_image, k_image
@@ -76,14 +140,35 @@ SIZES = st.sampled_from([1, 3, 17, 33])
 
 
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
-@given(n=SIZES, m=SIZES, d=st.sampled_from([1, 3, 16]), images=st.sampled_from([1, 2, 3]),
-       metric=st.sampled_from(METRICS), box_dtype=st.sampled_from([torch.float32, torch.float64]),
-       id_dtype=st.sampled_from([torch.int64, torch.int32]), normalize=st.booleans(),
-       reduction=st.sampled_from(["mean", "sum", "none"]),
-       temperature=st.sampled_from([0.05, 0.1, 0.5]), small=st.booleans(),
-       seed=st.integers(0, 2**31 - 1))
-def test_random_against_reference(dtype, n, m, d, images, metric, box_dtype, id_dtype,
-                                  normalize, reduction, temperature, small, seed):
+@given(
+    n=SIZES,
+    m=SIZES,
+    d=st.sampled_from([1, 3, 16]),
+    images=st.sampled_from([1, 2, 3]),
+    metric=st.sampled_from(METRICS),
+    box_dtype=st.sampled_from([torch.float32, torch.float64]),
+    id_dtype=st.sampled_from([torch.int64, torch.int32]),
+    normalize=st.booleans(),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    temperature=st.sampled_from([0.05, 0.1, 0.5]),
+    small=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_against_reference(
+    dtype,
+    n,
+    m,
+    d,
+    images,
+    metric,
+    box_dtype,
+    id_dtype,
+    normalize,
+    reduction,
+    temperature,
+    small,
+    seed,
+):
     gen = torch.Generator().manual_seed(seed)
     qr, kr = random_boxes(gen, n, box_dtype), random_boxes(gen, m, box_dtype)
     qi = torch.randint(0, images, (n,), generator=gen).to(id_dtype)
@@ -123,8 +208,10 @@ def test_op_outputs_match_reference(metric, small, dtype):
     qr, kr, qi, ki = hand_made()
     qr, qi = qr.repeat(5, 1)[:33], qi.repeat(5)[:33]
     kr, ki = kr.repeat(3, 1)[:19], ki.repeat(3)[:19]
-    q, k = (torch.nn.functional.normalize(rand(gen, r, 16, dtype=torch.float32), dim=1)
-            for r in (33, 19))
+    q, k = (
+        torch.nn.functional.normalize(rand(gen, r, 16, dtype=torch.float32), dim=1)
+        for r in (33, 19)
+    )
     grad = torch.randn(33, generator=gen)
     with small_blocks(small):
         fast, ref, exact = op_results(dtype, q, k, (qr, kr, qi, ki), grad, 0.1, metric)
@@ -142,8 +229,10 @@ def test_band_starts_inside_a_hot_loop_tile(dtype):
     gen = torch.Generator().manual_seed(7)
     views = [sample_view_boxes(480, 640, generator=gen) for _ in range(3)]
     flips = torch.tensor([[False, True, False], [True, False, False]])
-    q_regions, k_regions = (mk.region_boxes(torch.stack([v[i] for v in views]), flips[i], 14, 2)
-                            .reshape(-1, 4) for i in (0, 1))
+    q_regions, k_regions = (
+        mk.region_boxes(torch.stack([v[i] for v in views]), flips[i], 14, 2).reshape(-1, 4)
+        for i in (0, 1)
+    )
     image = torch.arange(3).repeat_interleave(49)
     q0, k0 = rand(gen, 147, 16, dtype=torch.float32), rand(gen, 147, 16, dtype=torch.float32)
     with tiles(64):
@@ -207,8 +296,9 @@ def test_fp16_softmax_minus_target_of_confident_rows(metric):
     boxes, image = torch.tensor([[0.0, 0.0, 4.0, 4.0]]).repeat(n, 1), torch.arange(n)
     p = torch.softmax(k.double() @ k.double().T / 0.1, 1).diagonal()
     assert (1 - p).max() < 0.01
-    fast, ref, exact = op_results(torch.float16, k.clone(), k, (boxes, boxes, image, image),
-                                  torch.ones(n), 0.1, metric)
+    fast, ref, exact = op_results(
+        torch.float16, k.clone(), k, (boxes, boxes, image, image), torch.ones(n), 0.1, metric
+    )
     assert_op_results(torch.float16, fast, ref, exact, 0.1, outputs=3)
 
 

@@ -1,8 +1,10 @@
 """Triton geometry kernels (region_boxes, correspondence, sample_pairs) against the torch
 reference, through Triton's interpreter on CPU: bit for bit, ties included."""
+
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import mgc_kernels as mk
 
@@ -30,8 +32,9 @@ def views(draw, batch=st.integers(1, 3), fractional=st.booleans()):
             row.append([x, y, x + w, y + h])
         rows.append(row)
     boxes = torch.tensor(rows, dtype=torch.float32)
-    flips = torch.tensor(draw(st.lists(st.booleans(), min_size=2 * len(rows),
-                                       max_size=2 * len(rows)))).reshape(-1, 2)
+    flips = torch.tensor(
+        draw(st.lists(st.booleans(), min_size=2 * len(rows), max_size=2 * len(rows)))
+    ).reshape(-1, 2)
     return boxes[:, 0], flips[:, 0], boxes[:, 1], flips[:, 1]
 
 
@@ -59,15 +62,24 @@ def boxes_as(v, dtype):
 def test_region_boxes_and_correspondence_bit_exact(v, grid_cell, dtype):
     b1, f1, b2, f2 = boxes_as(v, dtype)
     grid, cell = grid_cell
-    same([mk.region_boxes(b1, f1, grid, cell, backend="triton")],
-         [mk.region_boxes(b1, f1, grid, cell, backend="torch")])
+    same(
+        [mk.region_boxes(b1, f1, grid, cell, backend="triton")],
+        [mk.region_boxes(b1, f1, grid, cell, backend="torch")],
+    )
     for metric in ("mgc", "iou", "ioa"):
-        same([mk.correspondence(b1, f1, b2, f2, grid, cell, metric, backend="triton")],
-             [mk.correspondence(b1, f1, b2, f2, grid, cell, metric, backend="torch")])
+        same(
+            [mk.correspondence(b1, f1, b2, f2, grid, cell, metric, backend="triton")],
+            [mk.correspondence(b1, f1, b2, f2, grid, cell, metric, backend="torch")],
+        )
 
 
-@given(views(), SMALL_GRIDS, st.sampled_from(["mgc", "topk", "all"]), st.integers(1, 12),
-       PAIR_BOX_DTYPES)
+@given(
+    views(),
+    SMALL_GRIDS,
+    st.sampled_from(["mgc", "topk", "all"]),
+    st.integers(1, 12),
+    PAIR_BOX_DTYPES,
+)
 def test_sample_pairs_bit_exact(v, grid_cell, method, k, dtype):
     b1, f1, b2, f2 = boxes_as(v, dtype)
     grid, cell = grid_cell
@@ -75,8 +87,12 @@ def test_sample_pairs_bit_exact(v, grid_cell, method, k, dtype):
     same(fast, mk.sample_pairs(b1, f1, b2, f2, grid, cell, k, method, backend="torch"))
 
 
-OFFICIAL_VIEWS = ([[0.0, 0, 224, 224], [31, 7, 240, 190]], torch.tensor([False, True]),
-                  [[0.0, 0, 224, 224], [60, 40, 280, 230]], torch.tensor([True, False]))
+OFFICIAL_VIEWS = (
+    [[0.0, 0, 224, 224], [31, 7, 240, 190]],
+    torch.tensor([False, True]),
+    [[0.0, 0, 224, 224], [60, 40, 280, 230]],
+    torch.tensor([True, False]),
+)
 
 
 @pytest.mark.parametrize("method", ["mgc", "topk"])
@@ -104,8 +120,11 @@ def test_sample_pairs_custom_strides_and_view_size():
     b1 = torch.tensor([[10.0, 20, 150, 170], [0, 0, 100, 100]])
     b2 = torch.tensor([[40.0, 30, 190, 200], [50, 50, 130, 90]])
     f = torch.tensor([False, True])
-    for kwargs in (dict(strides=((5, 1, 3), (7, 2, 2))), dict(view_size=96.0),
-                   dict(view_size=100.3)):
+    for kwargs in (
+        dict(strides=((5, 1, 3), (7, 2, 2))),
+        dict(view_size=96.0),
+        dict(view_size=100.3),
+    ):
         fast = mk.sample_pairs(b1, f, b2, f, 6, 1, 8, backend="triton", **kwargs)
         same(fast, mk.sample_pairs(b1, f, b2, f, 6, 1, 8, backend="torch", **kwargs))
 
@@ -140,5 +159,7 @@ def test_compile_fullgraph_with_triton_backend():
 def test_cells_collapsed_by_rounding_bit_exact(method):
     boxes, flips = collapsed_crop()
     views = (boxes, flips, boxes, flips)
-    same(mk.sample_pairs(*views, 14, 1, 5, method, backend="triton"),
-         mk.sample_pairs(*views, 14, 1, 5, method, backend="torch"))
+    same(
+        mk.sample_pairs(*views, 14, 1, 5, method, backend="triton"),
+        mk.sample_pairs(*views, 14, 1, 5, method, backend="torch"),
+    )

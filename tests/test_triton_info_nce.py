@@ -13,6 +13,7 @@ rounded to fp16 before the second dot, the row gradients are kept out of that ti
 to ``|g| <= 1``) so that a tiny upstream gradient cannot flush it, softmax entries below fp16's
 smallest normal stay subnormal, and logits of 1 / tau = 20 stay in fp32.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,11 +28,33 @@ import mgc_kernels as mk
 from mgc_kernels._dtypes import accumulate
 
 try:
-    from ._helpers import (GRAD_SLACK, INTERPRETER_DTYPES, assert_close_to_exact, info_nce_op,
-                           l2n, leaf, rand, representable, requires_triton, ulp_tol, unit_rows)
+    from ._helpers import (
+        GRAD_SLACK,
+        INTERPRETER_DTYPES,
+        assert_close_to_exact,
+        info_nce_op,
+        l2n,
+        leaf,
+        rand,
+        representable,
+        requires_triton,
+        ulp_tol,
+        unit_rows,
+    )
 except ImportError:
-    from _helpers import (GRAD_SLACK, INTERPRETER_DTYPES, assert_close_to_exact, info_nce_op, l2n,
-                          leaf, rand, representable, requires_triton, ulp_tol, unit_rows)
+    from _helpers import (
+        GRAD_SLACK,
+        INTERPRETER_DTYPES,
+        assert_close_to_exact,
+        info_nce_op,
+        l2n,
+        leaf,
+        rand,
+        representable,
+        requires_triton,
+        ulp_tol,
+        unit_rows,
+    )
 
 # Slack on top of the reference's own error, in units of the inherent fp32 error scale: with
 # L = max |logit| + log(keys) bounding |logit| and |lse|, a loss row is good to about eps * L and
@@ -63,14 +86,16 @@ def autotuned(rows: int = 32, cols: int = 16, band_rows: int = 16):
     timed) of ``rows x cols`` tiles, band groups of ``band_rows`` (two per block by default)."""
     import mgc_kernels.triton.info_nce as kernels
 
-    return mock.patch.multiple(kernels, TUNED=((rows, cols, 4, 1),), TUNED_BAND_R=band_rows,
-                               tunes=lambda *args: True)
+    return mock.patch.multiple(
+        kernels, TUNED=((rows, cols, 4, 1),), TUNED_BAND_R=band_rows, tunes=lambda *args: True
+    )
 
 
 def run(backend, dtype, q0, k0, targets, queue=None, cot=None, **kwargs):
     q, k = leaf(q0, dtype), leaf(k0, dtype)
-    loss = mk.info_nce(q, k, targets, queue=None if queue is None else queue.to(dtype),
-                       backend=backend, **kwargs)
+    loss = mk.info_nce(
+        q, k, targets, queue=None if queue is None else queue.to(dtype), backend=backend, **kwargs
+    )
     dq, dk = torch.autograd.grad(loss, (q, k), None if cot is None else cot.to(loss.dtype))
     return loss, dq, dk
 
@@ -85,8 +110,9 @@ def tile_rounding(name, dtype, g, x_over_tau):
     return GRAD_SLACK[dtype] * (g.max() if name == "dq" else g.sum()).item() * x_over_tau
 
 
-def assert_obeys_rule(fast, ref, exact, logit_scale, x_over_tau, weights, reduction, cot,
-                      dtype=torch.float32):
+def assert_obeys_rule(
+    fast, ref, exact, logit_scale, x_over_tau, weights, reduction, cot, dtype=torch.float32
+):
     """``(loss, dq, dk)`` of Triton against the reference's and the exact ones, the gradients in
     ``dtype``. ``weights`` are the row weights of the reduction (0 for rows without a target),
     ``cot`` the cotangent of ``reduction="none"``, ``logit_scale`` and ``x_over_tau`` come from
@@ -101,8 +127,11 @@ def assert_obeys_rule(fast, ref, exact, logit_scale, x_over_tau, weights, reduct
             tol = REL_TOL * max(1.0, logit_scale) * loss_scale + ulp_tol(e, torch.float32)
         else:
             scale = e.abs().max().item() + g.max().item() * x_over_tau
-            tol = (REL_TOL * max(1.0, logit_scale) * scale + ulp_tol(e, dtype)
-                   + tile_rounding(name, dtype, g, x_over_tau))
+            tol = (
+                REL_TOL * max(1.0, logit_scale) * scale
+                + ulp_tol(e, dtype)
+                + tile_rounding(name, dtype, g, x_over_tau)
+            )
         assert_close_to_exact(f, r, e, tol + 1e-12)
 
 
@@ -120,12 +149,25 @@ def error_scales(q0, keys, normalize, temperature):
 
 
 def cotangent(n, reduction, seed):
-    return torch.rand(n, generator=torch.Generator().manual_seed(seed)) if reduction == "none" \
+    return (
+        torch.rand(n, generator=torch.Generator().manual_seed(seed))
+        if reduction == "none"
         else None
+    )
 
 
-def check(q0, k0, targets, queue=None, reduction="mean", seed=0, temperature=0.1,
-          row_weights=None, normalize=True, dtype=torch.float32):
+def check(
+    q0,
+    k0,
+    targets,
+    queue=None,
+    reduction="mean",
+    seed=0,
+    temperature=0.1,
+    row_weights=None,
+    normalize=True,
+    dtype=torch.float32,
+):
     """Triton's loss, dq and dk on inputs in ``dtype`` obey the tolerance rule (the fp32 inputs
     are rounded to ``dtype`` first, so the exact run sees the same values); returns Triton's
     three tensors."""
@@ -133,17 +175,29 @@ def check(q0, k0, targets, queue=None, reduction="mean", seed=0, temperature=0.1
     queue = None if queue is None else queue.to(dtype).float()
     cot = cotangent(len(q0), reduction, seed)
     args = (q0, k0, targets, queue, cot)
-    kwargs = dict(reduction=reduction, temperature=temperature, row_weights=row_weights,
-                  normalize=normalize)
+    kwargs = dict(
+        reduction=reduction, temperature=temperature, row_weights=row_weights, normalize=normalize
+    )
     fast = run("triton", dtype, *args, **kwargs)
     ref = run("torch", dtype, *args, **kwargs)
     exact = run("torch", torch.float64, *args, **kwargs)
-    has_target = torch.ones(len(q0)) if isinstance(targets, torch.Tensor) \
+    has_target = (
+        torch.ones(len(q0))
+        if isinstance(targets, torch.Tensor)
         else (targets[1].sum(1) > 0).float()
+    )
     weights = has_target * (1.0 if row_weights is None else row_weights)
     keys = [k0] if queue is None else [k0, queue]
-    assert_obeys_rule(fast, ref, exact, *error_scales(q0, keys, normalize, temperature),
-                      weights, reduction, cot, dtype)
+    assert_obeys_rule(
+        fast,
+        ref,
+        exact,
+        *error_scales(q0, keys, normalize, temperature),
+        weights,
+        reduction,
+        cot,
+        dtype,
+    )
     return fast
 
 
@@ -164,13 +218,22 @@ SIZES = st.sampled_from([1, 3, 17, 33])
 
 
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
-@given(n=SIZES, m=SIZES, nq=st.sampled_from([0, 1, 17, 40]), d=st.sampled_from([1, 3, 16]),
-       p=st.sampled_from([0, 1, 3]), normalize=st.booleans(), weighted=st.booleans(),
-       reduction=st.sampled_from(["mean", "sum", "none"]),
-       temperature=st.sampled_from([0.05, 0.1, 0.5, 1.0]), small=st.booleans(),
-       seed=st.integers(0, 2**31 - 1))
-def test_random_against_reference(dtype, n, m, nq, d, p, normalize, weighted, reduction,
-                                  temperature, small, seed):
+@given(
+    n=SIZES,
+    m=SIZES,
+    nq=st.sampled_from([0, 1, 17, 40]),
+    d=st.sampled_from([1, 3, 16]),
+    p=st.sampled_from([0, 1, 3]),
+    normalize=st.booleans(),
+    weighted=st.booleans(),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    temperature=st.sampled_from([0.05, 0.1, 0.5, 1.0]),
+    small=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_random_against_reference(
+    dtype, n, m, nq, d, p, normalize, weighted, reduction, temperature, small, seed
+):
     gen = torch.Generator().manual_seed(seed)
     scale = 1.0 if normalize else 0.5
     q0 = rand(gen, n, d, dtype=torch.float32, scale=scale)
@@ -179,8 +242,18 @@ def test_random_against_reference(dtype, n, m, nq, d, p, normalize, weighted, re
     targets = torch.randint(0, m, (n,), generator=gen) if p == 0 else soft_targets(gen, n, m, p)
     row_weights = torch.rand(n, generator=gen) if weighted else None
     with small_blocks(small):
-        check(q0, k0, targets, queue, reduction, seed, temperature=temperature,
-              row_weights=row_weights, normalize=normalize, dtype=dtype)
+        check(
+            q0,
+            k0,
+            targets,
+            queue,
+            reduction,
+            seed,
+            temperature=temperature,
+            row_weights=row_weights,
+            normalize=normalize,
+            dtype=dtype,
+        )
 
 
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
@@ -214,8 +287,9 @@ def op_results(dtype, q, k, queue, index, weight, grad, temperature, grad_lse=No
         acc = accumulate(dt)
         x, y = q.to(dtype).to(dt), k.to(dtype).to(dt)
         u = None if queue is None else queue.to(dtype).to(dt)
-        results.append(info_nce_op(ops, x, y, u, index, weight.to(acc), grad, temperature,
-                                   grad_lse))
+        results.append(
+            info_nce_op(ops, x, y, u, index, weight.to(acc), grad, temperature, grad_lse)
+        )
     return results
 
 
@@ -244,8 +318,10 @@ def test_op_outputs_and_saved_lse_match_reference(small, dtype):
     whose length is not a multiple of the tile."""
     gen = torch.Generator().manual_seed(1)
     n, m, nq, d = 35, 18, 41, 13
-    q, k, u = (torch.nn.functional.normalize(rand(gen, r, d, dtype=torch.float32), dim=1)
-               for r in (n, m, nq))
+    q, k, u = (
+        torch.nn.functional.normalize(rand(gen, r, d, dtype=torch.float32), dim=1)
+        for r in (n, m, nq)
+    )
     index, weight = soft_targets(gen, n, m, 4)
     weight = weight / weight.sum(1, keepdim=True).clamp_min(1e-30)
     grad, grad_lse = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
@@ -286,8 +362,9 @@ def test_large_logits_are_max_shifted_across_tiles(dtype):
     q0, k0, u0 = (rand(gen, r, 16, dtype=torch.float32, scale=3.0) for r in (33, 35, 37))
     index, weight = soft_targets(gen, 33, 35, 2)
     with small_blocks():
-        loss, dq, dk = check(q0, k0, (index, weight), u0, "none", temperature=0.05,
-                             normalize=False, dtype=dtype)
+        loss, dq, dk = check(
+            q0, k0, (index, weight), u0, "none", temperature=0.05, normalize=False, dtype=dtype
+        )
     assert (q0 @ torch.cat([k0, u0]).T / 0.05).abs().max() > 300
     assert torch.isfinite(loss).all() and torch.isfinite(dq).all() and torch.isfinite(dk).all()
 
@@ -329,8 +406,9 @@ def test_fp16_softmax_minus_target_of_confident_rows():
     gen = torch.Generator().manual_seed(10)
     q, k, index, weight = confident_rows(gen, 32, 128, 0.1)
     grad = torch.ones(32)
-    assert_op_results(torch.float16, *op_results(torch.float16, q, k, None, index, weight, grad,
-                                                 0.1), 0.1)
+    assert_op_results(
+        torch.float16, *op_results(torch.float16, q, k, None, index, weight, grad, 0.1), 0.1
+    )
 
 
 @pytest.mark.parametrize("through", ["row_loss", "lse"])
@@ -370,8 +448,9 @@ def test_fp16_subnormal_softmax_tiles():
     p = torch.softmax(q.double() @ k.double().T / temperature, 1)
     assert (p * (p < 2.0**-14)).sum(1).min() > 0.3
     with tiles(1024):
-        fast, ref, exact = op_results(torch.float16, q, k, None, index, torch.ones(n, 1),
-                                      torch.ones(n), temperature)
+        fast, ref, exact = op_results(
+            torch.float16, q, k, None, index, torch.ones(n, 1), torch.ones(n), temperature
+        )
     assert_op_results(torch.float16, fast, ref, exact, temperature)
 
 
@@ -387,8 +466,9 @@ def test_fp16_logits_of_one_over_tau_stay_in_fp32():
     weight = weight / weight.sum(1, keepdim=True).clamp_min(1e-30)
     assert (q.double() @ k.double().T).max() / temperature > 19.9
     with small_blocks():
-        fast, ref, exact = op_results(torch.float16, q, k, u, index, weight, torch.ones(n),
-                                      temperature)
+        fast, ref, exact = op_results(
+            torch.float16, q, k, u, index, weight, torch.ones(n), temperature
+        )
     assert_op_results(torch.float16, fast, ref, exact, temperature)
 
 

@@ -11,6 +11,7 @@ tile is rounded to fp16 for the second dot, the row gradients are applied after 
 folded in scaled to ``|g| <= 1`` (dW), subnormal softmax entries survive the rounding, and
 logits over small temperatures (student and given teacher logits) stay in fp32.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,11 +23,31 @@ import torch
 from mgc_kernels.ops.linear_soft_ce import linear_soft_ce
 
 try:
-    from ._helpers import (GRAD_SLACK, INTERPRETER_DTYPES, assert_close_to_exact, l2n, leaf, rand,
-                           representable, requires_triton, ulp_tol, unit_rows)
+    from ._helpers import (
+        GRAD_SLACK,
+        INTERPRETER_DTYPES,
+        assert_close_to_exact,
+        l2n,
+        leaf,
+        rand,
+        representable,
+        requires_triton,
+        ulp_tol,
+        unit_rows,
+    )
 except ImportError:
-    from _helpers import (GRAD_SLACK, INTERPRETER_DTYPES, assert_close_to_exact, l2n, leaf, rand,
-                          representable, requires_triton, ulp_tol, unit_rows)
+    from _helpers import (
+        GRAD_SLACK,
+        INTERPRETER_DTYPES,
+        assert_close_to_exact,
+        l2n,
+        leaf,
+        rand,
+        representable,
+        requires_triton,
+        ulp_tol,
+        unit_rows,
+    )
 
 pytestmark = requires_triton
 
@@ -39,28 +60,49 @@ def small_blocks(enabled: bool = True, programs: int | None = None, size: int = 
     runs over many prototypes quick in the interpreter, whose cost is per operation)."""
     import mgc_kernels.triton.linear_soft_ce as kernels
 
-    return mock.patch.multiple(kernels, MAX_ROWS=size if enabled else kernels.MAX_ROWS,
-                               MAX_COLS=size if enabled else kernels.MAX_COLS,
-                               MAX_PROGRAMS=programs or kernels.MAX_PROGRAMS)
+    return mock.patch.multiple(
+        kernels,
+        MAX_ROWS=size if enabled else kernels.MAX_ROWS,
+        MAX_COLS=size if enabled else kernels.MAX_COLS,
+        MAX_PROGRAMS=programs or kernels.MAX_PROGRAMS,
+    )
 
 
 def run(backend, dtype, x0, w0, teacher, teacher_weight, center, reduction, cot, **kw):
     x, w = leaf(x0, dtype), leaf(w0, dtype)
-    loss, mean = linear_soft_ce(x, w, teacher.to(dtype),
-                                None if teacher_weight is None else teacher_weight.to(dtype),
-                                center=None if center is None else center.to(dtype),
-                                reduction=reduction, backend=backend, **kw)
+    loss, mean = linear_soft_ce(
+        x,
+        w,
+        teacher.to(dtype),
+        None if teacher_weight is None else teacher_weight.to(dtype),
+        center=None if center is None else center.to(dtype),
+        reduction=reduction,
+        backend=backend,
+        **kw,
+    )
     dx, dw = torch.autograd.grad(loss, (x, w), None if cot is None else cot.to(loss.dtype))
     return loss, mean, dx, dw
 
 
-def check(x0, w0, teacher, teacher_weight=None, center=None, reduction="mean", seed=0,
-          student_temperature=0.1, teacher_temperature=0.04, dtype=torch.float32):
+def check(
+    x0,
+    w0,
+    teacher,
+    teacher_weight=None,
+    center=None,
+    reduction="mean",
+    seed=0,
+    student_temperature=0.1,
+    teacher_temperature=0.04,
+    dtype=torch.float32,
+):
     """Triton's loss, teacher mean, dx and dW on inputs in ``dtype`` obey the tolerance rule
     (the fp32 inputs are rounded to ``dtype`` first, so that the exact run sees the same
     values); returns Triton's four tensors."""
-    x0, w0, teacher, teacher_weight, center = (None if t is None else t.to(dtype).float()
-                                               for t in (x0, w0, teacher, teacher_weight, center))
+    x0, w0, teacher, teacher_weight, center = (
+        None if t is None else t.to(dtype).float()
+        for t in (x0, w0, teacher, teacher_weight, center)
+    )
     gen = torch.Generator().manual_seed(seed)
     cot = torch.rand(len(x0), generator=gen) if reduction == "none" else None
     args = (x0, w0, teacher, teacher_weight, center, reduction, cot)
@@ -69,12 +111,18 @@ def check(x0, w0, teacher, teacher_weight=None, center=None, reduction="mean", s
     ref = run("torch", dtype, *args, **kw)
     exact = run("torch", torch.float64, *args, **kw)
     k = len(w0)
-    row_g = cot if cot is not None else torch.full((len(x0),), 1.0 / len(x0)
-                                                   if reduction == "mean" else 1.0)
+    row_g = (
+        cot
+        if cot is not None
+        else torch.full((len(x0),), 1.0 / len(x0) if reduction == "mean" else 1.0)
+    )
     s_scale = (x0.double() @ w0.double().T).abs().max().item() / student_temperature
-    raw = teacher.double() if teacher_weight is None else teacher.double() @ teacher_weight.double().T
-    t_scale = (raw.abs().max().item() + (0 if center is None else center.abs().max().item())) \
-        / teacher_temperature
+    raw = (
+        teacher.double() if teacher_weight is None else teacher.double() @ teacher_weight.double().T
+    )
+    t_scale = (
+        raw.abs().max().item() + (0 if center is None else center.abs().max().item())
+    ) / teacher_temperature
     logit_scale = s_scale + t_scale + math.log(k)
     for name, f, r, e in zip(("loss", "teacher_mean", "dx", "dw"), fast, ref, exact):
         assert f.dtype == r.dtype and f.shape == r.shape, name
@@ -92,14 +140,18 @@ def check(x0, w0, teacher, teacher_weight=None, center=None, reduction="mean", s
 
 
 def problem(gen, n, k, d, dt, scale=1.0):
-    return (rand(gen, n, d, dtype=torch.float32, scale=scale),
-            rand(gen, k, d, dtype=torch.float32, scale=0.5 * scale),
-            rand(gen, n, dt, dtype=torch.float32), rand(gen, k, dt, dtype=torch.float32))
+    return (
+        rand(gen, n, d, dtype=torch.float32, scale=scale),
+        rand(gen, k, d, dtype=torch.float32, scale=0.5 * scale),
+        rand(gen, n, dt, dtype=torch.float32),
+        rand(gen, k, dt, dtype=torch.float32),
+    )
 
 
 @pytest.mark.parametrize("dtype", INTERPRETER_DTYPES)
-@pytest.mark.parametrize("n,k,d,dt", [(1, 1, 1, 1), (17, 33, 5, 3), (33, 50, 16, 20),
-                                      (40, 17, 13, 16)])
+@pytest.mark.parametrize(
+    "n,k,d,dt", [(1, 1, 1, 1), (17, 33, 5, 3), (33, 50, 16, 20), (40, 17, 13, 16)]
+)
 @pytest.mark.parametrize("given_logits", [False, True])
 @pytest.mark.parametrize("small", [True, False])
 def test_against_reference(n, k, d, dt, given_logits, small, dtype):
@@ -134,8 +186,17 @@ def test_reductions_temperatures_and_no_center(reduction, temps, dtype):
     gen = torch.Generator().manual_seed(1)
     x0, w0, y, v = problem(gen, 19, 37, 8, 6)
     with small_blocks():
-        check(x0, w0, y, v, None, reduction, student_temperature=temps[0],
-              teacher_temperature=temps[1], dtype=dtype)
+        check(
+            x0,
+            w0,
+            y,
+            v,
+            None,
+            reduction,
+            student_temperature=temps[0],
+            teacher_temperature=temps[1],
+            dtype=dtype,
+        )
 
 
 def test_more_row_blocks_than_programs():
@@ -156,9 +217,17 @@ def test_large_logits_are_max_shifted_across_tiles(dtype):
     gen = torch.Generator().manual_seed(3)
     x0, w0, y, v = problem(gen, 33, 49, 16, 16, scale=3.0)
     with small_blocks():
-        loss, mean, dx, dw = check(x0, w0, y * 3, v * 3, None, "none",
-                                   student_temperature=0.05, teacher_temperature=0.04,
-                                   dtype=dtype)
+        loss, mean, dx, dw = check(
+            x0,
+            w0,
+            y * 3,
+            v * 3,
+            None,
+            "none",
+            student_temperature=0.05,
+            teacher_temperature=0.04,
+            dtype=dtype,
+        )
     assert (x0 @ w0.T / 0.05).abs().max() > 100
     assert all(torch.isfinite(t).all() for t in (loss, mean, dx, dw))
 
@@ -176,8 +245,9 @@ def op_results(dtype, x, w, y, v, c, grad, tau_s, tau_t):
         args = [None if t is None else t.to(dtype).to(dt) for t in (x, w, y, v)]
         args.append(None if c is None else c.to(torch.promote_types(dt, torch.float32)))
         out = ops.linear_soft_ce(*args, tau_s, tau_t)
-        grads = ops.linear_soft_ce_backward(grad.to(out[0].dtype), *args, out[1], out[2], tau_s,
-                                            tau_t)
+        grads = ops.linear_soft_ce_backward(
+            grad.to(out[0].dtype), *args, out[1], out[2], tau_s, tau_t
+        )
         results.append((*out, *grads))
     return results
 
@@ -260,8 +330,9 @@ def test_fp16_tiny_upstream_gradient_is_not_flushed(given_logits):
     come out scaled by 1e-6, by the rule."""
     gen = torch.Generator().manual_seed(31)
     n, k, d = 512, 64, 16
-    x = representable(l2n(l2n(torch.randn(1, d, generator=gen))
-                          + 0.1 * torch.randn(n, d, generator=gen)))
+    x = representable(
+        l2n(l2n(torch.randn(1, d, generator=gen)) + 0.1 * torch.randn(n, d, generator=gen))
+    )
     w, y = unit_rows(gen, k, d), unit_rows(gen, 1, d).repeat(n, 1)
     teacher, teacher_weight = (representable(y @ w.T), None) if given_logits else (y, w)
     g = (0.5 + torch.rand(n, generator=gen)) * 1e-6
@@ -298,8 +369,7 @@ def test_fp16_logits_over_small_temperatures_stay_in_fp32():
     teacher = representable(unit_rows(gen, 40, 16) @ w.T)
     assert (x.double() @ w.double().T).max() / 0.05 > 19.9
     with small_blocks():
-        results = op_results(torch.float16, x, w, teacher, None, None, torch.ones(40), 0.05,
-                             0.04)
+        results = op_results(torch.float16, x, w, teacher, None, None, torch.ones(40), 0.05, 0.04)
     assert_op_results(torch.float16, *results, logit_scale=50.0)
 
 
@@ -311,8 +381,9 @@ def test_fp16_teacher_logits_all_below_the_centre():
     gen = torch.Generator().manual_seed(34)
     x, w = unit_rows(gen, 4, 16), unit_rows(gen, 17, 16)
     teacher = representable(torch.linspace(-1.0, -0.5, 17).repeat(4, 1))
-    results = op_results(torch.float16, x, w, teacher, None, torch.zeros(17), torch.ones(4),
-                         0.1, 0.04)
+    results = op_results(
+        torch.float16, x, w, teacher, None, torch.zeros(17), torch.ones(4), 0.1, 0.04
+    )
     assert results[2][2].max() < -11.1  # the teacher lse
     assert_op_results(torch.float16, *results, logit_scale=40.0)
 

@@ -42,6 +42,7 @@ Run it WITHOUT ``TRITON_INTERPRET`` (kernels must be real ``JITFunction``s):
 ``python tests/triton_aot.py [--real] [--toy] [--arch 90] [--jobs N]``. With another Triton
 first on ``PYTHONPATH`` it compiles with that one (the summary names the version).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks.triton_resources, mgc_kernels from the checkout
     sys.path.insert(0, str(ROOT))
 
-KERNEL_MODULES = ("region_boxes", "correspondence", "sample_pairs", "multigrain_pool",
-                  "info_nce", "geometric_info_nce", "linear_soft_ce")
+KERNEL_MODULES = (
+    "region_boxes",
+    "correspondence",
+    "sample_pairs",
+    "multigrain_pool",
+    "info_nce",
+    "geometric_info_nce",
+    "linear_soft_ce",
+)
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # headline benchmark sizes (benchmarks/cases/ops.py): ViT-S/16's 14 x 14 grid, B = 256
@@ -90,14 +98,16 @@ class Recorder:
     """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` appends a :class:`Launch`
     labelled with its recording's current case."""
 
-    def __init__(self, fn, module: str, recording: "Recording"):
+    def __init__(self, fn, module: str, recording: Recording):
         self.fn, self.module, self.recording = fn, module, recording
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             rec = self.recording
-            rec.launches.append(Launch(self.fn, self.module, tuple(grid), args, kwargs,
-                                       rec.case, rec.dtype))
+            rec.launches.append(
+                Launch(self.fn, self.module, tuple(grid), args, kwargs, rec.case, rec.dtype)
+            )
+
         return launch
 
 
@@ -108,8 +118,9 @@ class Recording:
     def __init__(self):
         self.launches: list[Launch] = []
         self.case, self.dtype = "", ""
-        self.modules = {m: importlib.import_module(f"mgc_kernels.triton.{m}")
-                        for m in KERNEL_MODULES}
+        self.modules = {
+            m: importlib.import_module(f"mgc_kernels.triton.{m}") for m in KERNEL_MODULES
+        }
         for short, module in self.modules.items():
             for name, value in list(vars(module).items()):
                 fn = value.fn if isinstance(value, Recorder) else value
@@ -142,17 +153,19 @@ def record_toy(rec: Recording) -> None:
             rec["correspondence"].correspondence(boxes, flips, boxes, flips, 4, metric)
         rec["region_boxes"].region_boxes(boxes, flips, 4)
         for method in ("mgc", "topk"):
-            rec["sample_pairs"].sample_pairs(boxes, flips, boxes, flips, 4, 3, method, 224.0,
-                                             (12, 2, 8), (8, 2, 6))
+            rec["sample_pairs"].sample_pairs(
+                boxes, flips, boxes, flips, 4, 3, method, 224.0, (12, 2, 8), (8, 2, 6)
+            )
     for dtype in DTYPES:
         with rec.labelled("toy", dtype):
             tokens = torch.randn(2, 196, 40, generator=gen).to(dtype)
             pool = rec["multigrain_pool"]
             outs = pool.multigrain_pool(tokens, 14, [1, 2, 7, 14])
             pool.multigrain_pool_backward(outs, 14, [1, 2, 7, 14])
-            big = torch.randn(1, 400, 8, generator=gen).to(dtype)        # grid 20: chunked path
-            pool.multigrain_pool_backward(pool.multigrain_pool(big, 20, [1, 2, 4, 5]), 20,
-                                          [1, 2, 4, 5])
+            big = torch.randn(1, 400, 8, generator=gen).to(dtype)  # grid 20: chunked path
+            pool.multigrain_pool_backward(
+                pool.multigrain_pool(big, 20, [1, 2, 4, 5]), 20, [1, 2, 4, 5]
+            )
             toy_info_nce(rec, dtype, gen)
             toy_linear_soft_ce(rec["linear_soft_ce"], dtype, gen)
 
@@ -171,8 +184,9 @@ def toy_info_nce(rec, dtype, gen):
     geo = rec["geometric_info_nce"]
     for metric in ("mgc", "iou", "ioa"):
         geo.geometric_info_nce(q, q, regions, regions, image, image, 0.1, metric)
-        geo.geometric_info_nce_backward(g, q, q, regions, regions, image, image, lse, g, 0.1,
-                                        metric)
+        geo.geometric_info_nce_backward(
+            g, q, q, regions, regions, image, image, lse, g, 0.1, metric
+        )
 
 
 def toy_linear_soft_ce(module, dtype, gen):
@@ -181,8 +195,9 @@ def toy_linear_soft_ce(module, dtype, gen):
     center, logits, lse = torch.zeros(9), torch.randn(6, 9, generator=gen), torch.zeros(6)
     for teacher, teacher_weight in ((y, v), (logits, None)):
         module.linear_soft_ce(x, w, teacher, teacher_weight, center, 0.1, 0.04)
-        module.linear_soft_ce_backward(torch.ones(6), x, w, teacher, teacher_weight, center, lse,
-                                       lse, 0.1, 0.04)
+        module.linear_soft_ce_backward(
+            torch.ones(6), x, w, teacher, teacher_weight, center, lse, lse, 0.1, 0.04
+        )
 
 
 # --------------------------------------------------------------------------- real sizes
@@ -221,11 +236,13 @@ def real_geometric_info_nce(rec: Recording, dtype: torch.dtype) -> None:
         regions, image = meta(rows, 4), meta(rows, dtype=torch.int64)
         lse, g = meta(rows), meta(rows)
         for metric in metrics:
-            with rec.labelled(f"geometric_info_nce B={BATCH} cell={cell} N={rows} "
-                              f"metric={metric}", dtype):
+            with rec.labelled(
+                f"geometric_info_nce B={BATCH} cell={cell} N={rows} metric={metric}", dtype
+            ):
                 geo.geometric_info_nce(q, k, regions, regions, image, image, 0.1, metric)
-                geo.geometric_info_nce_backward(g, q, k, regions, regions, image, image, lse, g,
-                                                0.1, metric)
+                geo.geometric_info_nce_backward(
+                    g, q, k, regions, regions, image, image, lse, g, 0.1, metric
+                )
 
 
 def real_info_nce(rec: Recording, dtype: torch.dtype) -> None:
@@ -239,8 +256,14 @@ def real_info_nce(rec: Recording, dtype: torch.dtype) -> None:
     dense = BATCH * 49
     cases = (
         (f"info_nce sparse N=M={sparse} P=1", sparse, sparse, 0, 1, False),
-        (f"info_nce sparse N=M={sparse} P={SOFT_TARGETS} soft", sparse, sparse, 0,
-         SOFT_TARGETS, False),
+        (
+            f"info_nce sparse N=M={sparse} P={SOFT_TARGETS} soft",
+            sparse,
+            sparse,
+            0,
+            SOFT_TARGETS,
+            False,
+        ),
         (f"info_nce queue N=M={dense} Q={QUEUE} P=1", dense, dense, QUEUE, 1, False),
         (f"info_nce paired (DenseCL) N={dense} Q={QUEUE}", dense, QUEUE, 0, 0, True),
     )
@@ -262,24 +285,27 @@ def real_linear_soft_ce(rec: Recording, dtype: torch.dtype, width: int) -> None:
     n, k = 2 * BATCH * TOKENS_PER_VIEW, PROTOTYPES
     x, w = meta(n, width, dtype=dtype), meta(k, width, dtype=dtype)
     center, lse, g = meta(k), meta(n), meta(n)
-    teachers = (("weights", meta(n, width, dtype=dtype), meta(k, width, dtype=dtype)),
-                ("logits", meta(n, k, dtype=dtype), None))
+    teachers = (
+        ("weights", meta(n, width, dtype=dtype), meta(k, width, dtype=dtype)),
+        ("logits", meta(n, k, dtype=dtype), None),
+    )
     for form, teacher, teacher_weight in teachers:
         with rec.labelled(f"linear_soft_ce N={n} D={width} K={k} teacher={form}", dtype):
             module.linear_soft_ce(x, w, teacher, teacher_weight, center, 0.1, 0.07)
-            module.linear_soft_ce_backward(g, x, w, teacher, teacher_weight, center, lse, lse,
-                                           0.1, 0.07)
+            module.linear_soft_ce_backward(
+                g, x, w, teacher, teacher_weight, center, lse, lse, 0.1, 0.07
+            )
 
 
 def real_multigrain_pool(rec: Recording, dtype: torch.dtype) -> None:
     """ViT-S tokens ``[256, 196, 384]`` pooled at cells (1, 2, 7, 14), forward and backward."""
     pool = rec["multigrain_pool"]
     cells = [1, 2, 7, 14]
-    with rec.labelled(f"multigrain_pool B={BATCH} grid={GRID} C={CHANNELS} cells=1,2,7,14",
-                      dtype):
+    with rec.labelled(f"multigrain_pool B={BATCH} grid={GRID} C={CHANNELS} cells=1,2,7,14", dtype):
         pool.multigrain_pool(meta(BATCH, GRID * GRID, CHANNELS, dtype=dtype), GRID, cells)
         pool.multigrain_pool_backward(
-            [meta(BATCH, (GRID // c) ** 2, CHANNELS, dtype=dtype) for c in cells], GRID, cells)
+            [meta(BATCH, (GRID // c) ** 2, CHANNELS, dtype=dtype) for c in cells], GRID, cells
+        )
 
 
 def real_geometry(rec: Recording) -> None:
@@ -297,10 +323,10 @@ def real_geometry(rec: Recording) -> None:
                 rec["correspondence"].correspondence(boxes, flips, boxes, flips, n, metric)
         rule = check_strides(OFFICIAL_STRIDES.get(cell, EVERY_REGION))
         for method in ("mgc", "topk"):
-            with rec.labelled(f"geometry B={BATCH} grid={GRID} cell={cell} k={k} "
-                              f"method={method}"):
-                rec["sample_pairs"].sample_pairs(boxes, flips, boxes, flips, n, k, method,
-                                                 224.0, rule[:3], rule[3:])
+            with rec.labelled(f"geometry B={BATCH} grid={GRID} cell={cell} k={k} method={method}"):
+                rec["sample_pairs"].sample_pairs(
+                    boxes, flips, boxes, flips, n, k, method, 224.0, rule[:3], rule[3:]
+                )
 
 
 # --------------------------------------------------------------------------- compiling
@@ -331,13 +357,20 @@ def jit_source(fn, args: tuple, kwargs: dict, gpu_target):
     binder = jit.create_function_from_signature(fn.signature, fn.params, backend)
     bound_args, specialization, options = binder(*args, **kwargs)
     key = jit.compute_cache_key({}, specialization, options)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args,
-                                                          specialization, options)
+    options, signature, constexprs, attrs = fn._pack_args(
+        backend, kwargs, bound_args, specialization, options
+    )
     names = [p.name for p in fn.params]
-    divisible = sorted(names[path[0]] for path, values in attrs.items()
-                       if ["tt.divisibility", 16] in [list(v) for v in values])
-    equal_to_1 = sorted(names[path[0]] for path, value in constexprs.items()
-                        if not fn.params[path[0]].is_constexpr and value == 1)
+    divisible = sorted(
+        names[path[0]]
+        for path, values in attrs.items()
+        if ["tt.divisibility", 16] in [list(v) for v in values]
+    )
+    equal_to_1 = sorted(
+        names[path[0]]
+        for path, value in constexprs.items()
+        if not fn.params[path[0]].is_constexpr and value == 1
+    )
     spec = {"divisible_by_16": divisible, "equal_to_1": equal_to_1}
     return key, ASTSource(fn, signature, constexprs, attrs), options.__dict__, spec
 
@@ -358,8 +391,10 @@ def variants(launches: list[Launch], arch: int) -> list[Variant]:
         if ident in found:
             also = found[ident].also
             label = f"{launch.case} [{launch.dtype}]"
-            if label != f"{found[ident].launch.case} [{found[ident].launch.dtype}]" and \
-                    label not in also:
+            if (
+                label != f"{found[ident].launch.case} [{found[ident].launch.dtype}]"
+                and label not in also
+            ):
                 also.append(label)
         else:
             found[ident] = Variant(launch, key, spec, [])
@@ -373,8 +408,9 @@ def compile_variant(variant: Variant, arch: int) -> dict:
     from benchmarks.triton_resources import SM90, kernel_resources, launch_problems
 
     launch = variant.launch
-    row: dict[str, Any] = dict(kernel=f"{launch.module}.{launch.fn.__name__}", case=launch.case,
-                               dtype=launch.dtype)
+    row: dict[str, Any] = dict(
+        kernel=f"{launch.module}.{launch.fn.__name__}", case=launch.case, dtype=launch.dtype
+    )
     try:
         _, src, options, _ = jit_source(launch.fn, launch.args, launch.kwargs, target(arch))
         start = time.perf_counter()
@@ -389,8 +425,14 @@ def compile_variant(variant: Variant, arch: int) -> dict:
             problems = [f"resource usage unreadable: {type(err).__name__}: {err}"[:2000]]
         else:  # the limits are sm_90's: other targets are compiled but not checked
             problems = launch_problems(row, SM90) if arch == 90 else []
-    row.update(triton=triton.__version__, arch=f"sm_{arch}", grid=list(launch.grid),
-               **variant.spec, also=variant.also, can_launch=not problems)
+    row.update(
+        triton=triton.__version__,
+        arch=f"sm_{arch}",
+        grid=list(launch.grid),
+        **variant.spec,
+        also=variant.also,
+        can_launch=not problems,
+    )
     if problems:
         row["problems"] = problems
     return row
@@ -429,27 +471,49 @@ def with_tuned_tiles(launches: list[Launch]) -> list[Launch]:
 
     out = list(launches)
     for launch in launches:
-        if (launch.module in ("info_nce", "geometric_info_nce") and launch.dtype == "bf16"
-                and launch.kwargs["BLOCK_D"] <= 128 and "metric=i" not in launch.case):
+        if (
+            launch.module in ("info_nce", "geometric_info_nce")
+            and launch.dtype == "bf16"
+            and launch.kwargs["BLOCK_D"] <= 128
+            and "metric=i" not in launch.case
+        ):
             for rows, cols, warps, stages in info_nce.TUNED:
-                kwargs = dict(launch.kwargs, BLOCK_R=rows, BLOCK_C=cols,
-                              BAND_R=info_nce.TUNED_BAND_R, num_warps=warps, num_stages=stages)
-                out.append(launch._replace(kwargs=kwargs, case=f"{launch.case} tuned {rows}x"
-                                           f"{cols} warps={warps} stages={stages}"))
+                kwargs = dict(
+                    launch.kwargs,
+                    BLOCK_R=rows,
+                    BLOCK_C=cols,
+                    BAND_R=info_nce.TUNED_BAND_R,
+                    num_warps=warps,
+                    num_stages=stages,
+                )
+                out.append(
+                    launch._replace(
+                        kwargs=kwargs,
+                        case=f"{launch.case} tuned {rows}x{cols} warps={warps} stages={stages}",
+                    )
+                )
     return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80, 90")
-    parser.add_argument("--real", action="store_true",
-                        help="the launches at the headline benchmark sizes (instead of the toy "
-                             "shapes, unless --toy is given too)")
+    parser.add_argument(
+        "--real",
+        action="store_true",
+        help="the launches at the headline benchmark sizes (instead of the toy "
+        "shapes, unless --toy is given too)",
+    )
     parser.add_argument("--toy", action="store_true", help="the small-shape launches (default)")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                        help="compile in this many processes (default: one per CPU)")
-    parser.add_argument("--kernel", default="",
-                        help="only the kernels whose 'module.name' contains this text")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="compile in this many processes (default: one per CPU)",
+    )
+    parser.add_argument(
+        "--kernel", default="", help="only the kernels whose 'module.name' contains this text"
+    )
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("run without TRITON_INTERPRET=1: the interpreter replaces the JIT functions")
@@ -458,26 +522,41 @@ def main() -> int:
     modes = tuple(m for m, on in (("toy", args.toy or not args.real), ("real", args.real)) if on)
     start = time.perf_counter()
     found = variants(record(modes), args.arch)
-    chosen = [i for i, v in enumerate(found)
-              if args.kernel in f"{v.launch.module}.{v.launch.fn.__name__}"]
+    chosen = [
+        i for i, v in enumerate(found) if args.kernel in f"{v.launch.module}.{v.launch.fn.__name__}"
+    ]
     jobs = max(1, min(args.jobs, len(chosen)))
     failures = []
     # worker processes are fresh interpreters: each records the same launches
-    pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
-                               initargs=(modes, args.arch, [v.key for v in found])) \
-        if jobs > 1 else nullcontext()
+    pool = (
+        ProcessPoolExecutor(
+            jobs,
+            mp_context=get_context("spawn"),
+            initializer=_worker_init,
+            initargs=(modes, args.arch, [v.key for v in found]),
+        )
+        if jobs > 1
+        else nullcontext()
+    )
     with pool:
-        rows = pool.map(_worker_compile, chosen) if jobs > 1 else \
-            (compile_variant(found[i], args.arch) for i in chosen)
+        rows = (
+            pool.map(_worker_compile, chosen)
+            if jobs > 1
+            else (compile_variant(found[i], args.arch) for i in chosen)
+        )
         for row in rows:
             print(json.dumps(row), flush=True)
             if not row["can_launch"]:
-                failures.append(f"{row['kernel']} [{row['case']}, {row['dtype']}]: "
-                                + "; ".join(row["problems"]))
-    print(f"compiled {len(chosen) - len(failures)} of {len(chosen)} kernel variants "
-          f"({'+'.join(modes)} sizes) for sm_{args.arch} with Triton {triton.__version__} from "
-          f"{Path(triton.__file__).parent} in {time.perf_counter() - start:.0f} s "
-          f"({jobs} processes)")
+                failures.append(
+                    f"{row['kernel']} [{row['case']}, {row['dtype']}]: "
+                    + "; ".join(row["problems"])
+                )
+    print(
+        f"compiled {len(chosen) - len(failures)} of {len(chosen)} kernel variants "
+        f"({'+'.join(modes)} sizes) for sm_{args.arch} with Triton {triton.__version__} from "
+        f"{Path(triton.__file__).parent} in {time.perf_counter() - start:.0f} s "
+        f"({jobs} processes)"
+    )
     for failure in failures:
         print("FAILED", failure)
     return 1 if failures else 0

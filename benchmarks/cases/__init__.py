@@ -2,6 +2,7 @@
 
 ``CASES`` maps each case's name to its :class:`Case`, in the order they run.
 """
+
 from . import losses, ops, train_step  # noqa: F401  (each module registers its cases)
 from .base import CASES, FWD, FWD_BWD, STEP, Case, Problem, Unavailable, variant
 

@@ -7,6 +7,7 @@ differentiable inputs, and the work it does (matmul FLOPs or minimum memory traf
 A builder raises :class:`Unavailable` when the case cannot run here at all (a missing optional
 package); every provider then reports the reason as a skip.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -88,8 +89,9 @@ def case(name: str, *, op_name: str, sizes, cpu_sizes, quick_sizes, modes=(FWD, 
     """Register ``build`` as the case ``name``."""
 
     def register(build):
-        CASES[name] = Case(name, op_name, build, tuple(sizes), tuple(cpu_sizes),
-                           tuple(quick_sizes), tuple(modes))
+        CASES[name] = Case(
+            name, op_name, build, tuple(sizes), tuple(cpu_sizes), tuple(quick_sizes), tuple(modes)
+        )
         return build
 
     return register

@@ -22,6 +22,7 @@ DIR receives gpu_check.log, summary.md, summary.json, benchmarks.jsonl, benchmar
 junit.xml and kernels.jsonl. Exit status 0 when every phase passed, 1 otherwise, 2 when there is
 no GPU (and no --dry-run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,20 +53,34 @@ class Phase:
     cap_s: float
 
 
-PHASES = (Phase("env", 100), Phase("smoke", 70), Phase("headline", 80), Phase("tests", 120),
-          Phase("bench", 90), Phase("kernels", 20))
+PHASES = (
+    Phase("env", 100),
+    Phase("smoke", 70),
+    Phase("headline", 80),
+    Phase("tests", 120),
+    Phase("bench", 90),
+    Phase("kernels", 20),
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     summary_line, rest = __doc__.split("\n", 1)
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check",
-                                     description=summary_line, epilog=rest,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_check",
+        description=summary_line,
+        epilog=rest,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder for the results")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="every phase on the CPU at tiny sizes (what CI runs)")
-    parser.add_argument("--budget", type=float, default=sum(p.cap_s for p in PHASES),
-                        help="seconds for all phases together (default: the sum of the caps)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="every phase on the CPU at tiny sizes (what CI runs)"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=sum(p.cap_s for p in PHASES),
+        help="seconds for all phases together (default: the sum of the caps)",
+    )
     return parser.parse_args(argv)
 
 
@@ -73,20 +88,43 @@ def phase_commands(phase: Phase, args, work: Path, deadline: float) -> list[list
     """The processes of a phase (several run side by side)."""
     if phase.name == "tests":
         return [pytest_command(args.out, args.dry_run)]
-    base = [sys.executable, "-m", "benchmarks.gpu_check.phases", phase.name, "--work", str(work),
-            "--out", str(args.out), "--deadline", str(deadline)] + (["--dry-run"] * args.dry_run)
+    base = [
+        sys.executable,
+        "-m",
+        "benchmarks.gpu_check.phases",
+        phase.name,
+        "--work",
+        str(work),
+        "--out",
+        str(args.out),
+        "--deadline",
+        str(deadline),
+    ] + (["--dry-run"] * args.dry_run)
     if phase.name == "smoke":
         return [base + ["--op", op] for op in OPS]
     return [base]
 
 
 def pytest_command(out: Path, dry_run: bool) -> list[str]:
-    files = sorted((REPO / "tests" / "gpu").glob("test_*.py"),
-                   key=lambda p: (p.name in SLOWEST_TEST_FILES,
-                                  SLOWEST_TEST_FILES.index(p.name)
-                                  if p.name in SLOWEST_TEST_FILES else 0, p.name))
-    command = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
-               f"--junitxml={out / 'junit.xml'}", *map(str, files)]
+    files = sorted(
+        (REPO / "tests" / "gpu").glob("test_*.py"),
+        key=lambda p: (
+            p.name in SLOWEST_TEST_FILES,
+            SLOWEST_TEST_FILES.index(p.name) if p.name in SLOWEST_TEST_FILES else 0,
+            p.name,
+        ),
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-rfE",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={out / 'junit.xml'}",
+        *map(str, files),
+    ]
     if importlib.util.find_spec("xdist"):
         command += ["-n", "2" if dry_run else "8"]
     if importlib.util.find_spec("pytest_timeout"):
@@ -106,12 +144,21 @@ def run_phase(phase: Phase, commands: list[list[str]], env: dict, cap: float, lo
             log.write(f"\n--- {' '.join(command[2:])} (exit {code})\n{sink.read()}")
             sink.close()
     elapsed = time.monotonic() - start
-    status = ("timed out" if None in codes else "ok" if all(c == 0 for c in codes)
-              else f"exit {max(codes, key=abs)}")
+    status = (
+        "timed out"
+        if None in codes
+        else "ok"
+        if all(c == 0 for c in codes)
+        else f"exit {max(codes, key=abs)}"
+    )
     log.write(f"=== phase {phase.name}: {status} in {elapsed:.1f} s (cap {cap:.0f} s)\n")
     log.flush()
-    return {"phase": phase.name, "status": status, "seconds": round(elapsed, 1),
-            "cap_s": round(cap)}
+    return {
+        "phase": phase.name,
+        "status": status,
+        "seconds": round(elapsed, 1),
+        "cap_s": round(cap),
+    }
 
 
 def _run_side_by_side(commands, sinks, env: dict, deadline: float) -> list:
@@ -122,8 +169,14 @@ def _run_side_by_side(commands, sinks, env: dict, deadline: float) -> list:
     while (waiting or running) and time.monotonic() < deadline:
         while waiting and len(running) < (os.cpu_count() or 1):
             command, sink, i = waiting.pop(0)
-            running[i] = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+            running[i] = subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=env,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         for i, proc in list(running.items()):
             if proc.poll() is not None:
                 codes[i] = running.pop(i).returncode
@@ -149,8 +202,9 @@ def child_env(args, work: Path, phase: Phase, deadline: float) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here; --dry-run runs the phases on the CPU",
-              file=sys.stderr)
+        print(
+            "gpu_check: no CUDA device here; --dry-run runs the phases on the CPU", file=sys.stderr
+        )
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     for stale in ("benchmarks.jsonl", "benchmarks.csv", "junit.xml"):
@@ -167,10 +221,13 @@ def main(argv=None) -> int:
             deadline = time.time() + cap
             commands = phase_commands(phase, args, work, deadline)
             print(f"gpu_check: {phase.name} (cap {cap:.0f} s)", flush=True)
-            phases.append(run_phase(phase, commands, child_env(args, work, phase, deadline),
-                                    cap, log))
-            print(f"gpu_check: {phase.name}: {phases[-1]['status']} in "
-                  f"{phases[-1]['seconds']} s", flush=True)
+            phases.append(
+                run_phase(phase, commands, child_env(args, work, phase, deadline), cap, log)
+            )
+            print(
+                f"gpu_check: {phase.name}: {phases[-1]['status']} in {phases[-1]['seconds']} s",
+                flush=True,
+            )
         report = summary.collect(phases, work, args.out, args.dry_run)
     (args.out / "summary.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out / "summary.md").write_text(summary.markdown(report))

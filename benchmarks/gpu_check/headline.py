@@ -5,6 +5,7 @@ the torch backend in the same dtype and in fp64 by the rule of :mod:`.rule`; the
 compare with the CPU reference bit for bit. A check yields one record per fast backend: the worst
 excess over the rule per output (<= 0 passes) or the number of differing entries.
 """
+
 from __future__ import annotations
 
 import time
@@ -51,15 +52,18 @@ def geometric_info_nce(device, dtype, size, backend) -> dict:
     rows = batch * GRID * GRID
     gen = torch.Generator().manual_seed(0)
     boxes1, flips1, boxes2, flips2 = view_boxes(batch)
-    regions = [mk.region_boxes(b, f, GRID, 1).reshape(rows, 4).to(device)
-               for b, f in ((boxes1, flips1), (boxes2, flips2))]
+    regions = [
+        mk.region_boxes(b, f, GRID, 1).reshape(rows, 4).to(device)
+        for b, f in ((boxes1, flips1), (boxes2, flips2))
+    ]
     image = torch.arange(batch, device=device).repeat_interleave(GRID * GRID)
     inputs = {"q": unit_rows(gen, rows, DIM).to(device), "k": unit_rows(gen, rows, DIM).to(device)}
     upstream = (0.5 + torch.rand(rows, generator=gen)).to(device)
 
     def op(backend, q, k):
-        return mk.geometric_info_nce(q, k, *regions, image, image, 0.1, normalize=False,
-                                     reduction="none", backend=backend)
+        return mk.geometric_info_nce(
+            q, k, *regions, image, image, 0.1, normalize=False, reduction="none", backend=backend
+        )
 
     return _rule(op, backend, dtype, inputs, upstream, ("rows", "dq", "dk"))
 
@@ -74,8 +78,16 @@ def info_nce_queue(device, dtype, size, backend) -> dict:
     upstream = (0.5 + torch.rand(rows, generator=gen)).to(device)
 
     def op(backend, q, k):
-        return mk.info_nce(q, k, targets, 0.2, queue=queue.to(q.dtype), normalize=False,
-                           reduction="none", backend=backend)
+        return mk.info_nce(
+            q,
+            k,
+            targets,
+            0.2,
+            queue=queue.to(q.dtype),
+            normalize=False,
+            reduction="none",
+            backend=backend,
+        )
 
     return _rule(op, backend, dtype, inputs, upstream, ("rows", "dq", "dk"))
 
@@ -85,15 +97,23 @@ def linear_soft_ce(device, dtype, size, backend) -> dict:
     so logits stay within 1 / tau), teacher given by its features and prototypes."""
     rows, k = 2 * size["batch"] * 11, size["prototypes"]
     gen = torch.Generator().manual_seed(2)
-    inputs = {"x": unit_rows(gen, rows, HEAD_DIM).to(device),
-              "w": unit_rows(gen, k, HEAD_DIM).to(device)}
+    inputs = {
+        "x": unit_rows(gen, rows, HEAD_DIM).to(device),
+        "w": unit_rows(gen, k, HEAD_DIM).to(device),
+    }
     teacher = [unit_rows(gen, n, HEAD_DIM).to(device) for n in (rows, k)]
     center = representable(0.1 * torch.randn(k, generator=gen)).to(device)
     upstream = torch.full((rows,), 1.0 / rows, device=device)
 
     def op(backend, x, w):
-        loss, _ = mk.linear_soft_ce(x, w, *(t.to(x.dtype) for t in teacher), center=center,
-                                    reduction="none", backend=backend)
+        loss, _ = mk.linear_soft_ce(
+            x,
+            w,
+            *(t.to(x.dtype) for t in teacher),
+            center=center,
+            reduction="none",
+            backend=backend,
+        )
         return loss
 
     # logits reach 1 / tau_t = 25: the fp32 tolerance of the tests/gpu ADCLR check
@@ -105,8 +125,9 @@ def multigrain_pool(device, dtype, size, backend) -> dict:
     gen = torch.Generator().manual_seed(3)
     cells = (1, 2, 7, 14)
     tokens = (torch.rand(size["batch"], GRID * GRID, 384, generator=gen) - 0.5).to(device)
-    upstream = [torch.randn(size["batch"], (GRID // c) ** 2, 384, generator=gen).to(device)
-                for c in cells]
+    upstream = [
+        torch.randn(size["batch"], (GRID // c) ** 2, 384, generator=gen).to(device) for c in cells
+    ]
 
     def run(backend, dtype):
         x = tokens.to(dtype).clone().requires_grad_(True)
@@ -149,8 +170,12 @@ def run(device: torch.device, dtype: torch.dtype, size: dict, deadline: float) -
     """One record per (check, fast backend), until ``deadline`` (time.time())."""
     for check, op, fast_backends in CHECKS:
         for backend in fast_backends:
-            record = {"check": check.__name__, "backend": backend,
-                      "dtype": results.dtype_name(dtype), "batch": size["batch"]}
+            record = {
+                "check": check.__name__,
+                "backend": backend,
+                "dtype": results.dtype_name(dtype),
+                "batch": size["batch"],
+            }
             if time.time() > deadline:
                 yield {**record, "status": "not run: the phase's time is up"}
                 continue
@@ -163,5 +188,9 @@ def run(device: torch.device, dtype: torch.dtype, size: dict, deadline: float) -
                 values, status = {}, f"error: {first_line(err)}"
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            yield {**record, "values": values, "status": status,
-                   "seconds": round(time.perf_counter() - start, 2)}
+            yield {
+                **record,
+                "values": values,
+                "status": status,
+                "seconds": round(time.perf_counter() - start, 2),
+            }

@@ -5,6 +5,7 @@ the variants that the other phases' processes (pytest's workers too) compiled. E
 is a metadata file (name, warps, stages, dynamic shared memory) beside its cubin, whose registers
 and spills :func:`benchmarks.triton_resources.cubin_resources` reads without a device.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,14 +24,22 @@ def variants(cache: Path) -> Iterator[dict]:
         cubin = meta_path.with_suffix(".cubin")
         if "name" not in meta or not cubin.exists():
             continue
-        record = {"kernel": meta["name"], "arch": meta.get("target", {}).get("arch"),
-                  "num_warps": meta["num_warps"], "num_stages": meta["num_stages"],
-                  "shared_bytes": meta["shared"], "threads": meta["num_warps"] * 32,
-                  "hash": meta_path.parent.name[:12]}
+        record = {
+            "kernel": meta["name"],
+            "arch": meta.get("target", {}).get("arch"),
+            "num_warps": meta["num_warps"],
+            "num_stages": meta["num_stages"],
+            "shared_bytes": meta["shared"],
+            "threads": meta["num_warps"] * 32,
+            "hash": meta_path.parent.name[:12],
+        }
         try:
             usage = cubin_resources(cubin.read_bytes())
-            record.update(regs=usage["regs"], spill_bytes=usage["spill_bytes"],
-                          loops=sass_loops(cuobjdump(cubin.read_bytes(), "-sass")))
+            record.update(
+                regs=usage["regs"],
+                spill_bytes=usage["spill_bytes"],
+                loops=sass_loops(cuobjdump(cubin.read_bytes(), "-sass")),
+            )
             record["launch_problems"] = launch_problems(record)
         except Exception as err:  # a record, whatever cuobjdump says
             record["error"] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"

@@ -6,6 +6,7 @@ Inputs are made exactly representable in fp32, bf16 and fp16 (rounded to bf16, t
 flushed under fp16's smallest normal), so one fp64 result is exact for every dtype. The tolerances
 are the ones ``tests/gpu`` uses (see its modules' docstrings for the derivations).
 """
+
 from __future__ import annotations
 
 import torch

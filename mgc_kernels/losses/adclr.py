@@ -1,5 +1,6 @@
 """ADCLR: Accurate and Dense Contrastive Representation Learning (Zhang, Zhu, Zhao, Yan,
 ICLR 2023, arXiv:2306.13337)."""
+
 from __future__ import annotations
 
 import torch
@@ -57,31 +58,51 @@ class ADCLRLoss(nn.Module):
     center_cls: torch.Tensor
     center_query: torch.Tensor
 
-    def __init__(self, num_prototypes: int = 65536, student_temperature: float = 0.1,
-                 teacher_temperature: float = 0.07, warmup_teacher_temperature: float = 0.04,
-                 warmup_teacher_temperature_epochs: int = 30, center_momentum: float = 0.9,
-                 query_weight: float = 1.0, query_pairs: str = "cross",
-                 gather_distributed: bool = False, backend: str | None = None):
+    def __init__(
+        self,
+        num_prototypes: int = 65536,
+        student_temperature: float = 0.1,
+        teacher_temperature: float = 0.07,
+        warmup_teacher_temperature: float = 0.04,
+        warmup_teacher_temperature_epochs: int = 30,
+        center_momentum: float = 0.9,
+        query_weight: float = 1.0,
+        query_pairs: str = "cross",
+        gather_distributed: bool = False,
+        backend: str | None = None,
+    ):
         super().__init__()
-        if not isinstance(num_prototypes, int) or isinstance(num_prototypes, bool) \
-                or num_prototypes < 1:
+        if (
+            not isinstance(num_prototypes, int)
+            or isinstance(num_prototypes, bool)
+            or num_prototypes < 1
+        ):
             raise ValueError(f"num_prototypes must be a positive int, got {num_prototypes!r}")
         self.num_prototypes = num_prototypes
         self.student_temperature = _checks.positive("student_temperature", student_temperature)
         self.teacher_temperature = _checks.positive("teacher_temperature", teacher_temperature)
-        self.warmup_teacher_temperature = _checks.positive("warmup_teacher_temperature",
-                                                           warmup_teacher_temperature)
+        self.warmup_teacher_temperature = _checks.positive(
+            "warmup_teacher_temperature", warmup_teacher_temperature
+        )
         epochs = warmup_teacher_temperature_epochs
         if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
-            raise ValueError("warmup_teacher_temperature_epochs must be an int >= 0, got "
-                             f"{epochs!r}")
+            raise ValueError(
+                f"warmup_teacher_temperature_epochs must be an int >= 0, got {epochs!r}"
+            )
         self.warmup_teacher_temperature_epochs = epochs
-        if not isinstance(center_momentum, (int, float)) or isinstance(center_momentum, bool) \
-                or not 0 <= center_momentum <= 1:
+        if (
+            not isinstance(center_momentum, (int, float))
+            or isinstance(center_momentum, bool)
+            or not 0 <= center_momentum <= 1
+        ):
             raise ValueError(f"center_momentum must be a number in [0, 1], got {center_momentum!r}")
         self.center_momentum = float(center_momentum)
-        if not isinstance(query_weight, (int, float)) or isinstance(query_weight, bool) \
-                or not query_weight >= 0 or query_weight == float("inf"):
+        if (
+            not isinstance(query_weight, (int, float))
+            or isinstance(query_weight, bool)
+            or not query_weight >= 0
+            or query_weight == float("inf")
+        ):
             raise ValueError(f"query_weight must be a finite number >= 0, got {query_weight!r}")
         self.query_weight = float(query_weight)
         _checks.choice("query_pairs", query_pairs, QUERY_PAIRS)
@@ -92,12 +113,14 @@ class ADCLRLoss(nn.Module):
         self.register_buffer("center_query", torch.zeros(num_prototypes))
 
     def extra_repr(self) -> str:
-        return (f"num_prototypes={self.num_prototypes}, student_temperature="
-                f"{self.student_temperature}, teacher_temperature="
-                f"{self.warmup_teacher_temperature}->{self.teacher_temperature} over "
-                f"{self.warmup_teacher_temperature_epochs} epochs, center_momentum="
-                f"{self.center_momentum}, query_weight={self.query_weight}, "
-                f"query_pairs={self.query_pairs!r}")
+        return (
+            f"num_prototypes={self.num_prototypes}, student_temperature="
+            f"{self.student_temperature}, teacher_temperature="
+            f"{self.warmup_teacher_temperature}->{self.teacher_temperature} over "
+            f"{self.warmup_teacher_temperature_epochs} epochs, center_momentum="
+            f"{self.center_momentum}, query_weight={self.query_weight}, "
+            f"query_pairs={self.query_pairs!r}"
+        )
 
     def teacher_temperature_at(self, epoch: float) -> float:
         """``tau_t`` at ``epoch``: DINO's linear warm-up, then constant."""
@@ -111,10 +134,17 @@ class ADCLRLoss(nn.Module):
         start, end = self.warmup_teacher_temperature, self.teacher_temperature
         return start + (end - start) * min(epoch / (warmup - 1), 1.0)
 
-    def forward(self, student_cls: torch.Tensor, teacher_cls: torch.Tensor,
-                student_query: torch.Tensor | None, teacher_query: torch.Tensor | None,
-                student_weight: torch.Tensor, teacher_weight: torch.Tensor | None = None, *,
-                epoch: float) -> torch.Tensor:
+    def forward(
+        self,
+        student_cls: torch.Tensor,
+        teacher_cls: torch.Tensor,
+        student_query: torch.Tensor | None,
+        teacher_query: torch.Tensor | None,
+        student_weight: torch.Tensor,
+        teacher_weight: torch.Tensor | None = None,
+        *,
+        epoch: float,
+    ) -> torch.Tensor:
         """The ADCLR loss (fp32 scalar; fp64 for fp64 inputs).
 
         Args:
@@ -131,16 +161,24 @@ class ADCLRLoss(nn.Module):
             epoch: the current (possibly fractional) epoch, for the temperature warm-up.
         """
         tau_t = self.teacher_temperature_at(epoch)
-        self._check(student_cls, teacher_cls, student_query, teacher_query, student_weight,
-                    teacher_weight)
+        self._check(
+            student_cls, teacher_cls, student_query, teacher_query, student_weight, teacher_weight
+        )
         views = len(student_cls)
         pairs = [(a, b) for a in range(2) for b in range(views) if b != a]
         s_rows = torch.cat([student_cls[b] for _, b in pairs])
         t_rows = torch.cat([teacher_cls[a] for a, _ in pairs])
         cls_sum, cls_mean = linear_soft_ce(
-            s_rows, student_weight, t_rows, teacher_weight,
-            student_temperature=self.student_temperature, teacher_temperature=tau_t,
-            center=self.center_cls, reduction="sum", backend=self.backend)
+            s_rows,
+            student_weight,
+            t_rows,
+            teacher_weight,
+            student_temperature=self.student_temperature,
+            teacher_temperature=tau_t,
+            center=self.center_cls,
+            reduction="sum",
+            backend=self.backend,
+        )
         counts = [len(s_rows), 2 * teacher_cls.shape[1]]
         sums = [cls_mean * counts[1]]
         terms = [cls_sum]
@@ -149,19 +187,27 @@ class ADCLRLoss(nn.Module):
             s_rows = torch.cat([student_query[b] for b in order]).flatten(0, -2)
             t_rows = teacher_query.flatten(0, -2)
             query_sum, query_mean = linear_soft_ce(
-                s_rows, student_weight, t_rows, teacher_weight,
-                student_temperature=self.student_temperature, teacher_temperature=tau_t,
-                center=self.center_query, reduction="sum", backend=self.backend)
+                s_rows,
+                student_weight,
+                t_rows,
+                teacher_weight,
+                student_temperature=self.student_temperature,
+                teacher_temperature=tau_t,
+                center=self.center_query,
+                reduction="sum",
+                backend=self.backend,
+            )
             counts += [len(s_rows), len(t_rows)]
             sums.append(query_mean * counts[3])
             terms.append(query_sum)
         acc = cls_sum.dtype
-        local = torch.cat([*(s.to(acc) for s in sums),
-                           torch.tensor(counts, dtype=acc, device=cls_sum.device)])
+        local = torch.cat(
+            [*(s.to(acc) for s in sums), torch.tensor(counts, dtype=acc, device=cls_sum.device)]
+        )
         needs_reduce = self.gather_distributed or self.training
         total = distributed.all_reduce_sum(local) if needs_reduce else local
         k = self.num_prototypes
-        global_counts = total[len(sums) * k:]
+        global_counts = total[len(sums) * k :]
         if self.gather_distributed:
             scale = distributed.world_size() / global_counts[0::2]
         else:
@@ -176,48 +222,61 @@ class ADCLRLoss(nn.Module):
     @torch.no_grad()
     def _update_centers(self, total: torch.Tensor, global_counts: torch.Tensor) -> None:
         m, k = self.center_momentum, self.num_prototypes
-        for i, center in enumerate((self.center_cls, self.center_query)[:len(global_counts) // 2]):
-            mean = total[i * k:(i + 1) * k] / global_counts[2 * i + 1]
+        for i, center in enumerate((self.center_cls, self.center_query)[: len(global_counts) // 2]):
+            mean = total[i * k : (i + 1) * k] / global_counts[2 * i + 1]
             center.mul_(m).add_(mean.to(center.dtype), alpha=1 - m)
 
-    def _check(self, student_cls, teacher_cls, student_query, teacher_query, student_weight,
-               teacher_weight) -> None:
+    def _check(
+        self, student_cls, teacher_cls, student_query, teacher_query, student_weight, teacher_weight
+    ) -> None:
         k = self.num_prototypes
-        _checks.float_tensor("student_weight", student_weight, ndim=2,
-                             kind=" ([K, D] student last layer)")
+        _checks.float_tensor(
+            "student_weight", student_weight, ndim=2, kind=" ([K, D] student last layer)"
+        )
         _checks.dim_size("student_weight", student_weight, 0, k, "num_prototypes")
         _checks.float_tensor("student_cls", student_cls, ndim=3, kind=" ([V, B, D])")
         if len(student_cls) < 2:
-            raise ValueError("student_cls must hold at least the two global views in dimension "
-                             f"0, got {_checks.describe(student_cls)}")
+            raise ValueError(
+                "student_cls must hold at least the two global views in dimension "
+                f"0, got {_checks.describe(student_cls)}"
+            )
         _checks.float_tensor("teacher_cls", teacher_cls, ndim=3, kind=" ([2, B, D_t or K])")
         batch = student_cls.shape[1]
         if tuple(teacher_cls.shape[:2]) != (2, batch):
-            raise ValueError(f"teacher_cls must be [2, B={batch}, ...] (the two global views), "
-                             f"got {_checks.describe(teacher_cls)}")
+            raise ValueError(
+                f"teacher_cls must be [2, B={batch}, ...] (the two global views), "
+                f"got {_checks.describe(teacher_cls)}"
+            )
         if (student_query is None) != (teacher_query is None):
             raise ValueError("student_query and teacher_query must both be given or both None")
         if student_query is None:
             return
         _checks.float_tensor("student_query", student_query, ndim=4, kind=" ([2, B, Q, D])")
-        _checks.float_tensor("teacher_query", teacher_query, ndim=4,
-                             kind=" ([2, B, Q, D_t or K])")
+        _checks.float_tensor("teacher_query", teacher_query, ndim=4, kind=" ([2, B, Q, D_t or K])")
         if student_query.shape[:2] != (2, batch):
-            raise ValueError(f"student_query must be [2, B={batch}, Q, D], got "
-                             f"{_checks.describe(student_query)}")
+            raise ValueError(
+                f"student_query must be [2, B={batch}, Q, D], got {_checks.describe(student_query)}"
+            )
         if teacher_query.shape[:3] != student_query.shape[:3]:
-            raise ValueError(f"teacher_query must be [2, B, Q] = {list(student_query.shape[:3])}"
-                             f" x features like student_query, got "
-                             f"{_checks.describe(teacher_query)}")
-        if student_query.shape[-1] != student_cls.shape[-1] or \
-                teacher_query.shape[-1] != teacher_cls.shape[-1]:
-            raise ValueError("student_query/teacher_query must have the feature width of "
-                             f"student_cls/teacher_cls, got {_checks.describe(student_query)} "
-                             f"and {_checks.describe(teacher_query)}")
+            raise ValueError(
+                f"teacher_query must be [2, B, Q] = {list(student_query.shape[:3])}"
+                f" x features like student_query, got "
+                f"{_checks.describe(teacher_query)}"
+            )
+        if (
+            student_query.shape[-1] != student_cls.shape[-1]
+            or teacher_query.shape[-1] != teacher_cls.shape[-1]
+        ):
+            raise ValueError(
+                "student_query/teacher_query must have the feature width of "
+                f"student_cls/teacher_cls, got {_checks.describe(student_query)} "
+                f"and {_checks.describe(teacher_query)}"
+            )
 
 
-def query_attention_mask(n_global: int, n_query: int, dtype: torch.dtype = torch.bool,
-                         device=None) -> torch.Tensor:
+def query_attention_mask(
+    n_global: int, n_query: int, dtype: torch.dtype = torch.bool, device=None
+) -> torch.Tensor:
     """``[L, L]`` attention mask (``L = n_global + n_query``) for a ViT whose input is
     ``[global tokens (CLS + patches) | query tokens]``: global tokens attend only to global
     tokens (so their outputs are exactly those of the plain ViT), query tokens attend to every

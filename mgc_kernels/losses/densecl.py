@@ -1,5 +1,6 @@
 """DenseCL: Dense Contrastive Learning (Wang, Zhang, Shen, Kong, Li, CVPR 2021, "Dense Contrastive
 Learning for Self-Supervised Visual Pre-Training", arXiv:2011.09157)."""
+
 from __future__ import annotations
 
 import torch
@@ -18,16 +19,25 @@ def _tokens(name: str, x, kind: str) -> torch.Tensor:
     if x.dim() == 4:
         return x.flatten(2).transpose(1, 2)
     if x.dim() != 3:
-        raise ValueError(f"{name} must be [B, S, C] {kind} or a [B, C, H, W] map, got "
-                         f"{_checks.describe(x)}")
+        raise ValueError(
+            f"{name} must be [B, S, C] {kind} or a [B, C, H, W] map, got {_checks.describe(x)}"
+        )
     return x
 
 
-def _same_size(name: str, x: torch.Tensor, dim: int, expected: int, what: str,
-               shown: torch.Tensor | None = None) -> None:
+def _same_size(
+    name: str,
+    x: torch.Tensor,
+    dim: int,
+    expected: int,
+    what: str,
+    shown: torch.Tensor | None = None,
+) -> None:
     if x.shape[dim] != expected:
-        raise ValueError(f"{name} must have {expected} {what}, got "
-                         f"{_checks.describe(x if shown is None else shown)}")
+        raise ValueError(
+            f"{name} must have {expected} {what}, got "
+            f"{_checks.describe(x if shown is None else shown)}"
+        )
 
 
 @torch.no_grad()
@@ -113,15 +123,24 @@ class DenseCLLoss(nn.Module):
     global_queue_ptr: torch.Tensor
     dense_queue_ptr: torch.Tensor
 
-    def __init__(self, dim: int = 128, queue_size: int = 65536, temperature: float = 0.2,
-                 loss_lambda: float = 0.5, gather_distributed: bool = False,
-                 backend: str | None = None):
+    def __init__(
+        self,
+        dim: int = 128,
+        queue_size: int = 65536,
+        temperature: float = 0.2,
+        loss_lambda: float = 0.5,
+        gather_distributed: bool = False,
+        backend: str | None = None,
+    ):
         super().__init__()
-        self.dim = _checks.int_at_least("dim", dim)
-        self.queue_size = _checks.int_at_least("queue_size", queue_size)
+        self.dim = _checks.integer("dim", dim)
+        self.queue_size = _checks.integer("queue_size", queue_size)
         self.temperature = _checks.positive("temperature", temperature)
-        if (not isinstance(loss_lambda, (int, float)) or isinstance(loss_lambda, bool)
-                or not 0 <= loss_lambda <= 1):
+        if (
+            not isinstance(loss_lambda, (int, float))
+            or isinstance(loss_lambda, bool)
+            or not 0 <= loss_lambda <= 1
+        ):
             raise ValueError(f"loss_lambda must be a number in [0, 1], got {loss_lambda!r}")
         self.loss_lambda = float(loss_lambda)
         self.gather_distributed = bool(gather_distributed)
@@ -131,12 +150,23 @@ class DenseCLLoss(nn.Module):
             self.register_buffer(f"{name}_ptr", torch.zeros((), dtype=torch.long))
 
     def extra_repr(self) -> str:
-        return (f"dim={self.dim}, queue_size={self.queue_size}, temperature={self.temperature}, "
-                f"loss_lambda={self.loss_lambda}, gather_distributed={self.gather_distributed}")
+        return (
+            f"dim={self.dim}, queue_size={self.queue_size}, temperature={self.temperature}, "
+            f"loss_lambda={self.loss_lambda}, gather_distributed={self.gather_distributed}"
+        )
 
-    def forward(self, q_global: torch.Tensor, k_global: torch.Tensor, q_dense: torch.Tensor,
-                k_dense: torch.Tensor, f1: torch.Tensor, f2: torch.Tensor, *,
-                update: bool | None = None, return_terms: bool = False):
+    def forward(
+        self,
+        q_global: torch.Tensor,
+        k_global: torch.Tensor,
+        q_dense: torch.Tensor,
+        k_dense: torch.Tensor,
+        f1: torch.Tensor,
+        f2: torch.Tensor,
+        *,
+        update: bool | None = None,
+        return_terms: bool = False,
+    ):
         """The DenseCL loss (fp32 scalar; fp64 for fp64 inputs).
 
         Args:
@@ -156,33 +186,62 @@ class DenseCLLoss(nn.Module):
         _same_size("q_global", q_global, 1, self.dim, f"features in dimension 1 (dim={self.dim})")
         _checks.float_tensor("k_global", k_global, ndim=2, kind=" ([B, dim] global keys)")
         if tuple(k_global.shape) != tuple(q_global.shape):
-            raise ValueError(f"k_global must be [B, dim] = {tuple(q_global.shape)} like q_global, "
-                             f"got {_checks.describe(k_global)}")
+            raise ValueError(
+                f"k_global must be [B, dim] = {tuple(q_global.shape)} like q_global, "
+                f"got {_checks.describe(k_global)}"
+            )
         dq = _tokens("q_dense", q_dense, "dense queries")
         dk = _tokens("k_dense", k_dense, "dense keys")
         t1 = _tokens("f1", f1, "backbone tokens")
         t2 = _tokens("f2", f2, "backbone tokens")
-        for name, x, shown in (("q_dense", dq, q_dense), ("k_dense", dk, k_dense),
-                               ("f1", t1, f1), ("f2", t2, f2)):
+        for name, x, shown in (
+            ("q_dense", dq, q_dense),
+            ("k_dense", dk, k_dense),
+            ("f1", t1, f1),
+            ("f2", t2, f2),
+        ):
             _same_size(name, x, 0, batch, f"images (the batch size of q_global, {batch})", shown)
         for name, x, shown in (("q_dense", dq, q_dense), ("k_dense", dk, k_dense)):
             _same_size(name, x, 2, self.dim, f"features per position (dim={self.dim})", shown)
-        _same_size("q_dense", dq, 1, t1.shape[1],
-                   f"positions (the positions of f1, {t1.shape[1]})", q_dense)
-        _same_size("k_dense", dk, 1, t2.shape[1],
-                   f"positions (the positions of f2, {t2.shape[1]})", k_dense)
-        _checks.same_device(q_global=q_global, k_global=k_global, q_dense=q_dense,
-                            k_dense=k_dense, f1=f1, f2=f2)
+        _same_size(
+            "q_dense",
+            dq,
+            1,
+            t1.shape[1],
+            f"positions (the positions of f1, {t1.shape[1]})",
+            q_dense,
+        )
+        _same_size(
+            "k_dense",
+            dk,
+            1,
+            t2.shape[1],
+            f"positions (the positions of f2, {t2.shape[1]})",
+            k_dense,
+        )
+        _checks.same_device(
+            q_global=q_global, k_global=k_global, q_dense=q_dense, k_dense=k_dense, f1=f1, f2=f2
+        )
 
         k_global, dk = k_global.detach(), dk.detach()
-        match = dense_argmax_match(t1, t2)                                    # [B, S1]
+        match = dense_argmax_match(t1, t2)  # [B, S1]
         dk_matched = dk.gather(1, match[..., None].expand(-1, -1, self.dim))  # [B, S1, dim]
-        loss_global = info_nce(q_global, k_global.to(q_global.dtype), "paired", self.temperature,
-                               queue=self.global_queue.to(q_global.dtype), backend=self.backend)
-        loss_dense = info_nce(dq.reshape(-1, self.dim),
-                              dk_matched.reshape(-1, self.dim).to(dq.dtype), "paired",
-                              self.temperature,
-                              queue=self.dense_queue.to(dq.dtype), backend=self.backend)
+        loss_global = info_nce(
+            q_global,
+            k_global.to(q_global.dtype),
+            "paired",
+            self.temperature,
+            queue=self.global_queue.to(q_global.dtype),
+            backend=self.backend,
+        )
+        loss_dense = info_nce(
+            dq.reshape(-1, self.dim),
+            dk_matched.reshape(-1, self.dim).to(dq.dtype),
+            "paired",
+            self.temperature,
+            queue=self.dense_queue.to(dq.dtype),
+            backend=self.backend,
+        )
         loss = (1 - self.loss_lambda) * loss_global + self.loss_lambda * loss_dense
 
         if self.training if update is None else update:

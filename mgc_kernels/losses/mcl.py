@@ -1,5 +1,6 @@
 """MCL: Multi-Level Contrastive Learning (Guo et al., 2023, "Multi-Level Contrastive Learning for
 Dense Prediction Task", arXiv:2304.02010)."""
+
 from __future__ import annotations
 
 import itertools
@@ -122,25 +123,39 @@ class MCLLoss(nn.Module):
         backend: op backend (``None`` = the library default).
     """
 
-    def __init__(self, ratios: Sequence[int] = (1, 2, 7),
-                 level_weights: Sequence[float] | None = None, temperature: float = 1.0,
-                 grid: int = 14, gather_distributed: bool = False, backend: str | None = None,
-                 loss_scale: float | None = None):
+    def __init__(
+        self,
+        ratios: Sequence[int] = (1, 2, 7),
+        level_weights: Sequence[float] | None = None,
+        temperature: float = 1.0,
+        grid: int = 14,
+        gather_distributed: bool = False,
+        backend: str | None = None,
+        loss_scale: float | None = None,
+    ):
         super().__init__()
         if not isinstance(grid, int) or isinstance(grid, bool) or grid < 1:
             raise ValueError(f"grid must be a positive int, got {grid!r}")
         self.grid = grid
         self.ratios = _ratios(ratios, grid)
         self.level_weights = (
-            default_level_weights(len(self.ratios)) if level_weights is None else
-            _checks.mixing_weights("level_weights", level_weights, len(self.ratios),
-                                   "level of ratios"))
+            default_level_weights(len(self.ratios))
+            if level_weights is None
+            else _checks.mixing_weights(
+                "level_weights", level_weights, len(self.ratios), "level of ratios"
+            )
+        )
         self.temperature = _checks.positive("temperature", temperature)
         if loss_scale is not None and not (
-                isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool)
-                and math.isfinite(loss_scale) and loss_scale > 0):
-            raise ValueError(f"loss_scale must be a finite positive number or None (2 * "
-                             f"temperature), got {loss_scale!r}")
+            isinstance(loss_scale, (int, float))
+            and not isinstance(loss_scale, bool)
+            and math.isfinite(loss_scale)
+            and loss_scale > 0
+        ):
+            raise ValueError(
+                f"loss_scale must be a finite positive number or None (2 * "
+                f"temperature), got {loss_scale!r}"
+            )
         self.loss_scale = 2.0 * self.temperature if loss_scale is None else float(loss_scale)
         self.gather_distributed = bool(gather_distributed)
         self.backend = backend
@@ -152,12 +167,20 @@ class MCLLoss(nn.Module):
         return tuple(self.grid // r for r in self.ratios)
 
     def extra_repr(self) -> str:
-        return (f"ratios={self.ratios}, level_weights={self.level_weights}, "
-                f"temperature={self.temperature}, loss_scale={self.loss_scale}, grid={self.grid}")
+        return (
+            f"ratios={self.ratios}, level_weights={self.level_weights}, "
+            f"temperature={self.temperature}, loss_scale={self.loss_scale}, grid={self.grid}"
+        )
 
-    def forward(self, q1: Sequence[torch.Tensor], q2: Sequence[torch.Tensor], k1: torch.Tensor,
-                k2: torch.Tensor, sources1: Sequence[torch.Tensor],
-                sources2: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        q1: Sequence[torch.Tensor],
+        q2: Sequence[torch.Tensor],
+        k1: torch.Tensor,
+        k2: torch.Tensor,
+        sources1: Sequence[torch.Tensor],
+        sources2: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
         """The MCL loss (a scalar in the accumulation dtype of the inputs: fp32, or fp64).
 
         Args:
@@ -177,8 +200,9 @@ class MCLLoss(nn.Module):
         for name, k in (("k1", k1), ("k2", k2)):
             _checks.float_tensor(name, k, ndim=2, kind=" ([B, D] momentum embeddings)")
         if k2.shape != k1.shape:
-            raise ValueError(f"k2 must have the shape of k1 {tuple(k1.shape)}, got "
-                             f"{_checks.describe(k2)}")
+            raise ValueError(
+                f"k2 must have the shape of k1 {tuple(k1.shape)}, got {_checks.describe(k2)}"
+            )
         batch, dim = k1.shape
         keys1, keys2 = self._gather(k1.detach()), self._gather(k2.detach())
         offset = distributed.rank() * batch if self.gather_distributed else 0
@@ -187,11 +211,18 @@ class MCLLoss(nn.Module):
             term = 0.0
             for view, q, s, keys in ((1, q1, sources1, keys2), (2, q2, sources2, keys1)):
                 _check_queries(f"q{view}[{level}]", q[level], r, dim, k1)
-                _check_sources(f"sources{view}[{level}]", s[level], q[level].shape[:2], r, batch,
-                               q[level].device)
+                _check_sources(
+                    f"sources{view}[{level}]",
+                    s[level],
+                    q[level].shape[:2],
+                    r,
+                    batch,
+                    q[level].device,
+                )
                 targets = s[level].reshape(-1) + offset
-                term = term + info_nce(q[level].reshape(-1, dim), keys, targets, self.temperature,
-                                       backend=self.backend)
+                term = term + info_nce(
+                    q[level].reshape(-1, dim), keys, targets, self.temperature, backend=self.backend
+                )
             total = total + w * term
         return total * (self.loss_scale / sum(self.level_weights))
 
@@ -200,35 +231,50 @@ class MCLLoss(nn.Module):
 
 
 def _ratios(ratios, grid: int) -> tuple[int, ...]:
-    if isinstance(ratios, int) or not isinstance(ratios, Sequence) or not ratios or not all(
-            isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ratios):
+    if (
+        isinstance(ratios, int)
+        or not isinstance(ratios, Sequence)
+        or not ratios
+        or not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ratios)
+    ):
         raise ValueError(f"ratios must be a non-empty sequence of positive ints, got {ratios!r}")
     if any(b <= a for a, b in itertools.pairwise(ratios)):
-        raise ValueError(f"ratios must be strictly increasing (coarsest level first, finest "
-                         f"last), got {ratios!r}")
+        raise ValueError(
+            f"ratios must be strictly increasing (coarsest level first, finest "
+            f"last), got {ratios!r}"
+        )
     bad = [r for r in ratios if grid % r]
     if bad:
-        raise ValueError(f"ratios must each divide grid={grid} (a sub-image must be a whole "
-                         f"cell of tokens), got {ratios!r}; {bad} do not")
+        raise ValueError(
+            f"ratios must each divide grid={grid} (a sub-image must be a whole "
+            f"cell of tokens), got {ratios!r}; {bad} do not"
+        )
     return tuple(ratios)
 
 
 def _check_queries(name: str, q, ratio: int, dim: int, k: torch.Tensor) -> None:
-    expected = (f"[M, ratio**2, D] = [M, {ratio * ratio}, {dim}] for ratio {ratio} "
-                f"(M montages, D of k1)")
+    expected = (
+        f"[M, ratio**2, D] = [M, {ratio * ratio}, {dim}] for ratio {ratio} (M montages, D of k1)"
+    )
     _checks.float_tensor(name, q, ndim=3, kind=f" ({expected})")
     if q.shape[0] < 1 or tuple(q.shape[1:]) != (ratio * ratio, dim):
         raise ValueError(f"{name} must be {expected}, got {_checks.describe(q)}")
     if q.dtype != k.dtype:
-        raise TypeError(f"{name} must have the dtype of k1 and k2 ({k.dtype}), got "
-                        f"{_checks.describe(q)}")
+        raise TypeError(
+            f"{name} must have the dtype of k1 and k2 ({k.dtype}), got {_checks.describe(q)}"
+        )
     _checks.same_device(**{name: q, "k1": k})
 
 
 def _check_sources(name: str, s, rows, ratio: int, batch: int, device) -> None:
-    expected = (f"[M, ratio**2] = [{rows[0]}, {rows[1]}] (M of the matching q, ratio {ratio})")
-    _checks.tensor(name, s, ndim=2, dtypes=(torch.int64, torch.int32),
-                   kind=f" ({expected}: batch indices from montage)")
+    expected = f"[M, ratio**2] = [{rows[0]}, {rows[1]}] (M of the matching q, ratio {ratio})"
+    _checks.tensor(
+        name,
+        s,
+        ndim=2,
+        dtypes=(torch.int64, torch.int32),
+        kind=f" ({expected}: batch indices from montage)",
+    )
     if tuple(s.shape) != tuple(rows):
         raise ValueError(f"{name} must be {expected}, got {_checks.describe(s)}")
     _checks.on_device(name, s, device)

@@ -1,4 +1,5 @@
 """MGC: Multi-Grained Contrast (Shen, Chen, Wang, 2024, arXiv:2407.02014)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -60,11 +61,20 @@ class MGCLoss(nn.Module):
         backend: op backend (``None`` = the library default).
     """
 
-    def __init__(self, cells: Sequence[int] = (1, 2, 7), num_pairs: Sequence[int] = (10, 10, 2),
-                 temperature: float = 0.1, grid: int = 14, mode: str = "sparse",
-                 weighting: str | None = None, metric: str = "mgc",
-                 granularity_weights: Sequence[float] | None = None, sample_method: str = "mgc",
-                 gather_distributed: bool = False, backend: str | None = None):
+    def __init__(
+        self,
+        cells: Sequence[int] = (1, 2, 7),
+        num_pairs: Sequence[int] = (10, 10, 2),
+        temperature: float = 0.1,
+        grid: int = 14,
+        mode: str = "sparse",
+        weighting: str | None = None,
+        metric: str = "mgc",
+        granularity_weights: Sequence[float] | None = None,
+        sample_method: str = "mgc",
+        gather_distributed: bool = False,
+        backend: str | None = None,
+    ):
         super().__init__()
         self.cells = _checks.positive_ints("cells", cells)
         for c in self.cells:
@@ -79,32 +89,47 @@ class MGCLoss(nn.Module):
         _checks.choice("metric", metric, METRICS)
         self.metric = metric
         self.granularity_weights = (
-            tuple(float(k) for k in self.num_pairs) if granularity_weights is None else
-            _checks.mixing_weights("granularity_weights", granularity_weights, len(self.cells),
-                                   "cell"))
+            tuple(float(k) for k in self.num_pairs)
+            if granularity_weights is None
+            else _checks.mixing_weights(
+                "granularity_weights", granularity_weights, len(self.cells), "cell"
+            )
+        )
         _checks.choice("sample_method", sample_method, METHODS)
         self.sample_method = sample_method
         self.gather_distributed = bool(gather_distributed)
         self.backend = backend
 
     def extra_repr(self) -> str:
-        return (f"mode={self.mode!r}, cells={self.cells}, num_pairs={self.num_pairs}, "
-                f"temperature={self.temperature}, weighting={self.weighting!r}")
+        return (
+            f"mode={self.mode!r}, cells={self.cells}, num_pairs={self.num_pairs}, "
+            f"temperature={self.temperature}, weighting={self.weighting!r}"
+        )
 
-    def sample_pairs(self, boxes1, flips1, boxes2, flips2, *,
-                     backend: str | None = None) -> list[Pairs]:
+    def sample_pairs(
+        self, boxes1, flips1, boxes2, flips2, *, backend: str | None = None
+    ) -> list[Pairs]:
         """One :class:`mgc_kernels.Pairs` per cell (``[B, K_c]`` region indices and weights).
 
         ``backend`` overrides the loss's own for the sampling alone, e.g. ``"native"`` (C++) in
         the ``collate_fn`` of data-loader workers, where the boxes are CPU tensors."""
         backend = self.backend if backend is None else backend
-        return [sample_pairs(boxes1, flips1, boxes2, flips2, self.grid, c, k, self.sample_method,
-                             backend=backend)
-                for c, k in zip(self.cells, self.num_pairs)]
+        return [
+            sample_pairs(
+                boxes1, flips1, boxes2, flips2, self.grid, c, k, self.sample_method, backend=backend
+            )
+            for c, k in zip(self.cells, self.num_pairs)
+        ]
 
-    def forward(self, q1: Sequence[torch.Tensor], q2: Sequence[torch.Tensor],
-                k1: Sequence[torch.Tensor], k2: Sequence[torch.Tensor],
-                pairs: Sequence[Pairs] | None = None, boxes=None) -> torch.Tensor:
+    def forward(
+        self,
+        q1: Sequence[torch.Tensor],
+        q2: Sequence[torch.Tensor],
+        k1: Sequence[torch.Tensor],
+        k2: Sequence[torch.Tensor],
+        pairs: Sequence[Pairs] | None = None,
+        boxes=None,
+    ) -> torch.Tensor:
         """The MGC loss (fp32 scalar).
 
         Args:
@@ -117,11 +142,15 @@ class MGCLoss(nn.Module):
             pairs: sparse mode: the output of :meth:`sample_pairs`.
             boxes: dense mode: ``(boxes1, flips1, boxes2, flips2)`` of the two views.
         """
-        features = [_checks.per_item(name, x, len(self.cells), "cell") for name, x in
-                    (("q1", q1), ("q2", q2), ("k1", k1), ("k2", k2))]
+        features = [
+            _checks.per_item(name, x, len(self.cells), "cell")
+            for name, x in (("q1", q1), ("q2", q2), ("k1", k1), ("k2", k2))
+        ]
         if self.mode == "sparse":
             if pairs is None:
-                raise ValueError("pairs is required in sparse mode: pass criterion.sample_pairs(...)")
+                raise ValueError(
+                    "pairs is required in sparse mode: pass criterion.sample_pairs(...)"
+                )
             pairs = _checks.per_item("pairs", pairs, len(self.cells), "cell")
             terms = [self._sparse(i, *f, pairs[i]) for i, f in enumerate(zip(*features))]
         else:
@@ -137,16 +166,26 @@ class MGCLoss(nn.Module):
             _check_rows(f"{name}[{i}]", x, shape, f"[B, K] = {shape} like pairs[{i}]")
         w = pairs.weight.reshape(-1).to(accumulate(q1.dtype))
         row_weights = w if self.weighting == "overlap" else (w > 0).to(w.dtype)
-        return (self._contrast(q1, k2, row_weights) + self._contrast(q2, k1, row_weights))
+        return self._contrast(q1, k2, row_weights) + self._contrast(q2, k1, row_weights)
 
     def _contrast(self, q: torch.Tensor, k: torch.Tensor, row_weights: torch.Tensor):
         """One direction: each row of ``q`` against every (gathered) key; its own is positive."""
         q, k = q.reshape(-1, q.shape[-1]), k.reshape(-1, k.shape[-1])
         keys = self._gather(k)
-        targets = torch.arange(len(q), device=q.device) + distributed.rank() * len(q) \
-            if self.gather_distributed else torch.arange(len(q), device=q.device)
-        total = info_nce(q, keys, targets, self.temperature, row_weights=row_weights,
-                         reduction="sum", backend=self.backend)
+        targets = (
+            torch.arange(len(q), device=q.device) + distributed.rank() * len(q)
+            if self.gather_distributed
+            else torch.arange(len(q), device=q.device)
+        )
+        total = info_nce(
+            q,
+            keys,
+            targets,
+            self.temperature,
+            row_weights=row_weights,
+            reduction="sum",
+            backend=self.backend,
+        )
         return self._normalise(total, row_weights.sum())
 
     def _dense(self, i, q1, q2, k1, k2, boxes1, flips1, boxes2, flips2) -> torch.Tensor:
@@ -159,18 +198,38 @@ class MGCLoss(nn.Module):
         offset = distributed.rank() * len(boxes1) if self.gather_distributed else 0
         image = torch.arange(len(boxes1), device=boxes1.device).repeat_interleave(regions) + offset
         acc = accumulate(q1.dtype)
-        rho12 = correspondence(boxes1, flips1, boxes2, flips2, self.grid, c, self.metric,
-                               backend=self.backend).to(acc).sum()
-        rho21 = correspondence(boxes2, flips2, boxes1, flips1, self.grid, c, self.metric,
-                               backend=self.backend).to(acc).sum()
-        return (self._dense_contrast(q1, k2, r1, r2, image, rho12)
-                + self._dense_contrast(q2, k1, r2, r1, image, rho21))
+        rho12 = (
+            correspondence(
+                boxes1, flips1, boxes2, flips2, self.grid, c, self.metric, backend=self.backend
+            )
+            .to(acc)
+            .sum()
+        )
+        rho21 = (
+            correspondence(
+                boxes2, flips2, boxes1, flips1, self.grid, c, self.metric, backend=self.backend
+            )
+            .to(acc)
+            .sum()
+        )
+        return self._dense_contrast(q1, k2, r1, r2, image, rho12) + self._dense_contrast(
+            q2, k1, r2, r1, image, rho21
+        )
 
     def _dense_contrast(self, q, k, q_regions, k_regions, image, rho_total):
         q, k = q.reshape(-1, q.shape[-1]), k.reshape(-1, k.shape[-1])
-        total = geometric_info_nce(q, self._gather(k), q_regions, self._gather(k_regions), image,
-                                   self._gather(image), self.temperature, self.metric,
-                                   reduction="sum", backend=self.backend)
+        total = geometric_info_nce(
+            q,
+            self._gather(k),
+            q_regions,
+            self._gather(k_regions),
+            image,
+            self._gather(image),
+            self.temperature,
+            self.metric,
+            reduction="sum",
+            backend=self.backend,
+        )
         return self._normalise(total, rho_total)
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,8 +246,10 @@ class MGCLoss(nn.Module):
 def _weighting(mode: str, weighting: str | None) -> str:
     if mode == "dense":
         if weighting not in (None, "overlap"):
-            raise ValueError("weighting must be None or 'overlap' in dense mode (targets and rows "
-                             f"are weighted by overlap there), got {weighting!r}")
+            raise ValueError(
+                "weighting must be None or 'overlap' in dense mode (targets and rows "
+                f"are weighted by overlap there), got {weighting!r}"
+            )
         return "overlap"
     weighting = "uniform" if weighting is None else weighting
     _checks.choice("weighting", weighting, ("uniform", "overlap"))

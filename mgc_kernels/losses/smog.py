@@ -16,6 +16,7 @@ re-initialised by k-means over recent features. This module holds the three piec
   exactly (``variant="lightly"``; see the class docstring for both and for why the default
   chooses as it does).
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,6 +41,7 @@ _LIGHTLY_ASSIGN_TEMPERATURE = 0.1
 
 # ----------------------------------------------------------------------------- validation
 
+
 def _beta(value) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
         raise ValueError(f"beta must be a number in [0, 1), got {value!r}")
@@ -54,11 +56,14 @@ def _features(name: str, x, dim: int, kind: str) -> torch.Tensor:
 
 def _on_module_device(name: str, x: torch.Tensor, state: torch.Tensor) -> None:
     if x.device != state.device:
-        raise ValueError(f"{name} is on {x.device} but the SMoG state (groups) is on "
-                         f"{state.device}; move the module with .to(device)")
+        raise ValueError(
+            f"{name} is on {x.device} but the SMoG state (groups) is on "
+            f"{state.device}; move the module with .to(device)"
+        )
 
 
 # ----------------------------------------------------------------------------- k-means
+
 
 def _l2n(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1)
@@ -88,13 +93,14 @@ def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> to
         # every point already a centre (duplicates): draw uniformly instead of from zeros
         weight = weight + (weight.sum() <= 0).to(weight.dtype)
         pick = torch.multinomial(weight, 1, generator=generator)
-        chosen[j:j + 1] = pick
+        chosen[j : j + 1] = pick
         best = torch.maximum(best, (x @ x[pick].T).squeeze(1))
     return x[chosen]
 
 
-def _reseed_empty(centres: torch.Tensor, empty: torch.Tensor, x: torch.Tensor,
-                  best: torch.Tensor) -> torch.Tensor:
+def _reseed_empty(
+    centres: torch.Tensor, empty: torch.Tensor, x: torch.Tensor, best: torch.Tensor
+) -> torch.Tensor:
     """Empty clusters take the worst-fitting points (lowest cosine to their own centre), the
     ``j``-th empty cluster (in index order) the ``j``-th worst point: distinct points, no host
     sync. Needs ``len(x) >= len(centres)``."""
@@ -103,9 +109,15 @@ def _reseed_empty(centres: torch.Tensor, empty: torch.Tensor, x: torch.Tensor,
     return torch.where(empty[:, None], x[order[slot]], centres)
 
 
-def spherical_kmeans(features: torch.Tensor, num_clusters: int, iters: int = 10, *,
-                     seed: int = 0, generator: torch.Generator | None = None,
-                     init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def spherical_kmeans(
+    features: torch.Tensor,
+    num_clusters: int,
+    iters: int = 10,
+    *,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+    init: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Spherical (cosine) k-means in torch, on the features' device.
 
     Rows are L2-normalised; a point joins the centre of highest cosine; a centre is the
@@ -120,17 +132,21 @@ def spherical_kmeans(features: torch.Tensor, num_clusters: int, iters: int = 10,
     ``2**24`` entries. Returns ``(centres [K, D], assignments [N])`` (centres unit-norm).
     """
     _checks.float_tensor("features", features, ndim=2, kind=" ([N, D] features to cluster)")
-    num_clusters = _checks.int_at_least("num_clusters", num_clusters)
-    iters = _checks.int_at_least("iters", iters, 0)
+    num_clusters = _checks.integer("num_clusters", num_clusters)
+    iters = _checks.integer("iters", iters, 0)
     if len(features) < num_clusters:
-        raise ValueError(f"k-means into num_clusters={num_clusters} groups needs at least that "
-                         f"many features, got {_checks.describe(features)}")
+        raise ValueError(
+            f"k-means into num_clusters={num_clusters} groups needs at least that "
+            f"many features, got {_checks.describe(features)}"
+        )
     x = _l2n(features.detach().to(accumulate(features.dtype)))
     if init is not None:
         _checks.float_tensor("init", init, ndim=2, kind=" ([K, D] initial centres)")
         if tuple(init.shape) != (num_clusters, x.shape[1]):
-            raise ValueError(f"init must be [num_clusters={num_clusters}, D={x.shape[1]}], got "
-                             f"{_checks.describe(init)}")
+            raise ValueError(
+                f"init must be [num_clusters={num_clusters}, D={x.shape[1]}], got "
+                f"{_checks.describe(init)}"
+            )
         _checks.on_device("init", init, x.device)
         centres = _l2n(init.detach().to(x.dtype))
     else:
@@ -147,6 +163,7 @@ def spherical_kmeans(features: torch.Tensor, num_clusters: int, iters: int = 10,
 
 
 # ----------------------------------------------------------------------------- modules
+
 
 class SMoGGroups(nn.Module):
     """``K`` group features of width ``D`` with SMoG's synchronous momentum update.
@@ -183,11 +200,19 @@ class SMoGGroups(nn.Module):
         init: ``"normal"`` (random unit rows) or ``"uniform"`` (lightly's ``torch.rand`` rows).
     """
 
-    def __init__(self, num_groups: int = 3000, dim: int = 128, beta: float = 0.99,
-                 gather_distributed: bool = False, seed: int = 0, *, init: str = "normal"):
+    def __init__(
+        self,
+        num_groups: int = 3000,
+        dim: int = 128,
+        beta: float = 0.99,
+        gather_distributed: bool = False,
+        seed: int = 0,
+        *,
+        init: str = "normal",
+    ):
         super().__init__()
-        self.num_groups = _checks.int_at_least("num_groups", num_groups)
-        self.dim = _checks.int_at_least("dim", dim)
+        self.num_groups = _checks.integer("num_groups", num_groups)
+        self.dim = _checks.integer("dim", dim)
         self.beta = _beta(beta)
         self.gather_distributed = bool(gather_distributed)
         if not isinstance(seed, int) or isinstance(seed, bool):
@@ -220,8 +245,13 @@ class SMoGGroups(nn.Module):
         ``features [N, D]`` are this rank's online features, ``assignments [N]`` their groups.
         """
         _features("features", features, self.dim, "online features")
-        _checks.tensor("assignments", assignments, ndim=1, dtypes=(torch.int64, torch.int32),
-                       kind=" ([N] group indices)")
+        _checks.tensor(
+            "assignments",
+            assignments,
+            ndim=1,
+            dtypes=(torch.int64, torch.int32),
+            kind=" ([N] group indices)",
+        )
         _checks.dim_size("assignments", assignments, 0, len(features), "one group per feature")
         _on_module_device("features", features, self.groups)
         _checks.on_device("assignments", assignments, features.device)
@@ -241,8 +271,14 @@ class SMoGGroups(nn.Module):
         return self.groups
 
     @torch.no_grad()
-    def reset(self, features: torch.Tensor, iters: int = 10, *, seed: int = 0,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+    def reset(
+        self,
+        features: torch.Tensor,
+        iters: int = 10,
+        *,
+        seed: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Re-initialise the groups by spherical k-means over ``features [N >= K, D]``.
 
         Deterministic for a given ``seed`` (or ``generator``, on the features' device) and
@@ -254,10 +290,13 @@ class SMoGGroups(nn.Module):
         _features("features", features, self.dim, "features to cluster")
         _on_module_device("features", features, self.groups)
         if len(features) < self.num_groups:
-            raise ValueError(f"reset needs at least num_groups={self.num_groups} features to "
-                             f"cluster, got {_checks.describe(features)}")
-        centres, assign = spherical_kmeans(features, self.num_groups, iters, seed=seed,
-                                           generator=generator)
+            raise ValueError(
+                f"reset needs at least num_groups={self.num_groups} features to "
+                f"cluster, got {_checks.describe(features)}"
+            )
+        centres, assign = spherical_kmeans(
+            features, self.num_groups, iters, seed=seed, generator=generator
+        )
         self.groups.copy_(centres)
         if self.gather_distributed and distributed.world_size() > 1:
             dist.broadcast(self.groups, src=0)
@@ -274,8 +313,8 @@ class FeatureBank(nn.Module):
 
     def __init__(self, size: int, dim: int):
         super().__init__()
-        self.size = _checks.int_at_least("bank_size", size)
-        self.dim = _checks.int_at_least("dim", dim)
+        self.size = _checks.integer("bank_size", size)
+        self.dim = _checks.integer("dim", dim)
         self.register_buffer("features", torch.zeros(size, dim))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
@@ -287,7 +326,7 @@ class FeatureBank(nn.Module):
     def push(self, x: torch.Tensor) -> None:
         """Append the rows of ``x`` (the oldest rows are overwritten once full)."""
         _features("x", x, self.dim, "features for the bank")
-        x = _l2n(x.detach().to(accumulate(x.dtype)))[-self.size:].to(self.features.dtype)
+        x = _l2n(x.detach().to(accumulate(x.dtype)))[-self.size :].to(self.features.dtype)
         n = len(x)
         rows = (self.ptr + torch.arange(n, device=x.device)) % self.size
         self.features.index_copy_(0, rows, x)
@@ -296,7 +335,7 @@ class FeatureBank(nn.Module):
 
     def valid(self) -> torch.Tensor:
         """The filled rows, ``[count, D]`` (oldest first only until the ring wraps)."""
-        return self.features[:int(self.count)]
+        return self.features[: int(self.count)]
 
 
 class SMoGLoss(nn.Module):
@@ -436,40 +475,63 @@ class SMoGLoss(nn.Module):
             (lightly's step, exactly).
     """
 
-    def __init__(self, dim: int = 128, num_groups: int = 3000, temperature: float = 0.1,
-                 beta: float = 0.99, reset_every: int = 300, bank_size: int = 65536,
-                 kmeans_iters: int = 10, symmetric: bool | None = None,
-                 gather_distributed: bool = False, seed: int = 0,
-                 backend: str | None = None, *, variant: str = "smog"):
+    def __init__(
+        self,
+        dim: int = 128,
+        num_groups: int = 3000,
+        temperature: float = 0.1,
+        beta: float = 0.99,
+        reset_every: int = 300,
+        bank_size: int = 65536,
+        kmeans_iters: int = 10,
+        symmetric: bool | None = None,
+        gather_distributed: bool = False,
+        seed: int = 0,
+        backend: str | None = None,
+        *,
+        variant: str = "smog",
+    ):
         super().__init__()
         if not isinstance(variant, str) or variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        num_groups = _checks.int_at_least("num_groups", num_groups)
+        num_groups = _checks.integer("num_groups", num_groups)
         self.temperature = _checks.positive("temperature", temperature)
-        self.reset_every = _checks.int_at_least("reset_every", reset_every, 0)
-        self.kmeans_iters = _checks.int_at_least("kmeans_iters", kmeans_iters)
-        bank_size = _checks.int_at_least("bank_size", bank_size, 0)
+        self.reset_every = _checks.integer("reset_every", reset_every, 0)
+        self.kmeans_iters = _checks.integer("kmeans_iters", kmeans_iters)
+        bank_size = _checks.integer("bank_size", bank_size, 0)
         if self.reset_every and bank_size < num_groups:
-            raise ValueError(f"bank_size must be at least num_groups={num_groups} to re-cluster "
-                             f"every reset_every={reset_every} iterations, got {bank_size!r}")
+            raise ValueError(
+                f"bank_size must be at least num_groups={num_groups} to re-cluster "
+                f"every reset_every={reset_every} iterations, got {bank_size!r}"
+            )
         if symmetric is None:
             symmetric = variant == "smog"
         if not isinstance(symmetric, bool):
             raise ValueError(f"symmetric must be a bool (or None), got {symmetric!r}")
         if variant == "lightly" and symmetric:
-            raise ValueError("variant='lightly' is one direction per step (lightly's SMoG example "
-                             "swaps the views every other step): symmetric must be False or None")
+            raise ValueError(
+                "variant='lightly' is one direction per step (lightly's SMoG example "
+                "swaps the views every other step): symmetric must be False or None"
+            )
         if variant == "lightly" and gather_distributed:
-            raise ValueError("variant='lightly' has no cross-rank group update (lightly's "
-                             "SMoGPrototypes moves each rank's own groups): gather_distributed "
-                             "must be False")
+            raise ValueError(
+                "variant='lightly' has no cross-rank group update (lightly's "
+                "SMoGPrototypes moves each rank's own groups): gather_distributed "
+                "must be False"
+            )
         self.variant = variant
         self.symmetric = symmetric
         self.gather_distributed = bool(gather_distributed)
         self.seed = seed
         self.backend = backend
-        self.grouping = SMoGGroups(num_groups, dim, beta, self.gather_distributed, seed,
-                                   init="uniform" if variant == "lightly" else "normal")
+        self.grouping = SMoGGroups(
+            num_groups,
+            dim,
+            beta,
+            self.gather_distributed,
+            seed,
+            init="uniform" if variant == "lightly" else "normal",
+        )
         self.bank = FeatureBank(bank_size, dim) if bank_size else None
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self._iteration = 0  # host mirror of `iteration`: the schedule needs no device sync
@@ -496,17 +558,28 @@ class SMoGLoss(nn.Module):
     def needs_reset(self) -> bool:
         """True after a training forward that re-clustered the groups (every ``reset_every``
         iterations), until the next one: time to reset the momentum encoder to the online one."""
-        return bool(self.reset_every) and self._iteration > 0 \
+        return (
+            bool(self.reset_every)
+            and self._iteration > 0
             and self._iteration % self.reset_every == 0
+        )
 
     def extra_repr(self) -> str:
-        return (f"num_groups={self.num_groups}, dim={self.dim}, temperature={self.temperature}, "
-                f"beta={self.beta}, reset_every={self.reset_every}, symmetric={self.symmetric}, "
-                f"variant={self.variant!r}")
+        return (
+            f"num_groups={self.num_groups}, dim={self.dim}, temperature={self.temperature}, "
+            f"beta={self.beta}, reset_every={self.reset_every}, symmetric={self.symmetric}, "
+            f"variant={self.variant!r}"
+        )
 
-    def forward(self, p1: torch.Tensor, z2: torch.Tensor, p2: torch.Tensor | None = None,
-                z1: torch.Tensor | None = None, *,
-                proj1: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        p1: torch.Tensor,
+        z2: torch.Tensor,
+        p2: torch.Tensor | None = None,
+        z1: torch.Tensor | None = None,
+        *,
+        proj1: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The SMoG loss (fp32 scalar; fp64 for fp64 inputs).
 
         Args:
@@ -520,8 +593,10 @@ class SMoGLoss(nn.Module):
         pairs = [("p1", p1, "z2", z2)]
         if self.symmetric:
             if p2 is None or z1 is None:
-                raise ValueError("p2 and z1 are required with symmetric=True (or build the loss "
-                                 "with symmetric=False)")
+                raise ValueError(
+                    "p2 and z1 are required with symmetric=True (or build the loss "
+                    "with symmetric=False)"
+                )
             pairs.append(("p2", p2, "z1", z1))
         elif p2 is not None or z1 is not None:
             raise ValueError("p2 and z1 are only used with symmetric=True")
@@ -529,11 +604,14 @@ class SMoGLoss(nn.Module):
             _features(pn, p, self.dim, "online predictions")
             _features(zn, z, self.dim, "momentum features")
             if z.shape != p.shape:
-                raise ValueError(f"{zn} must have the shape of {pn} {tuple(p.shape)} (one momentum "
-                                 f"feature per online row), got {_checks.describe(z)}")
+                raise ValueError(
+                    f"{zn} must have the shape of {pn} {tuple(p.shape)} (one momentum "
+                    f"feature per online row), got {_checks.describe(z)}"
+                )
             if p.shape != p1.shape:
-                raise ValueError(f"{pn} must have the shape of p1 {tuple(p1.shape)}, got "
-                                 f"{_checks.describe(p)}")
+                raise ValueError(
+                    f"{pn} must have the shape of p1 {tuple(p1.shape)}, got {_checks.describe(p)}"
+                )
             _on_module_device(pn, p, self.grouping.groups)
             _checks.same_device(**{pn: p, zn: z})
         if self.variant == "lightly":
@@ -544,26 +622,35 @@ class SMoGLoss(nn.Module):
         if self.training:
             self.grouping.update(torch.cat([p for _, p, _, _ in pairs]), torch.cat(targets))
         groups = self.grouping.groups.detach()
-        total = sum(info_nce(p, groups.to(p.dtype), t, self.temperature, reduction="sum",
-                             backend=self.backend) for (_, p, _, _), t in zip(pairs, targets))
+        total = sum(
+            info_nce(
+                p, groups.to(p.dtype), t, self.temperature, reduction="sum", backend=self.backend
+            )
+            for (_, p, _, _), t in zip(pairs, targets)
+        )
         loss = self._normalise(total, len(pairs) * len(p1), p1.device)
         if self.training:
             self._advance([z for _, _, _, z in pairs])
         return loss
 
-    def _lightly_step(self, p1: torch.Tensor, z2: torch.Tensor,
-                      proj1: torch.Tensor | None) -> torch.Tensor:
+    def _lightly_step(
+        self, p1: torch.Tensor, z2: torch.Tensor, proj1: torch.Tensor | None
+    ) -> torch.Tensor:
         """``variant="lightly"`` (see the class docstring)."""
         if proj1 is None:
             if self.training:
-                raise ValueError("variant='lightly' needs proj1=, the online projections of "
-                                 "view 1 that move the groups (lightly's x0_encoded; pass "
-                                 "proj1=p1 if there is no predictor)")
+                raise ValueError(
+                    "variant='lightly' needs proj1=, the online projections of "
+                    "view 1 that move the groups (lightly's x0_encoded; pass "
+                    "proj1=p1 if there is no predictor)"
+                )
         else:
             _features("proj1", proj1, self.dim, "online projections")
             if proj1.shape != p1.shape:
-                raise ValueError(f"proj1 must have the shape of p1 {tuple(p1.shape)}, got "
-                                 f"{_checks.describe(proj1)}")
+                raise ValueError(
+                    f"proj1 must have the shape of p1 {tuple(p1.shape)}, got "
+                    f"{_checks.describe(proj1)}"
+                )
             _checks.same_device(p1=p1, proj1=proj1)
         dtype = torch.promote_types(accumulate(p1.dtype), self.grouping.groups.dtype)
         groups = self.grouping.groups.detach().to(dtype, copy=True)
@@ -603,11 +690,16 @@ class SMoGLoss(nn.Module):
             raise RuntimeError("SMoGLoss.reset needs a feature bank (bank_size > 0)")
         features = self.bank.valid()
         if len(features) < self.num_groups:
-            raise RuntimeError(f"the feature bank holds {len(features)} features, fewer than "
-                               f"num_groups={self.num_groups}: reset later (a larger "
-                               "reset_every) or use fewer groups")
-        self.grouping.reset(features.to(self.grouping.groups.dtype), self.kmeans_iters,
-                            seed=self.seed + self._iteration)
+            raise RuntimeError(
+                f"the feature bank holds {len(features)} features, fewer than "
+                f"num_groups={self.num_groups}: reset later (a larger "
+                "reset_every) or use fewer groups"
+            )
+        self.grouping.reset(
+            features.to(self.grouping.groups.dtype),
+            self.kmeans_iters,
+            seed=self.seed + self._iteration,
+        )
 
 
 def _lightly_nearest(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """``correspondence``: overlap weights between every region of one view and of the other."""
+
 from __future__ import annotations
 
 import torch
@@ -8,13 +9,22 @@ from ..reference import correspondence as reference
 from .region_boxes import check_view
 
 backends.register("correspondence", "torch")(reference.correspondence)
-backends.register_lazy("correspondence", "triton", "mgc_kernels.triton.correspondence:correspondence")
+backends.register_lazy(
+    "correspondence", "triton", "mgc_kernels.triton.correspondence:correspondence"
+)
 backends.register_lazy("correspondence", "native", "mgc_kernels.native:correspondence")
 
 
 @torch.library.custom_op("mgc_kernels::correspondence", mutates_args=())
-def _correspondence(boxes1: torch.Tensor, flips1: torch.Tensor, boxes2: torch.Tensor,
-                    flips2: torch.Tensor, n: int, metric: str, backend: str) -> torch.Tensor:
+def _correspondence(
+    boxes1: torch.Tensor,
+    flips1: torch.Tensor,
+    boxes2: torch.Tensor,
+    flips2: torch.Tensor,
+    n: int,
+    metric: str,
+    backend: str,
+) -> torch.Tensor:
     return backends.call("correspondence", backend, boxes1, flips1, boxes2, flips2, n, metric)
 
 
@@ -28,13 +38,22 @@ def check_views(boxes1, flips1, boxes2, flips2) -> None:
     check_view(boxes1, flips1, "boxes1", "flips1")
     check_view(boxes2, flips2, "boxes2", "flips2", batch=boxes1.shape[0], device=boxes1.device)
     if boxes2.dtype != boxes1.dtype:
-        raise TypeError(f"boxes2 must have the dtype of boxes1 ({boxes1.dtype}), "
-                        f"got {_checks.describe(boxes2)}")
+        raise TypeError(
+            f"boxes2 must have the dtype of boxes1 ({boxes1.dtype}), got {_checks.describe(boxes2)}"
+        )
 
 
-def correspondence(boxes1: torch.Tensor, flips1: torch.Tensor, boxes2: torch.Tensor,
-                   flips2: torch.Tensor, grid: int = 14, cell: int = 1, metric: str = "mgc", *,
-                   backend: str | None = None) -> torch.Tensor:
+def correspondence(
+    boxes1: torch.Tensor,
+    flips1: torch.Tensor,
+    boxes2: torch.Tensor,
+    flips2: torch.Tensor,
+    grid: int = 14,
+    cell: int = 1,
+    metric: str = "mgc",
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
     """``[B, n, n]`` weights between region ``i`` of view 1 and region ``j`` of view 2.
 
     ``n = (grid // cell)**2``; regions are ordered as in :func:`region_boxes` (flip-aware).

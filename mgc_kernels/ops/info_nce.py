@@ -1,7 +1,6 @@
 """``info_nce``: InfoNCE with hard or sparse soft targets, row weights and a queue of negatives."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -13,39 +12,69 @@ from ..reference import info_nce as reference
 backends.register("info_nce", "torch")(reference.info_nce)
 backends.register("info_nce_backward", "torch")(reference.info_nce_backward)
 backends.register_lazy("info_nce", "triton", "mgc_kernels.triton.info_nce:info_nce")
-backends.register_lazy("info_nce_backward", "triton",
-                       "mgc_kernels.triton.info_nce:info_nce_backward")
+backends.register_lazy(
+    "info_nce_backward", "triton", "mgc_kernels.triton.info_nce:info_nce_backward"
+)
 
 REDUCTIONS = ("mean", "sum", "none")
 
 
 @torch.library.custom_op("mgc_kernels::info_nce", mutates_args=())
-def _info_nce(q: torch.Tensor, k: torch.Tensor, queue: Optional[torch.Tensor],
-              target_index: torch.Tensor, target_weight: torch.Tensor, temperature: float,
-              need_v: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backends.call("info_nce", backend, q, k, queue, target_index, target_weight,
-                         temperature, need_v)
+def _info_nce(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    queue: torch.Tensor | None,
+    target_index: torch.Tensor,
+    target_weight: torch.Tensor,
+    temperature: float,
+    need_v: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backends.call(
+        "info_nce", backend, q, k, queue, target_index, target_weight, temperature, need_v
+    )
 
 
 @_info_nce.register_fake
 def _(q, k, queue, target_index, target_weight, temperature, need_v, backend):
     acc = accumulate(q.dtype)
-    return (q.new_empty(q.shape[0], dtype=acc), q.new_empty(q.shape[0], dtype=acc),
-            q.new_empty(q.shape[0] if need_v else 0, q.shape[1], dtype=acc))
+    return (
+        q.new_empty(q.shape[0], dtype=acc),
+        q.new_empty(q.shape[0], dtype=acc),
+        q.new_empty(q.shape[0] if need_v else 0, q.shape[1], dtype=acc),
+    )
 
 
 @torch.library.custom_op("mgc_kernels::info_nce_backward", mutates_args=())
-def _info_nce_backward(grad_row_loss: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                       queue: Optional[torch.Tensor], target_index: torch.Tensor,
-                       target_weight: torch.Tensor, lse: torch.Tensor, temperature: float,
-                       grad_lse: Optional[torch.Tensor], backend: str) -> torch.Tensor:
-    return backends.call("info_nce_backward", backend, grad_row_loss, q, k, queue, target_index,
-                         target_weight, lse, temperature, grad_lse)
+def _info_nce_backward(
+    grad_row_loss: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    queue: torch.Tensor | None,
+    target_index: torch.Tensor,
+    target_weight: torch.Tensor,
+    lse: torch.Tensor,
+    temperature: float,
+    grad_lse: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    return backends.call(
+        "info_nce_backward",
+        backend,
+        grad_row_loss,
+        q,
+        k,
+        queue,
+        target_index,
+        target_weight,
+        lse,
+        temperature,
+        grad_lse,
+    )
 
 
 @_info_nce_backward.register_fake
-def _(grad_row_loss, q, k, queue, target_index, target_weight, lse, temperature, grad_lse,
-      backend):
+def _(grad_row_loss, q, k, queue, target_index, target_weight, lse, temperature, grad_lse, backend):
     return torch.empty_like(k)
 
 
@@ -61,20 +90,31 @@ def _backward(ctx, grad_row_loss, grad_lse, grad_v):
         grad_row_loss = torch.zeros_like(lse)
     dq = dk = None
     if ctx.needs_input_grad[0]:
-        dq = query_grad(v, grad_row_loss, grad_lse, target_index, target_weight, k,
-                        ctx.temperature).to(q.dtype)
+        dq = query_grad(
+            v, grad_row_loss, grad_lse, target_index, target_weight, k, ctx.temperature
+        ).to(q.dtype)
     if ctx.needs_input_grad[1]:
-        dk = _info_nce_backward(grad_row_loss.contiguous(), q, k, queue, target_index,
-                                target_weight, lse, ctx.temperature,
-                                None if grad_lse is None else grad_lse.contiguous(), ctx.backend)
+        dk = _info_nce_backward(
+            grad_row_loss.contiguous(),
+            q,
+            k,
+            queue,
+            target_index,
+            target_weight,
+            lse,
+            ctx.temperature,
+            None if grad_lse is None else grad_lse.contiguous(),
+            ctx.backend,
+        )
     return dq, dk, None, None, None, None, None, None
 
 
 _info_nce.register_autograd(_backward, setup_context=_setup_context)
 
 
-def query_grad(v, grad_row_loss, grad_lse, target_index, target_weight, k,
-               temperature: float) -> torch.Tensor:
+def query_grad(
+    v, grad_row_loss, grad_lse, target_index, target_weight, k, temperature: float
+) -> torch.Tensor:
     """``dq`` from the forward's ``v_i = a_i O_i - T_i`` (``O = softmax @ [k; queue]``,
     ``T_i = sum_p t_ip k[index_ip]``, ``a_i = sum(t_i)``, or ``v_i = O_i`` where ``a_i = 0``):
     ``tau dq_i = (g_i a_i + c_i) O_i - g_i T_i``, which is ``g_i v_i`` without an LSE gradient
@@ -92,18 +132,29 @@ def query_grad(v, grad_row_loss, grad_lse, target_index, target_weight, k,
 def parse_targets(targets, n: int, m: int, device: torch.device, dtype: torch.dtype):
     """``(index [N, P] long, weight [N, P] dtype)`` with each row's weights summing to 1 or 0."""
     if isinstance(targets, torch.Tensor):
-        _checks.tensor("targets", targets, ndim=1, dtypes=(torch.int64, torch.int32),
-                       kind=" ([N] key indices)")
+        _checks.tensor(
+            "targets", targets, ndim=1, dtypes=(torch.int64, torch.int32), kind=" ([N] key indices)"
+        )
         _checks.dim_size("targets", targets, 0, n, "one target per row of q")
-        index, weight = targets.long()[:, None], torch.ones(n, 1, device=targets.device, dtype=dtype)
+        index, weight = (
+            targets.long()[:, None],
+            torch.ones(n, 1, device=targets.device, dtype=dtype),
+        )
     elif isinstance(targets, (tuple, list)) and len(targets) == 2:
         index, weight = targets
-        _checks.tensor("targets[0]", index, ndim=2, dtypes=(torch.int64, torch.int32),
-                       kind=" ([N, P] key indices)")
+        _checks.tensor(
+            "targets[0]",
+            index,
+            ndim=2,
+            dtypes=(torch.int64, torch.int32),
+            kind=" ([N, P] key indices)",
+        )
         _checks.float_tensor("targets[1]", weight, ndim=2, kind=" ([N, P] target weights)")
         if index.shape != weight.shape or index.shape[0] != n:
-            raise ValueError(f"targets index and weight must both be [N={n}, P], got "
-                             f"{tuple(index.shape)} and {tuple(weight.shape)}")
+            raise ValueError(
+                f"targets index and weight must both be [N={n}, P], got "
+                f"{tuple(index.shape)} and {tuple(weight.shape)}"
+            )
         _checks.on_device("targets[1]", weight, device)
         _checks.nonnegative_finite("targets[1]", weight)
         # scale by the row maximum first so that a sum of huge finite weights cannot overflow
@@ -113,10 +164,13 @@ def parse_targets(targets, n: int, m: int, device: torch.device, dtype: torch.dt
         total = weight.sum(1, keepdim=True)
         index, weight = index.long(), torch.where(total > 0, weight / total, 0.0)
     else:
-        raise TypeError("targets must be a LongTensor [N], a tuple (index [N, P], weight [N, P]) "
-                        f"or 'paired', got {targets!r}" if isinstance(targets, str) else
-                        "targets must be a LongTensor [N], a tuple (index [N, P], weight [N, P]) "
-                        f"or 'paired', got {type(targets).__name__}")
+        raise TypeError(
+            "targets must be a LongTensor [N], a tuple (index [N, P], weight [N, P]) "
+            f"or 'paired', got {targets!r}"
+            if isinstance(targets, str)
+            else "targets must be a LongTensor [N], a tuple (index [N, P], weight [N, P]) "
+            f"or 'paired', got {type(targets).__name__}"
+        )
     _checks.on_device("targets", index, device)
     _checks.index_range("targets", index, m, "the rows of k")
     return index.contiguous(), weight.contiguous()
@@ -136,8 +190,9 @@ def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.to(accumulate(x.dtype)), dim=-1).to(x.dtype)
 
 
-def reduce_rows(row_loss: torch.Tensor, row_weights: torch.Tensor | None, has_target,
-                reduction: str) -> torch.Tensor:
+def reduce_rows(
+    row_loss: torch.Tensor, row_weights: torch.Tensor | None, has_target, reduction: str
+) -> torch.Tensor:
     """``mean`` = sum(w * CE) / sum(w) over rows with a target; ``sum``; ``none`` = w * CE."""
     weights = has_target.to(row_loss.dtype)
     if row_weights is not None:
@@ -167,10 +222,18 @@ def check_embeddings(q, k) -> None:
     _checks.same_device(q=q, k=k)
 
 
-def info_nce(q: torch.Tensor, k: torch.Tensor, targets, temperature: float = 0.1,
-             row_weights: torch.Tensor | None = None, queue: torch.Tensor | None = None,
-             normalize: bool = True, *, reduction: str = "mean",
-             backend: str | None = None) -> torch.Tensor:
+def info_nce(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    targets,
+    temperature: float = 0.1,
+    row_weights: torch.Tensor | None = None,
+    queue: torch.Tensor | None = None,
+    normalize: bool = True,
+    *,
+    reduction: str = "mean",
+    backend: str | None = None,
+) -> torch.Tensor:
     """InfoNCE of queries ``q`` against keys ``k`` (and a ``queue`` of extra negatives).
 
     Row ``i``'s logits are ``q_i . [k; queue]^T / temperature`` (after L2 normalisation when
@@ -208,9 +271,16 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, targets, temperature: float = 0.1
     if paired:
         row_loss = paired_rows(q.contiguous(), k, queue.contiguous(), temperature, backend)
         return reduce_rows(row_loss, row_weights, torch.ones_like(row_loss), reduction)
-    row_loss, _, _ = _info_nce(q.contiguous(), k.contiguous(),
-                               None if queue is None else queue.contiguous(), index, weight,
-                               temperature, needs_grad(q), backend)
+    row_loss, _, _ = _info_nce(
+        q.contiguous(),
+        k.contiguous(),
+        None if queue is None else queue.contiguous(),
+        index,
+        weight,
+        temperature,
+        needs_grad(q),
+        backend,
+    )
     row_loss = torch.where(stray_rows, torch.nan, row_loss)
     return reduce_rows(row_loss, row_weights, weight.sum(1) > 0, reduction)
 
@@ -238,6 +308,7 @@ def paired_rows(q, k, queue, temperature: float, backend: str) -> torch.Tensor:
     acc = accumulate(q.dtype)
     positive = (q.to(acc) * k.to(acc)).sum(-1) / temperature
     no_target = torch.zeros(len(q), 0, device=q.device, dtype=torch.long)
-    _, lse_negatives, _ = _info_nce(q, queue, None, no_target, no_target.to(acc), temperature,
-                                    needs_grad(q), backend)
+    _, lse_negatives, _ = _info_nce(
+        q, queue, None, no_target, no_target.to(acc), temperature, needs_grad(q), backend
+    )
     return torch.logaddexp(positive, lse_negatives) - positive

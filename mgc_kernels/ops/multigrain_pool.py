@@ -1,4 +1,5 @@
 """``multigrain_pool``: average-pool a token grid at several granularities at once."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -10,18 +11,24 @@ from ..reference import multigrain_pool as reference
 
 backends.register("multigrain_pool", "torch")(reference.multigrain_pool)
 backends.register("multigrain_pool_backward", "torch")(reference.multigrain_pool_backward)
-backends.register_lazy("multigrain_pool", "triton",
-                       "mgc_kernels.triton.multigrain_pool:multigrain_pool")
-backends.register_lazy("multigrain_pool_backward", "triton",
-                       "mgc_kernels.triton.multigrain_pool:multigrain_pool_backward")
+backends.register_lazy(
+    "multigrain_pool", "triton", "mgc_kernels.triton.multigrain_pool:multigrain_pool"
+)
+backends.register_lazy(
+    "multigrain_pool_backward",
+    "triton",
+    "mgc_kernels.triton.multigrain_pool:multigrain_pool_backward",
+)
 backends.register_lazy("multigrain_pool", "native", "mgc_kernels.native:multigrain_pool")
-backends.register_lazy("multigrain_pool_backward", "native",
-                       "mgc_kernels.native:multigrain_pool_backward")
+backends.register_lazy(
+    "multigrain_pool_backward", "native", "mgc_kernels.native:multigrain_pool_backward"
+)
 
 
 @torch.library.custom_op("mgc_kernels::multigrain_pool", mutates_args=())
-def _multigrain_pool(tokens: torch.Tensor, grid: int, cells: list[int],
-                     backend: str) -> list[torch.Tensor]:
+def _multigrain_pool(
+    tokens: torch.Tensor, grid: int, cells: list[int], backend: str
+) -> list[torch.Tensor]:
     return backends.call("multigrain_pool", backend, tokens, grid, cells)
 
 
@@ -31,8 +38,9 @@ def _(tokens, grid, cells, backend):
 
 
 @torch.library.custom_op("mgc_kernels::multigrain_pool_backward", mutates_args=())
-def _multigrain_pool_backward(grads: list[torch.Tensor], grid: int, cells: list[int],
-                              backend: str) -> torch.Tensor:
+def _multigrain_pool_backward(
+    grads: list[torch.Tensor], grid: int, cells: list[int], backend: str
+) -> torch.Tensor:
     return backends.call("multigrain_pool_backward", backend, grads, grid, cells)
 
 
@@ -53,8 +61,13 @@ def _backward(ctx, grads):
 _multigrain_pool.register_autograd(_backward, setup_context=_setup_context)
 
 
-def multigrain_pool(tokens: torch.Tensor, grid: int = 14, cells: Sequence[int] = (1, 2, 7, 14), *,
-                    backend: str | None = None) -> list[torch.Tensor]:
+def multigrain_pool(
+    tokens: torch.Tensor,
+    grid: int = 14,
+    cells: Sequence[int] = (1, 2, 7, 14),
+    *,
+    backend: str | None = None,
+) -> list[torch.Tensor]:
     """Average-pool ``[B, grid*grid, C]`` patch tokens (no CLS token) into non-overlapping
     ``c x c`` blocks for every ``c`` in ``cells``.
 

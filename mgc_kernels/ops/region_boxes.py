@@ -1,4 +1,5 @@
 """``region_boxes``: the source-pixel box of every pooled region of a view."""
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,14 @@ def _(boxes, flips, n, backend):
     return boxes.new_empty(boxes.shape[0], n * n, 4)
 
 
-def check_view(boxes, flips, boxes_name: str = "boxes", flips_name: str = "flips",
-               batch: int | None = None, device: torch.device | None = None) -> None:
+def check_view(
+    boxes,
+    flips,
+    boxes_name: str = "boxes",
+    flips_name: str = "flips",
+    batch: int | None = None,
+    device: torch.device | None = None,
+) -> None:
     """One view's ``[B, 4]`` boxes and ``[B]`` flips, on one device (``device`` if given)."""
     _checks.boxes_shape(boxes_name, boxes, batch)
     _checks.flips(flips_name, flips, boxes.shape[0])
@@ -31,8 +38,14 @@ def check_view(boxes, flips, boxes_name: str = "boxes", flips_name: str = "flips
     _checks.boxes_values(boxes_name, boxes)
 
 
-def region_boxes(boxes: torch.Tensor, flips: torch.Tensor, grid: int = 14, cell: int = 1, *,
-                 backend: str | None = None) -> torch.Tensor:
+def region_boxes(
+    boxes: torch.Tensor,
+    flips: torch.Tensor,
+    grid: int = 14,
+    cell: int = 1,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Boxes ``[B, (grid // cell)**2, 4]`` (x0, y0, x1, y1, source pixels) of the regions of a view.
 
     Region ``r * (grid // cell) + c`` is row ``r``, column ``c`` of the pooled grid of the view as

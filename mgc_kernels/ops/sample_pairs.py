@@ -1,4 +1,5 @@
 """``sample_pairs``: the sparse region pairs that MGC contrasts, per image and granularity."""
+
 from __future__ import annotations
 
 import struct
@@ -42,12 +43,32 @@ def take(regions: torch.Tensor, idx: torch.Tensor, name: str) -> torch.Tensor:
 
 
 @torch.library.custom_op("mgc_kernels::sample_pairs", mutates_args=())
-def _sample_pairs(boxes1: torch.Tensor, flips1: torch.Tensor, boxes2: torch.Tensor,
-                  flips2: torch.Tensor, n: int, k: int, method: str, view_size: float,
-                  strides: list[float], backend: str) -> tuple[torch.Tensor, torch.Tensor,
-                                                                 torch.Tensor]:
-    return backends.call("sample_pairs", backend, boxes1, flips1, boxes2, flips2, n, k, method,
-                         view_size, strides[:3], strides[3:])
+def _sample_pairs(
+    boxes1: torch.Tensor,
+    flips1: torch.Tensor,
+    boxes2: torch.Tensor,
+    flips2: torch.Tensor,
+    n: int,
+    k: int,
+    method: str,
+    view_size: float,
+    strides: list[float],
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backends.call(
+        "sample_pairs",
+        backend,
+        boxes1,
+        flips1,
+        boxes2,
+        flips2,
+        n,
+        k,
+        method,
+        view_size,
+        strides[:3],
+        strides[3:],
+    )
 
 
 @_sample_pairs.register_fake
@@ -64,8 +85,10 @@ def check_strides(strides) -> list[float]:
     try:
         (rr, rlo, rhi), (cr, clo, chi) = strides
     except (TypeError, ValueError):
-        raise ValueError("strides must be ((row_ratio, row_min, row_max), (col_ratio, col_min, "
-                         f"col_max)), got {strides!r}") from None
+        raise ValueError(
+            "strides must be ((row_ratio, row_min, row_max), (col_ratio, col_min, "
+            f"col_max)), got {strides!r}"
+        ) from None
     for lo, hi in ((rlo, rhi), (clo, chi)):
         if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
             raise ValueError(f"strides must have integer bounds 1 <= min <= max, got {strides!r}")
@@ -80,10 +103,20 @@ def view_size_float32(view_size) -> float:
     return struct.unpack("f", struct.pack("f", view_size))[0]
 
 
-def sample_pairs(boxes1: torch.Tensor, flips1: torch.Tensor, boxes2: torch.Tensor,
-                 flips2: torch.Tensor, grid: int = 14, cell: int = 1, k: int = 10,
-                 method: str = "mgc", *, view_size: float = 224.0, strides=None,
-                 backend: str | None = None) -> Pairs:
+def sample_pairs(
+    boxes1: torch.Tensor,
+    flips1: torch.Tensor,
+    boxes2: torch.Tensor,
+    flips2: torch.Tensor,
+    grid: int = 14,
+    cell: int = 1,
+    k: int = 10,
+    method: str = "mgc",
+    *,
+    view_size: float = 224.0,
+    strides=None,
+    backend: str | None = None,
+) -> Pairs:
     """The ``k`` best region pairs of two views of each image, as MGC samples them.
 
     ``method="mgc"`` is the released rule: view-1 regions inside the crops' overlap, visited with a
@@ -114,5 +147,6 @@ def sample_pairs(boxes1: torch.Tensor, flips1: torch.Tensor, boxes2: torch.Tenso
     rule = check_strides(OFFICIAL_STRIDES.get(cell, EVERY_REGION) if strides is None else strides)
     check_views(boxes1, flips1, boxes2, flips2)
     backend = backends.resolve("sample_pairs", backend, boxes1.device, boxes1.dtype)
-    return Pairs(*_sample_pairs(boxes1, flips1, boxes2, flips2, n, k, method,
-                                view_size, rule, backend))
+    return Pairs(
+        *_sample_pairs(boxes1, flips1, boxes2, flips2, n, k, method, view_size, rule, backend)
+    )

@@ -1,16 +1,21 @@
 """Overlap weights between the regions of two views (the executable spec)."""
+
 from __future__ import annotations
 
 import torch
-
 
 from .region_boxes import region_corners
 
 METRICS = ("mgc", "iou", "ioa")
 
 
-def box_metric(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], area_a: torch.Tensor,
-               area_b: torch.Tensor, metric: str) -> torch.Tensor:
+def box_metric(
+    a: tuple[torch.Tensor, ...],
+    b: tuple[torch.Tensor, ...],
+    area_a: torch.Tensor,
+    area_b: torch.Tensor,
+    metric: str,
+) -> torch.Tensor:
     """``metric`` between boxes ``a`` and ``b`` given as broadcastable (x0, y0, x1, y1) tuples.
 
     ``mgc`` is ``|a & b| / (|a| + |b|)`` (MGC's weight, 0 .. 0.5; not IoU), ``iou`` the usual

@@ -4,12 +4,12 @@
 else 0; ``rho_i = sum_j w_ij``; the target of row ``i`` is ``t_i = w_i / rho_i``. Rows are
 processed in chunks so that only a ``chunk x M`` block of logits and targets exists at a time.
 """
+
 from __future__ import annotations
 
 import torch
 
 from .._dtypes import accumulate
-
 from .correspondence import area, box_metric
 
 CHUNK_ELEMENTS = 1 << 24
@@ -21,8 +21,9 @@ def row_chunks(n: int, m: int):
         yield slice(start, min(n, start + step))
 
 
-def geometric_targets(q_regions, k_regions, q_image, k_image, metric: str, rows: slice,
-                      dtype: torch.dtype):
+def geometric_targets(
+    q_regions, k_regions, q_image, k_image, metric: str, rows: slice, dtype: torch.dtype
+):
     """``[rows, M]`` overlap weights ``w`` of the chunk's query rows against every key."""
     geometry = accumulate(torch.promote_types(q_regions.dtype, k_regions.dtype))
     qr, kr = q_regions[rows].to(geometry), k_regions.to(geometry)
@@ -40,12 +41,22 @@ def chunk_logits(q, k, temperature: float, rows: slice) -> torch.Tensor:
 def chunk_softmax_minus_target(logits, w, lse_rows, rho_rows):
     """``(softmax - target)`` of a chunk's rows (zero for rows without any overlap)."""
     has_target = (rho_rows > 0).to(logits.dtype)[:, None]
-    return (torch.exp(logits - lse_rows[:, None]) * has_target
-            - w / rho_rows.clamp_min(1e-30)[:, None])
+    return (
+        torch.exp(logits - lse_rows[:, None]) * has_target - w / rho_rows.clamp_min(1e-30)[:, None]
+    )
 
 
-def geometric_info_nce(q, k, q_regions, k_regions, q_image, k_image, temperature: float,
-                       metric: str, need_v: bool = True):
+def geometric_info_nce(
+    q,
+    k,
+    q_regions,
+    k_regions,
+    q_image,
+    k_image,
+    temperature: float,
+    metric: str,
+    need_v: bool = True,
+):
     """``(row_loss, lse, rho, v)``: ``[N]`` each in the accumulation dtype (``row_loss`` is 0
     where ``rho`` is 0) and ``v_i = sum_j (softmax_ij - t_ij) k_j`` (``[N, D]``, 0 where ``rho``
     is 0; ``[0, D]`` without ``need_v``), from which ``dq`` follows."""
@@ -57,15 +68,27 @@ def geometric_info_nce(q, k, q_regions, k_regions, q_image, k_image, temperature
         logits = chunk_logits(q, k, temperature, rows)
         lse[rows] = torch.logsumexp(logits, dim=1)
         rho[rows] = w.sum(1)
-        row_loss[rows] = ((rho[rows] > 0).to(acc) * lse[rows]
-                          - (w * logits).sum(1) / rho[rows].clamp_min(1e-30))
+        row_loss[rows] = (rho[rows] > 0).to(acc) * lse[rows] - (w * logits).sum(1) / rho[
+            rows
+        ].clamp_min(1e-30)
         if need_v:
             v[rows] = chunk_softmax_minus_target(logits, w, lse[rows], rho[rows]) @ k.to(acc)
     return row_loss, lse, rho, v
 
 
-def geometric_info_nce_backward(grad_row_loss, q, k, q_regions, k_regions, q_image, k_image,
-                                lse, rho, temperature: float, metric: str):
+def geometric_info_nce_backward(
+    grad_row_loss,
+    q,
+    k,
+    q_regions,
+    k_regions,
+    q_image,
+    k_image,
+    lse,
+    rho,
+    temperature: float,
+    metric: str,
+):
     """``dk`` in ``k``'s dtype, recomputing each chunk's logits (``rho`` is the forward's)."""
     acc = accumulate(q.dtype)
     dk = torch.zeros(k.shape, device=k.device, dtype=acc)

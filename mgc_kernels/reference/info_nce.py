@@ -6,6 +6,7 @@ Inputs are already L2-normalised when the caller asked for it. Row ``i`` has log
 target). The loss of row ``i`` is ``CE_i = s_i * lse_i - sum_p t_ip * logit_i[index_ip]`` with
 ``s_i = sum(t_i)``; its gradient w.r.t. the logits is ``s_i * softmax_i - t_i``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,7 @@ def all_keys(k: torch.Tensor, queue: torch.Tensor | None) -> torch.Tensor:
     return k if queue is None else torch.cat([k, queue.to(k.dtype)])
 
 
-def info_nce(q, k, queue, target_index, target_weight, temperature: float,
-             need_v: bool = True):
+def info_nce(q, k, queue, target_index, target_weight, temperature: float, need_v: bool = True):
     """``(row_loss, lse, v)``: ``row_loss`` and ``lse`` ``[N]`` in the accumulation dtype (fp32,
     or fp64 for fp64), and ``v_i = sum_j (a_i softmax_ij - t_ij) key_j`` over the keys and the
     queue (``[N, D]``; ``[0, D]`` without ``need_v``), with ``a_i = sum(t_i)`` or 1 for a row
@@ -38,8 +38,9 @@ def info_nce(q, k, queue, target_index, target_weight, temperature: float,
     return row_loss, lse, g.scatter_add(1, target_index, -target_weight) @ keys
 
 
-def info_nce_backward(grad_row_loss, q, k, queue, target_index, target_weight, lse,
-                      temperature: float, grad_lse=None):
+def info_nce_backward(
+    grad_row_loss, q, k, queue, target_index, target_weight, lse, temperature: float, grad_lse=None
+):
     """``dk`` in ``k``'s dtype (the queue gets no gradient): ``dk_j = sum_i (c'_i softmax_ij -
     g_i t_ij) q_i / tau`` with ``c'_i = g_i a_i + c_i``, ``g`` the row losses' gradient and ``c``
     the LSE's (whose derivative is the softmax; may be ``None``)."""

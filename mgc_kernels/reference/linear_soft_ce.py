@@ -10,6 +10,7 @@ Its gradient w.r.t. ``s_i`` is ``softmax(s_i) - t_i``; the teacher and the centr
 ``teacher_mean [K]`` is the mean over rows of the raw teacher logits ``l`` (for the centre update).
 Rows are processed in chunks so that only a few ``chunk x K`` blocks exist at a time.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,8 +30,17 @@ def acc_dtype(student: torch.Tensor, teacher: torch.Tensor) -> torch.dtype:
     return accumulate(torch.promote_types(student.dtype, teacher.dtype))
 
 
-def chunk_logits(student, student_weight, teacher, teacher_weight, center, student_temperature,
-                 teacher_temperature, rows: slice, acc: torch.dtype):
+def chunk_logits(
+    student,
+    student_weight,
+    teacher,
+    teacher_weight,
+    center,
+    student_temperature,
+    teacher_temperature,
+    rows: slice,
+    acc: torch.dtype,
+):
     """``(s, l, u)`` of a chunk: student logits over tau_s, raw teacher logits, and centred
     teacher logits over tau_t, each ``[rows, K]`` in ``acc``."""
     s = student[rows].to(acc) @ student_weight.to(acc).T / student_temperature
@@ -42,17 +52,34 @@ def chunk_logits(student, student_weight, teacher, teacher_weight, center, stude
     return s, raw, u / teacher_temperature
 
 
-def linear_soft_ce(student, student_weight, teacher, teacher_weight, center,
-                   student_temperature: float, teacher_temperature: float):
+def linear_soft_ce(
+    student,
+    student_weight,
+    teacher,
+    teacher_weight,
+    center,
+    student_temperature: float,
+    teacher_temperature: float,
+):
     """``(row_loss [N], lse [N], teacher_lse [N], teacher_mean [K])`` in the accumulation dtype;
     ``lse`` is the student's log-sum-exp and ``teacher_lse`` that of ``(l - c) / tau_t``."""
     n, k, acc = len(student), len(student_weight), acc_dtype(student, teacher)
-    row_loss, lse, teacher_lse = (torch.empty(n, device=student.device, dtype=acc)
-                                  for _ in range(3))
+    row_loss, lse, teacher_lse = (
+        torch.empty(n, device=student.device, dtype=acc) for _ in range(3)
+    )
     teacher_sum = torch.zeros(k, device=student.device, dtype=acc)
     for rows in row_chunks(n, k):
-        s, raw, u = chunk_logits(student, student_weight, teacher, teacher_weight, center,
-                                 student_temperature, teacher_temperature, rows, acc)
+        s, raw, u = chunk_logits(
+            student,
+            student_weight,
+            teacher,
+            teacher_weight,
+            center,
+            student_temperature,
+            teacher_temperature,
+            rows,
+            acc,
+        )
         lse[rows] = torch.logsumexp(s, dim=1)
         teacher_lse[rows] = torch.logsumexp(u, dim=1)
         t = torch.exp(u - teacher_lse[rows, None])
@@ -61,9 +88,18 @@ def linear_soft_ce(student, student_weight, teacher, teacher_weight, center,
     return row_loss, lse, teacher_lse, teacher_sum / n
 
 
-def linear_soft_ce_backward(grad_row_loss, student, student_weight, teacher, teacher_weight,
-                            center, lse, teacher_lse, student_temperature: float,
-                            teacher_temperature: float):
+def linear_soft_ce_backward(
+    grad_row_loss,
+    student,
+    student_weight,
+    teacher,
+    teacher_weight,
+    center,
+    lse,
+    teacher_lse,
+    student_temperature: float,
+    teacher_temperature: float,
+):
     """``(d_student, d_student_weight)`` in the dtypes of the inputs, recomputing each chunk's
     logits from the saved log-sum-exps."""
     acc = acc_dtype(student, teacher)
@@ -71,8 +107,17 @@ def linear_soft_ce_backward(grad_row_loss, student, student_weight, teacher, tea
     d_weight = torch.zeros(student_weight.shape, device=student.device, dtype=acc)
     weight = student_weight.to(acc)
     for rows in row_chunks(len(student), len(student_weight)):
-        s, _, u = chunk_logits(student, student_weight, teacher, teacher_weight, center,
-                               student_temperature, teacher_temperature, rows, acc)
+        s, _, u = chunk_logits(
+            student,
+            student_weight,
+            teacher,
+            teacher_weight,
+            center,
+            student_temperature,
+            teacher_temperature,
+            rows,
+            acc,
+        )
         g = torch.exp(s - lse[rows, None]) - torch.exp(u - teacher_lse[rows, None])
         g = g * (grad_row_loss[rows].to(acc) / student_temperature)[:, None]
         d_student[rows] = g @ weight

@@ -1,4 +1,5 @@
 """Average pooling of a token grid at several granularities (the executable spec)."""
+
 from __future__ import annotations
 
 import torch
@@ -19,12 +20,13 @@ def multigrain_pool(tokens: torch.Tensor, grid: int, cells: list[int]) -> list[t
     return out
 
 
-def multigrain_pool_backward(grads: list[torch.Tensor], grid: int, cells: list[int]) -> torch.Tensor:
+def multigrain_pool_backward(
+    grads: list[torch.Tensor], grid: int, cells: list[int]
+) -> torch.Tensor:
     """Gradient w.r.t. the tokens: each block's gradient spread evenly over its ``c x c`` tokens,
     summed over granularities."""
     b, _, ch = grads[0].shape
-    total = torch.zeros(b, grid, grid, ch, device=grads[0].device,
-                        dtype=accumulate(grads[0].dtype))
+    total = torch.zeros(b, grid, grid, ch, device=grads[0].device, dtype=accumulate(grads[0].dtype))
     for g, c in zip(grads, cells):
         n = grid // c
         block = g.to(total.dtype).reshape(b, n, 1, n, 1, ch) / (c * c)

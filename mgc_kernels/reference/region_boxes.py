@@ -1,4 +1,5 @@
 """Region boxes of a pooled token grid, in source-image pixels (the executable spec)."""
+
 from __future__ import annotations
 
 import torch
@@ -34,8 +35,8 @@ def region_corners(boxes: torch.Tensor, flips: torch.Tensor, n: int) -> tuple[to
     xe = region_edges(boxes[:, 0], boxes[:, 2], n)
     ye = region_edges(boxes[:, 1], boxes[:, 3], n)
     cols = cell_columns(flips, n)
-    x0, x1 = xe.gather(1, cols), xe.gather(1, cols + 1)             # [B, n] per token column
-    y0, y1 = ye[:, :-1], ye[:, 1:]                                   # [B, n] per token row
+    x0, x1 = xe.gather(1, cols), xe.gather(1, cols + 1)  # [B, n] per token column
+    y0, y1 = ye[:, :-1], ye[:, 1:]  # [B, n] per token row
     grid = (x0.unsqueeze(1), y0.unsqueeze(2), x1.unsqueeze(1), y1.unsqueeze(2))
     return tuple(t.expand(-1, n, n).reshape(len(boxes), n * n) for t in grid)
 

@@ -14,6 +14,7 @@ candidates:
 - ``topk``: every view-1 region.
 - ``all``: every view-1 region, and ``k`` becomes the largest number of positive pairs in the batch.
 """
+
 from __future__ import annotations
 
 import torch
@@ -69,11 +70,14 @@ def stride(iou32: torch.Tensor, rule) -> torch.Tensor:
 
 
 def mgc_visited(boxes1, boxes2, n: int, view_size: float, row_rule, col_rule) -> torch.Tensor:
-    """``[B, n, n]`` mask (unflipped rows x columns) of the view-1 regions the official rule visits."""
-    row_first, row_last = overlap_span(boxes1[:, 1], boxes1[:, 3], boxes2[:, 1], boxes2[:, 3],
-                                       view_size, n)
-    col_first, col_last = overlap_span(boxes1[:, 0], boxes1[:, 2], boxes2[:, 0], boxes2[:, 2],
-                                       view_size, n)
+    """``[B, n, n]`` mask (unflipped rows x columns) of the view-1 regions the official rule
+    visits."""
+    row_first, row_last = overlap_span(
+        boxes1[:, 1], boxes1[:, 3], boxes2[:, 1], boxes2[:, 3], view_size, n
+    )
+    col_first, col_last = overlap_span(
+        boxes1[:, 0], boxes1[:, 2], boxes2[:, 0], boxes2[:, 2], view_size, n
+    )
     iou = crop_iou32(boxes1, boxes2)
     rows = strided(row_first, row_last, stride(iou, row_rule), n)
     cols = strided(col_first, col_last, stride(iou, col_rule), n)
@@ -119,8 +123,18 @@ def select_pairs(scores: torch.Tensor, flips1, flips2, n: int, k: int | None, dt
     return idx1, idx2, weight
 
 
-def sample_pairs(boxes1, flips1, boxes2, flips2, n: int, k: int, method: str,
-                 view_size: float, row_rule, col_rule):
+def sample_pairs(
+    boxes1,
+    flips1,
+    boxes2,
+    flips2,
+    n: int,
+    k: int,
+    method: str,
+    view_size: float,
+    row_rule,
+    col_rule,
+):
     """``(idx1, idx2, weight)``, each ``[B, k]``: token indices of paired regions and their
     ``mgc`` weight, best first; missing pairs are padded with ``(0, 0, 0)``."""
     w = correspondence(boxes1, flips1, boxes2, flips2, n, "mgc").to(accumulate(boxes1.dtype))

@@ -1,5 +1,6 @@
 """Overlap weights between every region of one view and every region of the other, one launch
 for the whole batch; bit-identical to the torch reference (see triton/region_boxes.py)."""
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,9 @@ BLOCK = 32
 
 
 @triton.jit(do_not_specialize=["n"])
-def correspondence_kernel(box1_ptr, flip1_ptr, box2_ptr, flip2_ptr, out_ptr, n,
-                          METRIC: tl.constexpr, BLOCK: tl.constexpr):
+def correspondence_kernel(
+    box1_ptr, flip1_ptr, box2_ptr, flip2_ptr, out_ptr, n, METRIC: tl.constexpr, BLOCK: tl.constexpr
+):
     image = tl.program_id(0)
     regions = n * n
     r1 = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)[:, None]
@@ -32,6 +34,7 @@ def correspondence(boxes1, flips1, boxes2, flips2, n: int, metric: str) -> torch
     out = torch.empty(len(b1), regions, regions, device=b1.device, dtype=torch.float32)
     if out.numel():
         grid = (len(b1), triton.cdiv(regions, BLOCK), triton.cdiv(regions, BLOCK))
-        correspondence_kernel[grid](b1, f1, b2, f2, out, n, METRIC=metric,
-                                    BLOCK=BLOCK, enable_fp_fusion=False)
+        correspondence_kernel[grid](
+            b1, f1, b2, f2, out, n, METRIC=metric, BLOCK=BLOCK, enable_fp_fusion=False
+        )
     return out.to(boxes1.dtype)

@@ -7,6 +7,7 @@ key tiles around each query block's diagonal (about 1 % of the tiles at B = 256)
 sort both sides by image (a stable argsort, the identity for the losses' own layouts) and find
 each block's band by binary search, then undo the order on the way out.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,17 @@ def by_image(image: torch.Tensor):
     return order, torch.argsort(order)
 
 
-def geometric_info_nce(q, k, q_regions, k_regions, q_image, k_image, temperature: float,
-                       metric: str, need_v: bool = True):
+def geometric_info_nce(
+    q,
+    k,
+    q_regions,
+    k_regions,
+    q_image,
+    k_image,
+    temperature: float,
+    metric: str,
+    need_v: bool = True,
+):
     """``(row_loss, lse, rho, v)``, as ``reference/geometric_info_nce.py::geometric_info_nce``
     (geometry in fp32)."""
     q_order, q_back = by_image(q_image)
@@ -33,8 +43,19 @@ def geometric_info_nce(q, k, q_regions, k_regions, q_image, k_image, temperature
     return row_loss[q_back], lse[q_back], rho[q_back], v[q_back] if need_v else v
 
 
-def geometric_info_nce_backward(grad_row_loss, q, k, q_regions, k_regions, q_image, k_image,
-                                lse, rho, temperature: float, metric: str):
+def geometric_info_nce_backward(
+    grad_row_loss,
+    q,
+    k,
+    q_regions,
+    k_regions,
+    q_image,
+    k_image,
+    lse,
+    rho,
+    temperature: float,
+    metric: str,
+):
     """``dk`` in ``k``'s dtype, as ``reference/geometric_info_nce.py::
     geometric_info_nce_backward``."""
     q_order, _ = by_image(q_image)

@@ -39,6 +39,7 @@ once per problem; elsewhere (fp32, wider rows, the interpreter) they are fixed p
 The band arrays are made before the tiles are known, per group of ``BAND_R`` rows; a block's band
 is the union of its groups'.
 """
+
 from __future__ import annotations
 
 import functools
@@ -78,25 +79,48 @@ def _load_boxes(BOX, IMG, idx, mask):
     Masked rows get the unit box, so that no lane divides 0 by 0 (the ops check that real
     boxes have positive areas)."""
     box = BOX + idx.to(tl.int64) * 4
-    return (tl.load(box, mask=mask, other=0.0), tl.load(box + 1, mask=mask, other=0.0),
-            tl.load(box + 2, mask=mask, other=1.0), tl.load(box + 3, mask=mask, other=1.0),
-            tl.load(IMG + idx, mask=mask, other=-1))
+    return (
+        tl.load(box, mask=mask, other=0.0),
+        tl.load(box + 1, mask=mask, other=0.0),
+        tl.load(box + 2, mask=mask, other=1.0),
+        tl.load(box + 3, mask=mask, other=1.0),
+        tl.load(IMG + idx, mask=mask, other=-1),
+    )
 
 
 @triton.jit
-def _geometric_tile(QBOX, QIMG, KBOX, KIMG, rows, rmask, keys, kmask, METRIC: tl.constexpr,
-                    KEYS_FIRST: tl.constexpr):
+def _geometric_tile(
+    QBOX, QIMG, KBOX, KIMG, rows, rmask, keys, kmask, METRIC: tl.constexpr, KEYS_FIRST: tl.constexpr
+):
     """``w_ij = metric(query box i, key box j)`` where both come from one image, else 0."""
     qx0, qy0, qx1, qy1, q_img = _load_boxes(QBOX, QIMG, rows, rmask)
     kx0, ky0, kx1, ky1, k_img = _load_boxes(KBOX, KIMG, keys, kmask)
     if KEYS_FIRST:
         same = (k_img[:, None] == q_img[None, :]) & kmask[:, None] & rmask[None, :]
-        w = box_metric(qx0[None, :], qy0[None, :], qx1[None, :], qy1[None, :],
-                       kx0[:, None], ky0[:, None], kx1[:, None], ky1[:, None], METRIC)
+        w = box_metric(
+            qx0[None, :],
+            qy0[None, :],
+            qx1[None, :],
+            qy1[None, :],
+            kx0[:, None],
+            ky0[:, None],
+            kx1[:, None],
+            ky1[:, None],
+            METRIC,
+        )
     else:
         same = (q_img[:, None] == k_img[None, :]) & rmask[:, None] & kmask[None, :]
-        w = box_metric(qx0[:, None], qy0[:, None], qx1[:, None], qy1[:, None],
-                       kx0[None, :], ky0[None, :], kx1[None, :], ky1[None, :], METRIC)
+        w = box_metric(
+            qx0[:, None],
+            qy0[:, None],
+            qx1[:, None],
+            qy1[:, None],
+            kx0[None, :],
+            ky0[None, :],
+            kx1[None, :],
+            ky1[None, :],
+            METRIC,
+        )
     return tl.where(same, w, 0.0)
 
 
@@ -131,19 +155,43 @@ def _sparse_tile(TI, TW, rows, rmask, keys, P, M, KEYS_FIRST: tl.constexpr):
 
 
 @triton.jit
-def _targets(TI, TW, QBOX, QIMG, KBOX, KIMG, rows, rmask, keys, kmask, P, M,
-             GEOMETRIC: tl.constexpr, METRIC: tl.constexpr, KEYS_FIRST: tl.constexpr):
+def _targets(
+    TI,
+    TW,
+    QBOX,
+    QIMG,
+    KBOX,
+    KIMG,
+    rows,
+    rmask,
+    keys,
+    kmask,
+    P,
+    M,
+    GEOMETRIC: tl.constexpr,
+    METRIC: tl.constexpr,
+    KEYS_FIRST: tl.constexpr,
+):
     """A band tile's targets: the geometric weights ``w`` (not yet divided by ``rho``) or the
     sparse target distribution."""
     if GEOMETRIC:
-        return _geometric_tile(QBOX, QIMG, KBOX, KIMG, rows, rmask, keys, kmask, METRIC,
-                               KEYS_FIRST)
+        return _geometric_tile(QBOX, QIMG, KBOX, KIMG, rows, rmask, keys, kmask, METRIC, KEYS_FIRST)
     return _sparse_tile(TI, TW, rows, rmask, keys, P, M, KEYS_FIRST)
 
 
 @triton.jit
-def _logits(q, X, first, n, D, offs_d, scale, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
-            MASKED: tl.constexpr):
+def _logits(
+    q,
+    X,
+    first,
+    n,
+    D,
+    offs_d,
+    scale,
+    PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """``(columns, their mask, the key tile, q x^T * scale)`` of the tile starting at ``first``;
     without ``MASKED`` the tile lies within the ``n`` rows and loads unmasked."""
     cols = first + tl.arange(0, BLOCK_C)
@@ -151,27 +199,60 @@ def _logits(q, X, first, n, D, offs_d, scale, PRECISION: tl.constexpr, BLOCK_C: 
     if MASKED:
         x = load_rows(X, cols, cmask, D, offs_d)
     else:
-        x = tl.load(X + cols.to(tl.int64)[:, None] * D + offs_d[None, :],
-                    mask=(offs_d < D)[None, :], other=0.0)
+        x = tl.load(
+            X + cols.to(tl.int64)[:, None] * D + offs_d[None, :],
+            mask=(offs_d < D)[None, :],
+            other=0.0,
+        )
     return cols, cmask, x, tl.dot(q, tl.trans(x), input_precision=PRECISION) * scale
 
 
 @triton.jit
-def _softmax_tiles(q, X, start, stop, D, offs_d, scale, m_i, l_i, acc, WITH_V: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_C: tl.constexpr):
+def _softmax_tiles(
+    q,
+    X,
+    start,
+    stop,
+    D,
+    offs_d,
+    scale,
+    m_i,
+    l_i,
+    acc,
+    WITH_V: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """The hot loop over rows ``[start, stop)`` of ``X``, keys and values at once: the running
     max ``m``, sum ``l`` and ``acc = sum_j 2**(s_ij - m_i) x_j`` of the base-2 logits
     ``s = q x^T * scale``; whole tiles unmasked, then the ragged last one."""
     full = start + (stop - start) // BLOCK_C * BLOCK_C
-    m_i, l_i, acc = _softmax_loop(q, X, start, full, stop, D, offs_d, scale, m_i, l_i, acc,
-                                  WITH_V, PRECISION, BLOCK_C, False)
-    return _softmax_loop(q, X, full, stop, stop, D, offs_d, scale, m_i, l_i, acc, WITH_V,
-                         PRECISION, BLOCK_C, True)
+    m_i, l_i, acc = _softmax_loop(
+        q, X, start, full, stop, D, offs_d, scale, m_i, l_i, acc, WITH_V, PRECISION, BLOCK_C, False
+    )
+    return _softmax_loop(
+        q, X, full, stop, stop, D, offs_d, scale, m_i, l_i, acc, WITH_V, PRECISION, BLOCK_C, True
+    )
 
 
 @triton.jit
-def _softmax_loop(q, X, start, stop, n, D, offs_d, scale, m_i, l_i, acc, WITH_V: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, MASKED: tl.constexpr):
+def _softmax_loop(
+    q,
+    X,
+    start,
+    stop,
+    n,
+    D,
+    offs_d,
+    scale,
+    m_i,
+    l_i,
+    acc,
+    WITH_V: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     for first in range(start, stop, BLOCK_C):
         cols, cmask, x, s = _logits(q, X, first, n, D, offs_d, scale, PRECISION, BLOCK_C, MASKED)
         if MASKED:
@@ -201,11 +282,37 @@ def _band(BAND, block, GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, LOSS, RHO, V,
-                    N, M, NU, P, D, inv_tau,
-                    GEOMETRIC: tl.constexpr, METRIC: tl.constexpr, WITH_V: tl.constexpr,
-                    PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                    BAND_R: tl.constexpr, BAND_C: tl.constexpr, BLOCK_D: tl.constexpr):
+def _forward_kernel(
+    Q,
+    K,
+    U,
+    TI,
+    TW,
+    QBOX,
+    QIMG,
+    KBOX,
+    KIMG,
+    BAND,
+    LSE,
+    LOSS,
+    RHO,
+    V,
+    N,
+    M,
+    NU,
+    P,
+    D,
+    inv_tau,
+    GEOMETRIC: tl.constexpr,
+    METRIC: tl.constexpr,
+    WITH_V: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BAND_R: tl.constexpr,
+    BAND_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
     offs_d = tl.arange(0, BLOCK_D)
@@ -229,12 +336,15 @@ def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, LOSS, RH
             rho += tl.sum(w, 1)
             w_logit += tl.sum(tl.where(w > 0, w * s, 0.0), 1)
     # the hot loop's last tile before the band is masked at lo (it may overshoot into the band)
-    m_i, l_i, acc = _softmax_tiles(q, K, 0, lo, D, offs_d, scale, m_i, l_i, acc, WITH_V,
-                                   PRECISION, BLOCK_C)
-    m_i, l_i, acc = _softmax_tiles(q, K, hi, M, D, offs_d, scale, m_i, l_i, acc, WITH_V,
-                                   PRECISION, BLOCK_C)
-    m_i, l_i, acc = _softmax_tiles(q, U, 0, NU, D, offs_d, scale, m_i, l_i, acc, WITH_V,
-                                   PRECISION, BLOCK_C)
+    m_i, l_i, acc = _softmax_tiles(
+        q, K, 0, lo, D, offs_d, scale, m_i, l_i, acc, WITH_V, PRECISION, BLOCK_C
+    )
+    m_i, l_i, acc = _softmax_tiles(
+        q, K, hi, M, D, offs_d, scale, m_i, l_i, acc, WITH_V, PRECISION, BLOCK_C
+    )
+    m_i, l_i, acc = _softmax_tiles(
+        q, U, 0, NU, D, offs_d, scale, m_i, l_i, acc, WITH_V, PRECISION, BLOCK_C
+    )
     lse2 = m_i + tl.log2(l_i)
     lse = lse2 * 0.6931471805599453  # ln(2): the natural-unit lse the op returns
     if GEOMETRIC:
@@ -262,22 +372,64 @@ def _forward_kernel(Q, K, U, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, LOSS, RH
         # sweep 2: the band's a p - t in fp32, rounded once
         for first in range(lo, hi, BAND_C):
             cols, cmask, kt, s = _logits(q, K, first, M, D, offs_d, scale, PRECISION, BAND_C, True)
-            t = _targets(TI, TW, QBOX, QIMG, KBOX, KIMG, rows, rmask, cols, cmask, P, M,
-                         GEOMETRIC, METRIC, False)
+            t = _targets(
+                TI,
+                TW,
+                QBOX,
+                QIMG,
+                KBOX,
+                KIMG,
+                rows,
+                rmask,
+                cols,
+                cmask,
+                P,
+                M,
+                GEOMETRIC,
+                METRIC,
+                False,
+            )
             if GEOMETRIC:
                 t = t * inv_rho[:, None]
             ds = tl.where(cmask[None, :], tl.exp2(s - lse2[:, None]) * a[:, None] - t, 0.0)
             acc = tl.dot(ds.to(kt.dtype), kt, acc, input_precision=PRECISION)
-        tl.store(V + rows.to(tl.int64)[:, None] * D + offs_d[None, :], acc,
-                 mask=rmask[:, None] & (offs_d < D)[None, :])
+        tl.store(
+            V + rows.to(tl.int64)[:, None] * D + offs_d[None, :],
+            acc,
+            mask=rmask[:, None] & (offs_d < D)[None, :],
+        )
 
 
 @triton.jit
-def _dk_kernel(Q, K, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, COEF, TCOEF, SCALE, DK,
-               N, M, P, D, inv_tau,
-               GEOMETRIC: tl.constexpr, METRIC: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BAND_R: tl.constexpr,
-               BAND_C: tl.constexpr, BLOCK_D: tl.constexpr):
+def _dk_kernel(
+    Q,
+    K,
+    TI,
+    TW,
+    QBOX,
+    QIMG,
+    KBOX,
+    KIMG,
+    BAND,
+    LSE,
+    COEF,
+    TCOEF,
+    SCALE,
+    DK,
+    N,
+    M,
+    P,
+    D,
+    inv_tau,
+    GEOMETRIC: tl.constexpr,
+    METRIC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BAND_R: tl.constexpr,
+    BAND_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """``dk_j = scale / tau * sum_i (coef_i p_ij - tcoef_i t_ij) q_i``; ``coef`` and ``tcoef``
     are the rows' gradients divided by ``scale`` so that fp16 tiles cannot underflow."""
     keys = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -291,8 +443,9 @@ def _dk_kernel(Q, K, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, COEF, TCOEF, SCA
     # the band: the targets enter the tile in fp32, before its rounding
     for first in range(lo, hi, BAND_C):
         rows, rmask, q, s = _logits(kt, Q, first, N, D, offs_d, inv_tau, PRECISION, BAND_C, True)
-        t = _targets(TI, TW, QBOX, QIMG, KBOX, KIMG, rows, rmask, keys, kmask, P, M,
-                     GEOMETRIC, METRIC, True)
+        t = _targets(
+            TI, TW, QBOX, QIMG, KBOX, KIMG, rows, rmask, keys, kmask, P, M, GEOMETRIC, METRIC, True
+        )
         lse = tl.load(LSE + rows, mask=rmask, other=0.0)
         coef = tl.load(COEF + rows, mask=rmask, other=0.0)
         tcoef = tl.load(TCOEF + rows, mask=rmask, other=0.0)
@@ -300,29 +453,59 @@ def _dk_kernel(Q, K, TI, TW, QBOX, QIMG, KBOX, KIMG, BAND, LSE, COEF, TCOEF, SCA
         acc = tl.dot(ds.to(q.dtype), q, acc, input_precision=PRECISION)
     acc = _dk_tiles(kt, Q, LSE, COEF, hi, N, D, offs_d, inv_tau, acc, PRECISION, BLOCK_C)
     scale = tl.load(SCALE) * inv_tau
-    tl.store(DK + keys.to(tl.int64)[:, None] * D + offs_d[None, :],
-             (acc * scale).to(DK.dtype.element_ty), mask=kmask[:, None] & (offs_d < D)[None, :])
+    tl.store(
+        DK + keys.to(tl.int64)[:, None] * D + offs_d[None, :],
+        (acc * scale).to(DK.dtype.element_ty),
+        mask=kmask[:, None] & (offs_d < D)[None, :],
+    )
 
 
 @triton.jit
-def _dk_tiles(kt, Q, LSE, COEF, start, stop, D, offs_d, inv_tau, acc, PRECISION: tl.constexpr,
-              BLOCK_C: tl.constexpr):
+def _dk_tiles(
+    kt,
+    Q,
+    LSE,
+    COEF,
+    start,
+    stop,
+    D,
+    offs_d,
+    inv_tau,
+    acc,
+    PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """dk's hot loop over query rows ``[start, stop)``: ``acc += (coef * p)^T q``; whole tiles
     unmasked, then the ragged last one."""
     full = start + (stop - start) // BLOCK_C * BLOCK_C
-    acc = _dk_loop(kt, Q, LSE, COEF, start, full, stop, D, offs_d, inv_tau, acc, PRECISION,
-                   BLOCK_C, False)
-    return _dk_loop(kt, Q, LSE, COEF, full, stop, stop, D, offs_d, inv_tau, acc, PRECISION,
-                    BLOCK_C, True)
+    acc = _dk_loop(
+        kt, Q, LSE, COEF, start, full, stop, D, offs_d, inv_tau, acc, PRECISION, BLOCK_C, False
+    )
+    return _dk_loop(
+        kt, Q, LSE, COEF, full, stop, stop, D, offs_d, inv_tau, acc, PRECISION, BLOCK_C, True
+    )
 
 
 @triton.jit
-def _dk_loop(kt, Q, LSE, COEF, start, stop, n, D, offs_d, inv_tau, acc, PRECISION: tl.constexpr,
-             BLOCK_C: tl.constexpr, MASKED: tl.constexpr):
+def _dk_loop(
+    kt,
+    Q,
+    LSE,
+    COEF,
+    start,
+    stop,
+    n,
+    D,
+    offs_d,
+    inv_tau,
+    acc,
+    PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """Queries past ``n`` load as 0 rows with ``coef = 0``: they add nothing."""
     for first in range(start, stop, BLOCK_C):
-        rows, rmask, q, s = _logits(kt, Q, first, n, D, offs_d, inv_tau, PRECISION, BLOCK_C,
-                                    MASKED)
+        rows, rmask, q, s = _logits(kt, Q, first, n, D, offs_d, inv_tau, PRECISION, BLOCK_C, MASKED)
         if MASKED:
             lse = tl.load(LSE + rows, mask=rmask, other=0.0)
             coef = tl.load(COEF + rows, mask=rmask, other=0.0)
@@ -347,9 +530,15 @@ def config(rows: int, cols: int, d: int, dtype: torch.dtype) -> dict:
     shrink = max(1, block_d // 128) * (2 if dtype == torch.float32 else 1)
     block_r = max(16, min(MAX_ROWS // shrink, triton.next_power_of_2(max(rows, 1))))
     block_c = max(16, min(MAX_COLS // shrink, triton.next_power_of_2(max(cols, 1))))
-    return dict(BLOCK_R=block_r, BLOCK_C=block_c, BAND_R=block_r, BAND_C=max(16, block_c // 4),
-                BLOCK_D=block_d, num_warps=8 if block_r * block_d >= 128 * 128 else 4,
-                PRECISION="ieee" if dtype == torch.float32 else "tf32")
+    return dict(
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        BAND_R=block_r,
+        BAND_C=max(16, block_c // 4),
+        BLOCK_D=block_d,
+        num_warps=8 if block_r * block_d >= 128 * 128 else 4,
+        PRECISION="ieee" if dtype == torch.float32 else "tf32",
+    )
 
 
 def plan(rows: int, cols: int, d: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -358,8 +547,12 @@ def plan(rows: int, cols: int, d: int, dtype: torch.dtype, device: torch.device)
     cfg = config(rows, cols, d, dtype)
     if not tunes(device, dtype, d):
         return cfg
-    return dict(BAND_R=TUNED_BAND_R, BAND_C=cfg["BAND_C"], BLOCK_D=cfg["BLOCK_D"],
-                PRECISION=cfg["PRECISION"])
+    return dict(
+        BAND_R=TUNED_BAND_R,
+        BAND_C=cfg["BAND_C"],
+        BLOCK_D=cfg["BLOCK_D"],
+        PRECISION=cfg["PRECISION"],
+    )
 
 
 def tunes(device: torch.device, dtype: torch.dtype, d: int) -> bool:
@@ -370,8 +563,13 @@ def tunes(device: torch.device, dtype: torch.dtype, d: int) -> bool:
 def autotuned(kernel, configs: tuple, key: tuple):
     """``kernel`` under Triton's autotuner over ``configs`` (``(BLOCK_R, BLOCK_C, warps,
     stages)``), tuned once per ``key`` arguments and dtypes."""
-    return triton.autotune([triton.Config(dict(BLOCK_R=r, BLOCK_C=c), num_warps=w, num_stages=s)
-                            for r, c, w, s in configs], key=list(key))(kernel)
+    return triton.autotune(
+        [
+            triton.Config(dict(BLOCK_R=r, BLOCK_C=c), num_warps=w, num_stages=s)
+            for r, c, w, s in configs
+        ],
+        key=list(key),
+    )(kernel)
 
 
 def launch(kernel, key: tuple, cfg: dict, rows: int, *args, **flags):
@@ -380,7 +578,8 @@ def launch(kernel, key: tuple, cfg: dict, rows: int, *args, **flags):
         kernel[(triton.cdiv(rows, cfg["BLOCK_R"]),)](*args, **flags, **cfg)
     else:
         autotuned(kernel, TUNED, key)[lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),)](
-            *args, **flags, **cfg)
+            *args, **flags, **cfg
+        )
 
 
 def tile_band(lo: torch.Tensor, hi: torch.Tensor, tile: int, limit: int) -> torch.Tensor:
@@ -437,8 +636,12 @@ def image_band(own_image, other_image, cfg: dict) -> torch.Tensor:
 
 def geometry(q_regions, k_regions, q_image, k_image):
     """Launcher form of the geometric inputs: fp32 contiguous boxes and contiguous ids."""
-    return (q_regions.float().contiguous(), q_image.contiguous(),
-            k_regions.float().contiguous(), k_image.contiguous())
+    return (
+        q_regions.float().contiguous(),
+        q_image.contiguous(),
+        k_regions.float().contiguous(),
+        k_image.contiguous(),
+    )
 
 
 def forward(q, k, queue, targets, boxes, band, temperature: float, metric: str, with_v: bool):
@@ -453,10 +656,35 @@ def forward(q, k, queue, targets, boxes, band, temperature: float, metric: str, 
     v = torch.empty(n if with_v else 0, d, device=q.device, dtype=torch.float32)
     index, weight = (q, q) if targets is None else targets
     qbox, qimg, kbox, kimg = (q,) * 4 if boxes is None else boxes
-    launch(_forward_kernel, FORWARD_KEY, forward_plan(q, k, queue), n,
-           q, k, queue, index, weight, qbox, qimg, kbox, kimg, band, lse, row_loss, rho, v,
-           n, len(k), len(queue), 0 if targets is None else index.shape[1], d, 1.0 / temperature,
-           GEOMETRIC=boxes is not None, METRIC=metric, WITH_V=with_v)
+    launch(
+        _forward_kernel,
+        FORWARD_KEY,
+        forward_plan(q, k, queue),
+        n,
+        q,
+        k,
+        queue,
+        index,
+        weight,
+        qbox,
+        qimg,
+        kbox,
+        kimg,
+        band,
+        lse,
+        row_loss,
+        rho,
+        v,
+        n,
+        len(k),
+        len(queue),
+        0 if targets is None else index.shape[1],
+        d,
+        1.0 / temperature,
+        GEOMETRIC=boxes is not None,
+        METRIC=metric,
+        WITH_V=with_v,
+    )
     return row_loss, lse, rho, v
 
 
@@ -469,8 +697,7 @@ def dk_plan(q, k) -> dict:
     return plan(len(k), len(q), q.shape[1], q.dtype, q.device)
 
 
-def key_grad(q, k, targets, boxes, band, lse, coef, tcoef, temperature: float,
-             metric: str = "mgc"):
+def key_grad(q, k, targets, boxes, band, lse, coef, tcoef, temperature: float, metric: str = "mgc"):
     """``dk_j = sum_i (coef_i p_ij - tcoef_i t_ij) q_j / tau`` in ``k``'s dtype; ``band`` from
     :func:`sparse_bands` or :func:`image_band` with :func:`dk_plan`'s settings."""
     q, k = q.contiguous(), k.contiguous()
@@ -481,10 +708,33 @@ def key_grad(q, k, targets, boxes, band, lse, coef, tcoef, temperature: float,
     index, weight = (q, q) if targets is None else targets
     qbox, qimg, kbox, kimg = (q,) * 4 if boxes is None else boxes
     dk = torch.empty_like(k)
-    launch(_dk_kernel, DK_KEY, dk_plan(q, k), m,
-           q, k, index, weight, qbox, qimg, kbox, kimg, band, lse.contiguous(), coef, tcoef, scale,
-           dk, n, m, 0 if targets is None else index.shape[1], d, 1.0 / temperature,
-           GEOMETRIC=boxes is not None, METRIC=metric)
+    launch(
+        _dk_kernel,
+        DK_KEY,
+        dk_plan(q, k),
+        m,
+        q,
+        k,
+        index,
+        weight,
+        qbox,
+        qimg,
+        kbox,
+        kimg,
+        band,
+        lse.contiguous(),
+        coef,
+        tcoef,
+        scale,
+        dk,
+        n,
+        m,
+        0 if targets is None else index.shape[1],
+        d,
+        1.0 / temperature,
+        GEOMETRIC=boxes is not None,
+        METRIC=metric,
+    )
     return dk
 
 
@@ -499,8 +749,9 @@ def info_nce(q, k, queue, target_index, target_weight, temperature: float, need_
     return row_loss, lse, v
 
 
-def info_nce_backward(grad_row_loss, q, k, queue, target_index, target_weight, lse,
-                      temperature: float, grad_lse=None):
+def info_nce_backward(
+    grad_row_loss, q, k, queue, target_index, target_weight, lse, temperature: float, grad_lse=None
+):
     """``dk`` in ``k``'s dtype, as ``reference/info_nce.py::info_nce_backward``: the softmax
     coefficient of row ``i`` is ``g_i * a_i + c_i`` (``c`` the LSE gradient), its targets'
     ``g_i``."""

@@ -40,6 +40,7 @@ backward's logit work grows by ``ceil(D / 256)``). Tiles and shared memory then 
 D = 256, so every width launches; the benchmarks' widths are compiled for sm_90 in CI
 (``tests/triton_aot.py --real``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -55,8 +56,19 @@ MAX_RESIDENT_D = 256  # widest resident feature rows; wider ones are walked in c
 
 
 @triton.jit
-def _chunked_dot(A, B, a_idx, a_mask, b_idx, b_mask, D, offs_d, acc,
-                 PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
+def _chunked_dot(
+    A,
+    B,
+    a_idx,
+    a_mask,
+    b_idx,
+    b_mask,
+    D,
+    offs_d,
+    acc,
+    PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """``acc + A[a_idx] @ B[b_idx]^T`` over the ``D`` columns of the row-major ``[*, D]``
     matrices ``A`` and ``B``, one ``BLOCK_D``-wide chunk at a time."""
     for start in range(0, D, BLOCK_D):
@@ -67,9 +79,22 @@ def _chunked_dot(A, B, a_idx, a_mask, b_idx, b_mask, D, offs_d, acc,
 
 
 @triton.jit
-def _teacher_tile(T, VT, y, rows, rmask, cols, cmask, K, DT, offs_dt,
-                  LOGITS_GIVEN: tl.constexpr, T_PRECISION: tl.constexpr,
-                  RESIDENT: tl.constexpr, BLOCK_DT: tl.constexpr):
+def _teacher_tile(
+    T,
+    VT,
+    y,
+    rows,
+    rmask,
+    cols,
+    cmask,
+    K,
+    DT,
+    offs_dt,
+    LOGITS_GIVEN: tl.constexpr,
+    T_PRECISION: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+):
     """Raw teacher logits ``[rows, cols]`` in fp32: loaded from ``T [N, K]`` or ``y @ V^T``
     (``y`` the resident teacher rows, or chunks of ``T`` when not ``RESIDENT``)."""
     if LOGITS_GIVEN:
@@ -79,16 +104,39 @@ def _teacher_tile(T, VT, y, rows, rmask, cols, cmask, K, DT, offs_dt,
         v = load_rows(VT, cols, cmask, DT, offs_dt)
         raw = tl.dot(y, tl.trans(v), input_precision=T_PRECISION)
     else:
-        raw = _chunked_dot(T, VT, rows, rmask, cols, cmask, DT, offs_dt,
-                           tl.zeros([rows.shape[0], cols.shape[0]], tl.float32),
-                           T_PRECISION, BLOCK_DT)
+        raw = _chunked_dot(
+            T,
+            VT,
+            rows,
+            rmask,
+            cols,
+            cmask,
+            DT,
+            offs_dt,
+            tl.zeros([rows.shape[0], cols.shape[0]], tl.float32),
+            T_PRECISION,
+            BLOCK_DT,
+        )
     return raw
 
 
 @triton.jit
-def _teacher_tile_t(T, VT, v, rows, rmask, cols, cmask, K, DT, offs_dt,
-                    LOGITS_GIVEN: tl.constexpr, T_PRECISION: tl.constexpr,
-                    RESIDENT: tl.constexpr, BLOCK_DT: tl.constexpr):
+def _teacher_tile_t(
+    T,
+    VT,
+    v,
+    rows,
+    rmask,
+    cols,
+    cmask,
+    K,
+    DT,
+    offs_dt,
+    LOGITS_GIVEN: tl.constexpr,
+    T_PRECISION: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+):
     """The transposed tile ``[cols, rows]`` (prototypes on the first axis), for the dW kernel
     (``v`` the resident teacher prototypes when ``RESIDENT``)."""
     if LOGITS_GIVEN:
@@ -98,19 +146,50 @@ def _teacher_tile_t(T, VT, v, rows, rmask, cols, cmask, K, DT, offs_dt,
         y = load_rows(T, rows, rmask, DT, offs_dt)
         raw = tl.dot(v, tl.trans(y), input_precision=T_PRECISION)
     else:
-        raw = _chunked_dot(VT, T, cols, cmask, rows, rmask, DT, offs_dt,
-                           tl.zeros([cols.shape[0], rows.shape[0]], tl.float32),
-                           T_PRECISION, BLOCK_DT)
+        raw = _chunked_dot(
+            VT,
+            T,
+            cols,
+            cmask,
+            rows,
+            rmask,
+            DT,
+            offs_dt,
+            tl.zeros([cols.shape[0], rows.shape[0]], tl.float32),
+            T_PRECISION,
+            BLOCK_DT,
+        )
     return raw
 
 
 @triton.jit
-def _forward_kernel(X, W, T, VT, C, LOSS, LSE, TLSE, PART,
-                    N, K, D, DT, ITERS, inv_tau_s, inv_tau_t,
-                    LOGITS_GIVEN: tl.constexpr, HAS_CENTER: tl.constexpr,
-                    PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                    BLOCK_DT: tl.constexpr, RESIDENT: tl.constexpr):
+def _forward_kernel(
+    X,
+    W,
+    T,
+    VT,
+    C,
+    LOSS,
+    LSE,
+    TLSE,
+    PART,
+    N,
+    K,
+    D,
+    DT,
+    ITERS,
+    inv_tau_s,
+    inv_tau_t,
+    LOGITS_GIVEN: tl.constexpr,
+    HAS_CENTER: tl.constexpr,
+    PRECISION: tl.constexpr,
+    T_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    RESIDENT: tl.constexpr,
+):
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     offs_d = tl.arange(0, BLOCK_D)
@@ -136,15 +215,45 @@ def _forward_kernel(X, W, T, VT, C, LOSS, LSE, TLSE, PART,
                 w = load_rows(W, cols, cmask, D, offs_d)
                 s = tl.dot(x, tl.trans(w), input_precision=PRECISION) * inv_tau_s
             else:
-                s = _chunked_dot(X, W, rows, rmask, cols, cmask, D, offs_d,
-                                 tl.zeros([BLOCK_R, BLOCK_K], tl.float32), PRECISION,
-                                 BLOCK_D) * inv_tau_s
-            raw = _teacher_tile(T, VT, y, rows, rmask, cols, cmask, K, DT, offs_dt,
-                                LOGITS_GIVEN, T_PRECISION, RESIDENT, BLOCK_DT)
+                s = (
+                    _chunked_dot(
+                        X,
+                        W,
+                        rows,
+                        rmask,
+                        cols,
+                        cmask,
+                        D,
+                        offs_d,
+                        tl.zeros([BLOCK_R, BLOCK_K], tl.float32),
+                        PRECISION,
+                        BLOCK_D,
+                    )
+                    * inv_tau_s
+                )
+            raw = _teacher_tile(
+                T,
+                VT,
+                y,
+                rows,
+                rmask,
+                cols,
+                cmask,
+                K,
+                DT,
+                offs_dt,
+                LOGITS_GIVEN,
+                T_PRECISION,
+                RESIDENT,
+                BLOCK_DT,
+            )
             # this program's column sums of the raw teacher logits (its own buffer row)
             col_sum = tl.sum(tl.where(rmask[:, None], raw, 0.0), 0)
-            tl.store(part_row + cols, tl.load(part_row + cols, mask=cmask, other=0.0) + col_sum,
-                     mask=cmask)
+            tl.store(
+                part_row + cols,
+                tl.load(part_row + cols, mask=cmask, other=0.0) + col_sum,
+                mask=cmask,
+            )
             if HAS_CENTER:
                 raw = raw - tl.load(C + cols, mask=cmask, other=0.0)[None, :]
             u = tl.where(cmask[None, :], raw * inv_tau_t, float("-inf"))
@@ -168,12 +277,32 @@ def _forward_kernel(X, W, T, VT, C, LOSS, LSE, TLSE, PART,
 
 
 @triton.jit
-def _dx_kernel(X, W, T, VT, C, LSE, TLSE, G, DX,
-               N, K, D, DT, inv_tau_s, inv_tau_t,
-               LOGITS_GIVEN: tl.constexpr, HAS_CENTER: tl.constexpr,
-               PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DT: tl.constexpr, RESIDENT: tl.constexpr):
+def _dx_kernel(
+    X,
+    W,
+    T,
+    VT,
+    C,
+    LSE,
+    TLSE,
+    G,
+    DX,
+    N,
+    K,
+    D,
+    DT,
+    inv_tau_s,
+    inv_tau_t,
+    LOGITS_GIVEN: tl.constexpr,
+    HAS_CENTER: tl.constexpr,
+    PRECISION: tl.constexpr,
+    T_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    RESIDENT: tl.constexpr,
+):
     # a block of rows, and (when not RESIDENT) one BLOCK_D-wide chunk of their dx columns
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < N
@@ -196,12 +325,39 @@ def _dx_kernel(X, W, T, VT, C, LSE, TLSE, G, DX,
             w = load_rows(W, cols, cmask, D, offs_d)
             s = tl.dot(x, tl.trans(w), input_precision=PRECISION) * inv_tau_s
         else:
-            s = _chunked_dot(X, W, rows, rmask, cols, cmask, D, offs_d,
-                             tl.zeros([BLOCK_R, BLOCK_K], tl.float32), PRECISION,
-                             BLOCK_D) * inv_tau_s
+            s = (
+                _chunked_dot(
+                    X,
+                    W,
+                    rows,
+                    rmask,
+                    cols,
+                    cmask,
+                    D,
+                    offs_d,
+                    tl.zeros([BLOCK_R, BLOCK_K], tl.float32),
+                    PRECISION,
+                    BLOCK_D,
+                )
+                * inv_tau_s
+            )
             w = load_rows(W, cols, cmask, D, out_d)
-        raw = _teacher_tile(T, VT, y, rows, rmask, cols, cmask, K, DT, offs_dt,
-                            LOGITS_GIVEN, T_PRECISION, RESIDENT, BLOCK_DT)
+        raw = _teacher_tile(
+            T,
+            VT,
+            y,
+            rows,
+            rmask,
+            cols,
+            cmask,
+            K,
+            DT,
+            offs_dt,
+            LOGITS_GIVEN,
+            T_PRECISION,
+            RESIDENT,
+            BLOCK_DT,
+        )
         if HAS_CENTER:
             raw = raw - tl.load(C + cols, mask=cmask, other=0.0)[None, :]
         ds = tl.exp(s - lse[:, None]) - tl.exp(raw * inv_tau_t - tlse[:, None])
@@ -210,17 +366,40 @@ def _dx_kernel(X, W, T, VT, C, LSE, TLSE, G, DX,
         acc = tl.dot(ds.to(w.dtype), w, acc, input_precision=PRECISION)
     g = tl.load(G + rows, mask=rmask, other=0.0)
     dx = acc * (g * inv_tau_s)[:, None]
-    tl.store(DX + rows.to(tl.int64)[:, None] * D + out_d[None, :],
-             dx.to(DX.dtype.element_ty), mask=rmask[:, None] & (out_d < D)[None, :])
+    tl.store(
+        DX + rows.to(tl.int64)[:, None] * D + out_d[None, :],
+        dx.to(DX.dtype.element_ty),
+        mask=rmask[:, None] & (out_d < D)[None, :],
+    )
 
 
 @triton.jit
-def _dw_kernel(X, W, T, VT, C, LSE, TLSE, G, DW,
-               N, K, D, DT, inv_tau_s, inv_tau_t,
-               LOGITS_GIVEN: tl.constexpr, HAS_CENTER: tl.constexpr,
-               PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_DT: tl.constexpr, RESIDENT: tl.constexpr):
+def _dw_kernel(
+    X,
+    W,
+    T,
+    VT,
+    C,
+    LSE,
+    TLSE,
+    G,
+    DW,
+    N,
+    K,
+    D,
+    DT,
+    inv_tau_s,
+    inv_tau_t,
+    LOGITS_GIVEN: tl.constexpr,
+    HAS_CENTER: tl.constexpr,
+    PRECISION: tl.constexpr,
+    T_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+    RESIDENT: tl.constexpr,
+):
     # this program owns BLOCK_K prototypes (and, when not RESIDENT, one BLOCK_D-wide chunk of
     # their dW columns) and loops over row blocks of BLOCK_R
     cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -248,12 +427,39 @@ def _dw_kernel(X, W, T, VT, C, LSE, TLSE, G, DW,
         if RESIDENT:
             s = tl.dot(w, tl.trans(x), input_precision=PRECISION) * inv_tau_s  # [prototypes, rows]
         else:
-            s = _chunked_dot(W, X, cols, cmask, rows, rmask, D, offs_d,
-                             tl.zeros([BLOCK_K, BLOCK_R], tl.float32), PRECISION,
-                             BLOCK_D) * inv_tau_s
+            s = (
+                _chunked_dot(
+                    W,
+                    X,
+                    cols,
+                    cmask,
+                    rows,
+                    rmask,
+                    D,
+                    offs_d,
+                    tl.zeros([BLOCK_K, BLOCK_R], tl.float32),
+                    PRECISION,
+                    BLOCK_D,
+                )
+                * inv_tau_s
+            )
             x = load_rows(X, rows, rmask, D, out_d)
-        raw = _teacher_tile_t(T, VT, v, rows, rmask, cols, cmask, K, DT, offs_dt,
-                              LOGITS_GIVEN, T_PRECISION, RESIDENT, BLOCK_DT)
+        raw = _teacher_tile_t(
+            T,
+            VT,
+            v,
+            rows,
+            rmask,
+            cols,
+            cmask,
+            K,
+            DT,
+            offs_dt,
+            LOGITS_GIVEN,
+            T_PRECISION,
+            RESIDENT,
+            BLOCK_DT,
+        )
         ds = tl.exp(s - lse[None, :]) - tl.exp((raw - c[:, None]) * inv_tau_t - tlse[None, :])
         # rows past N (lse = 0) would meet a very negative centre as exp(-c / tau_t) = inf
         ds = tl.where(rmask[None, :], ds, 0.0)
@@ -262,9 +468,11 @@ def _dw_kernel(X, W, T, VT, C, LSE, TLSE, G, DW,
         g_max = tl.where(g_max > 0, g_max, 1.0)
         ds = ds * (g * (1.0 / g_max))[None, :]
         acc += tl.dot(ds.to(x.dtype), x, input_precision=PRECISION) * g_max
-    tl.store(DW + cols.to(tl.int64)[:, None] * D + out_d[None, :],
-             (acc * inv_tau_s).to(DW.dtype.element_ty),
-             mask=cmask[:, None] & (out_d < D)[None, :])
+    tl.store(
+        DW + cols.to(tl.int64)[:, None] * D + out_d[None, :],
+        (acc * inv_tau_s).to(DW.dtype.element_ty),
+        mask=cmask[:, None] & (out_d < D)[None, :],
+    )
 
 
 # --------------------------------------------------------------------------- launchers
@@ -289,8 +497,17 @@ def config(rows: int, cols: int, d: int, dt: int, dtype: torch.dtype) -> dict:
     block_c = max(16, min(MAX_COLS // shrink, triton.next_power_of_2(max(cols, 1))))
     # chunks hold a logit accumulator beside the chunk tiles: 8 warps keep fp32 from spilling
     wide = not resident or block_r * max(block_d, block_dt) >= 128 * 128
-    return dict(BLOCK_D=block_d, BLOCK_DT=block_dt, RESIDENT=resident,
-                PRECISION=_precision(dtype), num_warps=8 if wide else 4), block_r, block_c
+    return (
+        dict(
+            BLOCK_D=block_d,
+            BLOCK_DT=block_dt,
+            RESIDENT=resident,
+            PRECISION=_precision(dtype),
+            num_warps=8 if wide else 4,
+        ),
+        block_r,
+        block_c,
+    )
 
 
 def _inputs(student, student_weight, teacher, teacher_weight, center):
@@ -299,32 +516,66 @@ def _inputs(student, student_weight, teacher, teacher_weight, center):
     v = t if given else teacher_weight.contiguous()
     c = x if center is None else center.float().contiguous()
     dt = 0 if given else t.shape[1]
-    flags = dict(LOGITS_GIVEN=given, HAS_CENTER=center is not None,
-                 T_PRECISION=_precision(t.dtype))
+    flags = dict(LOGITS_GIVEN=given, HAS_CENTER=center is not None, T_PRECISION=_precision(t.dtype))
     return x, w, t, v, c, dt, flags
 
 
-def linear_soft_ce(student, student_weight, teacher, teacher_weight, center,
-                   student_temperature: float, teacher_temperature: float):
+def linear_soft_ce(
+    student,
+    student_weight,
+    teacher,
+    teacher_weight,
+    center,
+    student_temperature: float,
+    teacher_temperature: float,
+):
     """``(row_loss, lse, teacher_lse, teacher_mean)`` in fp32, as the reference op."""
     x, w, t, v, c, dt, flags = _inputs(student, student_weight, teacher, teacher_weight, center)
     (n, d), k = x.shape, len(w)
     cfg, block_r, block_k = config(n, k, d, dt, x.dtype)
     blocks = triton.cdiv(n, block_r)
     programs = min(blocks, MAX_PROGRAMS)
-    row_loss, lse, teacher_lse = (torch.empty(n, device=x.device, dtype=torch.float32)
-                                  for _ in range(3))
+    row_loss, lse, teacher_lse = (
+        torch.empty(n, device=x.device, dtype=torch.float32) for _ in range(3)
+    )
     partial = torch.zeros(programs, k, device=x.device, dtype=torch.float32)
     _forward_kernel[(programs,)](
-        x, w, t, v, c, row_loss, lse, teacher_lse, partial,
-        n, k, d, dt, triton.cdiv(blocks, programs), 1.0 / student_temperature,
-        1.0 / teacher_temperature, BLOCK_R=block_r, BLOCK_K=block_k, **flags, **cfg)
+        x,
+        w,
+        t,
+        v,
+        c,
+        row_loss,
+        lse,
+        teacher_lse,
+        partial,
+        n,
+        k,
+        d,
+        dt,
+        triton.cdiv(blocks, programs),
+        1.0 / student_temperature,
+        1.0 / teacher_temperature,
+        BLOCK_R=block_r,
+        BLOCK_K=block_k,
+        **flags,
+        **cfg,
+    )
     return row_loss, lse, teacher_lse, partial.sum(0) / n
 
 
-def linear_soft_ce_backward(grad_row_loss, student, student_weight, teacher, teacher_weight,
-                            center, lse, teacher_lse, student_temperature: float,
-                            teacher_temperature: float):
+def linear_soft_ce_backward(
+    grad_row_loss,
+    student,
+    student_weight,
+    teacher,
+    teacher_weight,
+    center,
+    lse,
+    teacher_lse,
+    student_temperature: float,
+    teacher_temperature: float,
+):
     """``(d_student, d_student_weight)`` in the dtypes of the inputs."""
     x, w, t, v, c, dt, flags = _inputs(student, student_weight, teacher, teacher_weight, center)
     (n, d), k = x.shape, len(w)
@@ -334,11 +585,37 @@ def linear_soft_ce_backward(grad_row_loss, student, student_weight, teacher, tea
     args = (n, k, d, dt, 1.0 / student_temperature, 1.0 / teacher_temperature)
     cfg, block_r, block_k = config(n, k, d, dt, x.dtype)
     chunks = triton.cdiv(d, cfg["BLOCK_D"])  # 1 when the rows are resident
-    _dx_kernel[(triton.cdiv(n, block_r), chunks)](x, w, t, v, c, lse, teacher_lse, g, dx, *args,
-                                                  BLOCK_R=block_r, BLOCK_K=block_k, **flags,
-                                                  **cfg)
+    _dx_kernel[(triton.cdiv(n, block_r), chunks)](
+        x,
+        w,
+        t,
+        v,
+        c,
+        lse,
+        teacher_lse,
+        g,
+        dx,
+        *args,
+        BLOCK_R=block_r,
+        BLOCK_K=block_k,
+        **flags,
+        **cfg,
+    )
     cfg, block_k, block_r = config(k, n, d, dt, x.dtype)
-    _dw_kernel[(triton.cdiv(k, block_k), chunks)](x, w, t, v, c, lse, teacher_lse, g, dw, *args,
-                                                  BLOCK_R=block_r, BLOCK_K=block_k, **flags,
-                                                  **cfg)
+    _dw_kernel[(triton.cdiv(k, block_k), chunks)](
+        x,
+        w,
+        t,
+        v,
+        c,
+        lse,
+        teacher_lse,
+        g,
+        dw,
+        *args,
+        BLOCK_R=block_r,
+        BLOCK_K=block_k,
+        **flags,
+        **cfg,
+    )
     return dx, dw

@@ -37,6 +37,7 @@ products cost little next to the memory traffic; the fp32 ieee ``tl.dot`` runs o
 Offsets: the per-image base offset is int64 (``B * grid*grid * C`` may pass 2**31); offsets inside
 one image (``grid*grid * C`` elements) are int32.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,12 +45,13 @@ import triton
 import triton.language as tl
 
 MAX_CELLS_PER_LAUNCH = 4
-ONE_TILE_MAX_TOKENS = 256   # padded tokens held by one forward program (grid <= 16)
+ONE_TILE_MAX_TOKENS = 256  # padded tokens held by one forward program (grid <= 16)
 SMALL_REGIONS = tl.constexpr(4)  # cells with at most this many regions: masked sums, not tl.dot
-_MAX_REGION_BLOCK = 64      # regions per tl.dot (rows of the one-hot pooling matrix)
+_MAX_REGION_BLOCK = 64  # regions per tl.dot (rows of the one-hot pooling matrix)
 
 
 # ----------------------------------------------------------------------------------- forward --
+
 
 @triton.jit
 def _region_of(tok, GRID: tl.constexpr, CELL: tl.constexpr):
@@ -66,17 +68,30 @@ def _pool_dot(p, x, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _pool_tile(x, tok, o_ptr, pid_b, ch, cmask, C, GRID: tl.constexpr, CELL: tl.constexpr,
-               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IEEE: tl.constexpr):
+def _pool_tile(
+    x,
+    tok,
+    o_ptr,
+    pid_b,
+    ch,
+    cmask,
+    C,
+    GRID: tl.constexpr,
+    CELL: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """Write one granularity from the tile ``x [T_PAD, BLOCK_C]`` (padded tokens hold zeros)."""
     R: tl.constexpr = (GRID // CELL) * (GRID // CELL)
     INV: tl.constexpr = 1.0 / (CELL * CELL)
     o_base = o_ptr + pid_b * (R * C)
     if CELL == 1:
-        tl.store(o_base + tok[:, None] * C + ch[None, :], x,
-                 mask=(tok < R)[:, None] & cmask[None, :])
+        tl.store(
+            o_base + tok[:, None] * C + ch[None, :], x, mask=(tok < R)[:, None] & cmask[None, :]
+        )
     else:
-        region = _region_of(tok, GRID, CELL)        # >= R for padded tokens
+        region = _region_of(tok, GRID, CELL)  # >= R for padded tokens
         if R <= SMALL_REGIONS:
             xf = x.to(tl.float32)
             for r in tl.static_range(R):
@@ -88,15 +103,28 @@ def _pool_tile(x, tok, o_ptr, pid_b, ch, cmask, C, GRID: tl.constexpr, CELL: tl.
                 p = (region[None, :] == rows[:, None]).to(x.dtype)
                 acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
                 acc = _pool_dot(p, x, acc, IEEE)
-                tl.store(o_base + rows[:, None] * C + ch[None, :],
-                         (acc * INV).to(o_ptr.dtype.element_ty),
-                         mask=(rows < R)[:, None] & cmask[None, :])
+                tl.store(
+                    o_base + rows[:, None] * C + ch[None, :],
+                    (acc * INV).to(o_ptr.dtype.element_ty),
+                    mask=(rows < R)[:, None] & cmask[None, :],
+                )
 
 
 @triton.jit
-def _pool_chunked(x_base, o_ptr, pid_b, ch, cmask, C, GRID: tl.constexpr, CELL: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
-                  IEEE: tl.constexpr):
+def _pool_chunked(
+    x_base,
+    o_ptr,
+    pid_b,
+    ch,
+    cmask,
+    C,
+    GRID: tl.constexpr,
+    CELL: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """One granularity of a grid too large for one tile: blocks of regions, each from the band of
     token rows it covers, loaded ``BLOCK_T`` tokens at a time."""
     N: tl.constexpr = GRID // CELL
@@ -113,29 +141,50 @@ def _pool_chunked(x_base, o_ptr, pid_b, ch, cmask, C, GRID: tl.constexpr, CELL: 
     else:
         for r0 in range(0, R, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
-            last = tl.minimum(r0 + BLOCK_R, R) - 1          # last region of this block
-            t_lo = (r0 // N) * (CELL * GRID)                # first token row of its region row
-            t_hi = (last // N + 1) * (CELL * GRID)          # end of the last region row
+            last = tl.minimum(r0 + BLOCK_R, R) - 1  # last region of this block
+            t_lo = (r0 // N) * (CELL * GRID)  # first token row of its region row
+            t_hi = (last // N + 1) * (CELL * GRID)  # end of the last region row
             acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
             for t0 in range(t_lo, t_hi, BLOCK_T):
                 tok = t0 + tl.arange(0, BLOCK_T)
                 inside = tok < t_hi
-                x = tl.load(x_base + tok[:, None] * C + ch[None, :],
-                            mask=inside[:, None] & cmask[None, :], other=0.0)
+                x = tl.load(
+                    x_base + tok[:, None] * C + ch[None, :],
+                    mask=inside[:, None] & cmask[None, :],
+                    other=0.0,
+                )
                 region = _region_of(tok, GRID, CELL)
                 p = ((region[None, :] == rows[:, None]) & inside[None, :]).to(x.dtype)
                 acc = _pool_dot(p, x, acc, IEEE)
-            tl.store(o_base + rows[:, None] * C + ch[None, :],
-                     (acc * INV).to(o_ptr.dtype.element_ty),
-                     mask=(rows < R)[:, None] & cmask[None, :])
+            tl.store(
+                o_base + rows[:, None] * C + ch[None, :],
+                (acc * INV).to(o_ptr.dtype.element_ty),
+                mask=(rows < R)[:, None] & cmask[None, :],
+            )
 
 
 @triton.jit
-def _pool_fwd_kernel(x_ptr, o0, o1, o2, o3, C,
-                     GRID: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-                     C3: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
-                     R3: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK_C: tl.constexpr, IEEE: tl.constexpr):
+def _pool_fwd_kernel(
+    x_ptr,
+    o0,
+    o1,
+    o2,
+    o3,
+    C,
+    GRID: tl.constexpr,
+    C0: tl.constexpr,
+    C1: tl.constexpr,
+    C2: tl.constexpr,
+    C3: tl.constexpr,
+    R0: tl.constexpr,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    R3: tl.constexpr,
+    ONE_TILE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """Slots ``C0..C3`` hold cell sizes (0: unused slot), ``R0..R3`` their region block sizes."""
     pid_b = tl.program_id(0).to(tl.int64)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -144,8 +193,11 @@ def _pool_fwd_kernel(x_ptr, o0, o1, o2, o3, C,
     x_base = x_ptr + pid_b * (T * C)
     if ONE_TILE:
         tok = tl.arange(0, BLOCK_T)
-        x = tl.load(x_base + tok[:, None] * C + ch[None, :],
-                    mask=(tok < T)[:, None] & cmask[None, :], other=0.0)
+        x = tl.load(
+            x_base + tok[:, None] * C + ch[None, :],
+            mask=(tok < T)[:, None] & cmask[None, :],
+            other=0.0,
+        )
         if C0 > 0:
             _pool_tile(x, tok, o0, pid_b, ch, cmask, C, GRID, C0, R0, BLOCK_C, IEEE)
         if C1 > 0:
@@ -167,6 +219,7 @@ def _pool_fwd_kernel(x_ptr, o0, o1, o2, o3, C,
 
 # ---------------------------------------------------------------------------------- backward --
 
+
 @triton.jit
 def _spread(g_ptr, pid_b, tok, ch, mask, C, GRID: tl.constexpr, CELL: tl.constexpr):
     """Each token's share (``1 / c**2``) of the gradient of the region it lies in, in fp32."""
@@ -178,10 +231,22 @@ def _spread(g_ptr, pid_b, tok, ch, mask, C, GRID: tl.constexpr, CELL: tl.constex
 
 
 @triton.jit
-def _pool_bwd_kernel(g0, g1, g2, g3, out_ptr, C,
-                     GRID: tl.constexpr, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr,
-                     C3: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_T: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
+def _pool_bwd_kernel(
+    g0,
+    g1,
+    g2,
+    g3,
+    out_ptr,
+    C,
+    GRID: tl.constexpr,
+    C0: tl.constexpr,
+    C1: tl.constexpr,
+    C2: tl.constexpr,
+    C3: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     pid_b = tl.program_id(0).to(tl.int64)
     tok = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     ch = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -204,8 +269,9 @@ def _pool_bwd_kernel(g0, g1, g2, g3, out_ptr, C,
 
 # ---------------------------------------------------------------------------------- launchers --
 
+
 def _groups(items: list) -> list[list]:
-    return [items[i:i + MAX_CELLS_PER_LAUNCH] for i in range(0, len(items), MAX_CELLS_PER_LAUNCH)]
+    return [items[i : i + MAX_CELLS_PER_LAUNCH] for i in range(0, len(items), MAX_CELLS_PER_LAUNCH)]
 
 
 def _slots(values: list, fill):
@@ -222,8 +288,10 @@ def _region_block(regions: int) -> int:
 def _named(cells: list[int], blocks: list[int]) -> dict:
     """Constexpr slot arguments ``C0..C3`` (cell sizes, 0 = unused) and ``R0..R3``."""
     cells, blocks = _slots(cells, 0), _slots(blocks, 16)
-    return {**{f"C{i}": c for i, c in enumerate(cells)},
-            **{f"R{i}": r for i, r in enumerate(blocks)}}
+    return {
+        **{f"C{i}": c for i, c in enumerate(cells)},
+        **{f"R{i}": r for i, r in enumerate(blocks)},
+    }
 
 
 def multigrain_pool(tokens: torch.Tensor, grid: int, cells: list[int]) -> list[torch.Tensor]:
@@ -231,8 +299,10 @@ def multigrain_pool(tokens: torch.Tensor, grid: int, cells: list[int]) -> list[t
     (row-major regions), accumulated in fp32 and returned in the tokens' dtype."""
     tokens = tokens.contiguous()
     b, t, ch = tokens.shape
-    outs = [torch.empty(b, (grid // c) ** 2, ch, device=tokens.device, dtype=tokens.dtype)
-            for c in cells]
+    outs = [
+        torch.empty(b, (grid // c) ** 2, ch, device=tokens.device, dtype=tokens.dtype)
+        for c in cells
+    ]
     if b == 0 or ch == 0:
         return outs
     t_pad = max(16, triton.next_power_of_2(t))
@@ -245,15 +315,23 @@ def multigrain_pool(tokens: torch.Tensor, grid: int, cells: list[int]) -> list[t
         group_cells = [c for c, _ in group]
         blocks = [_region_block((grid // c) ** 2) for c in group_cells]
         _pool_fwd_kernel[(b, triton.cdiv(ch, block_c))](
-            tokens, *_slots([o for _, o in group], group[0][1]), ch,
-            GRID=grid, **_named(group_cells, blocks),
-            ONE_TILE=one_tile, BLOCK_T=block_t, BLOCK_C=block_c,
-            IEEE=tokens.dtype == torch.float32, num_warps=num_warps)
+            tokens,
+            *_slots([o for _, o in group], group[0][1]),
+            ch,
+            GRID=grid,
+            **_named(group_cells, blocks),
+            ONE_TILE=one_tile,
+            BLOCK_T=block_t,
+            BLOCK_C=block_c,
+            IEEE=tokens.dtype == torch.float32,
+            num_warps=num_warps,
+        )
     return outs
 
 
-def multigrain_pool_backward(grads: list[torch.Tensor], grid: int,
-                             cells: list[int]) -> torch.Tensor:
+def multigrain_pool_backward(
+    grads: list[torch.Tensor], grid: int, cells: list[int]
+) -> torch.Tensor:
     """Gradient w.r.t. the tokens: each block's gradient spread evenly over its ``c x c`` tokens,
     summed over granularities (in fp32, each token written once per launch)."""
     grads = [g.contiguous() for g in grads]
@@ -272,7 +350,14 @@ def multigrain_pool_backward(grads: list[torch.Tensor], grid: int,
     for i, group in enumerate(groups):
         group_cells = [c for c, _ in group]
         _pool_bwd_kernel[launch](
-            *_slots([g for _, g in group], group[0][1]), out, ch,
-            GRID=grid, **{f"C{j}": c for j, c in enumerate(_slots(group_cells, 0))},
-            ACCUMULATE=i > 0, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)
+            *_slots([g for _, g in group], group[0][1]),
+            out,
+            ch,
+            GRID=grid,
+            **{f"C{j}": c for j, c in enumerate(_slots(group_cells, 0))},
+            ACCUMULATE=i > 0,
+            BLOCK_T=block_t,
+            BLOCK_C=block_c,
+            num_warps=4,
+        )
     return out.to(dtype)

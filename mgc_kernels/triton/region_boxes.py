@@ -7,6 +7,7 @@ Every value is computed with the reference's operations in the reference's order
 operation. Kernels are launched with ``enable_fp_fusion=False`` so that no multiply-add is
 contracted into an FMA; the results are then bit-identical to the torch reference.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,9 +32,13 @@ def region_corners(box_ptr, flip_ptr, image, region, n):
     bx1, by1 = tl.load(base + 2).to(tl.float32), tl.load(base + 3).to(tl.float32)
     flipped = tl.load(flip_ptr + image) != 0
     row, col = region // n, region % n
-    col = tl.where(flipped, n - 1 - col, col)     # the crop column a flipped token shows
-    return (cell_edge(bx0, bx1, col, n), cell_edge(by0, by1, row, n),
-            cell_edge(bx0, bx1, col + 1, n), cell_edge(by0, by1, row + 1, n))
+    col = tl.where(flipped, n - 1 - col, col)  # the crop column a flipped token shows
+    return (
+        cell_edge(bx0, bx1, col, n),
+        cell_edge(by0, by1, row, n),
+        cell_edge(bx0, bx1, col + 1, n),
+        cell_edge(by0, by1, row + 1, n),
+    )
 
 
 @triton.jit
@@ -76,6 +81,7 @@ def region_boxes(boxes: torch.Tensor, flips: torch.Tensor, n: int) -> torch.Tens
     out = torch.empty(len(boxes), n * n, 4, device=boxes.device, dtype=torch.float32)
     total = out.shape[0] * out.shape[1]
     if total:
-        region_boxes_kernel[(triton.cdiv(total, BLOCK),)](boxes32, flips8, out, n, total,
-                                                          BLOCK=BLOCK, enable_fp_fusion=False)
+        region_boxes_kernel[(triton.cdiv(total, BLOCK),)](
+            boxes32, flips8, out, n, total, BLOCK=BLOCK, enable_fp_fusion=False
+        )
     return out.to(boxes.dtype)

@@ -8,6 +8,7 @@ come out best first with ties in visiting order. A non-negative float's bits ord
 which makes one int64 max do the whole comparison. ``method="all"`` has a data-dependent ``k``;
 it scores with the correspondence kernel and selects with the reference's sort.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,7 @@ from .region_boxes import box_metric, cell_edge, geometry_inputs
 
 BLOCK = 1024
 METHOD_IDS = {"mgc": 0, "topk": 1}
-WEIGHT_TYPES = {torch.float32: tl.float32, torch.float16: tl.float16,
-                torch.bfloat16: tl.bfloat16}
+WEIGHT_TYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -33,7 +33,7 @@ def overlap_span(lo1, hi1, lo2, hi2, view_size, cell):
     start = tl.math.div_rn(o_lo - lo1, size1) * view_size
     end = start + tl.math.div_rn(o_hi - o_lo, size1) * view_size
     start, end = start.to(tl.float64), end.to(tl.float64)
-    first = tl.math.floor(start / cell)        # fp64 division is IEEE (div.rn.f64) on GPUs
+    first = tl.math.floor(start / cell)  # fp64 division is IEEE (div.rn.f64) on GPUs
     last = tl.math.floor(end / cell)
     on_edge = (last * cell == end) | (end > tl.cast(view_size, tl.float64))
     return first.to(tl.int32), (last - on_edge.to(tl.float64)).to(tl.int32)
@@ -42,10 +42,18 @@ def overlap_span(lo1, hi1, lo2, hi2, view_size, cell):
 @triton.jit
 def crop_iou32(ax0, ay0, ax1, ay1, bx0, by0, bx1, by1):
     """The crops' IoU as the released code computes it: exact areas, one float32 division."""
-    ax0, ay0, ax1, ay1 = (ax0.to(tl.float64), ay0.to(tl.float64), ax1.to(tl.float64),
-                          ay1.to(tl.float64))
-    bx0, by0, bx1, by1 = (bx0.to(tl.float64), by0.to(tl.float64), bx1.to(tl.float64),
-                          by1.to(tl.float64))
+    ax0, ay0, ax1, ay1 = (
+        ax0.to(tl.float64),
+        ay0.to(tl.float64),
+        ax1.to(tl.float64),
+        ay1.to(tl.float64),
+    )
+    bx0, by0, bx1, by1 = (
+        bx0.to(tl.float64),
+        by0.to(tl.float64),
+        bx1.to(tl.float64),
+        by1.to(tl.float64),
+    )
     w = tl.maximum(tl.minimum(ax1, bx1) - tl.maximum(ax0, bx0), 0.0)
     h = tl.maximum(tl.minimum(ay1, by1) - tl.maximum(ay0, by0), 0.0)
     inter = w * h
@@ -64,9 +72,27 @@ def on_stride(i, first, last, step):
 
 
 @triton.jit(do_not_specialize=["n", "k", "row_lo", "row_hi", "col_lo", "col_hi"])
-def sample_pairs_kernel(box1_ptr, flip1_ptr, box2_ptr, flip2_ptr, idx1_ptr, idx2_ptr, weight_ptr,
-                        n, k, view_size, row_ratio, row_lo, row_hi, col_ratio, col_lo, col_hi,
-                        METHOD: tl.constexpr, BLOCK: tl.constexpr, WEIGHT: tl.constexpr):
+def sample_pairs_kernel(
+    box1_ptr,
+    flip1_ptr,
+    box2_ptr,
+    flip2_ptr,
+    idx1_ptr,
+    idx2_ptr,
+    weight_ptr,
+    n,
+    k,
+    view_size,
+    row_ratio,
+    row_lo,
+    row_hi,
+    col_ratio,
+    col_lo,
+    col_hi,
+    METHOD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    WEIGHT: tl.constexpr,
+):
     image = tl.program_id(0)
     a = box1_ptr + image.to(tl.int64) * 4
     b = box2_ptr + image.to(tl.int64) * 4
@@ -87,13 +113,20 @@ def sample_pairs_kernel(box1_ptr, flip1_ptr, box2_ptr, flip2_ptr, idx1_ptr, idx2
     for rank in range(0, k):
         best = tl.full([], -1, tl.int64)
         for start in range(0, candidates, BLOCK):
-            visit = start + tl.arange(0, BLOCK)       # visiting order: (i, j) of view 1, (p, q)
+            visit = start + tl.arange(0, BLOCK)  # visiting order: (i, j) of view 1, (p, q)
             i, j = visit // regions // n, visit // regions % n
             p, q = visit % regions // n, visit % regions % n
-            w = box_metric(cell_edge(ax0, ax1, j, n), cell_edge(ay0, ay1, i, n),
-                           cell_edge(ax0, ax1, j + 1, n), cell_edge(ay0, ay1, i + 1, n),
-                           cell_edge(bx0, bx1, q, n), cell_edge(by0, by1, p, n),
-                           cell_edge(bx0, bx1, q + 1, n), cell_edge(by0, by1, p + 1, n), "mgc")
+            w = box_metric(
+                cell_edge(ax0, ax1, j, n),
+                cell_edge(ay0, ay1, i, n),
+                cell_edge(ax0, ax1, j + 1, n),
+                cell_edge(ay0, ay1, i + 1, n),
+                cell_edge(bx0, bx1, q, n),
+                cell_edge(by0, by1, p, n),
+                cell_edge(bx0, bx1, q + 1, n),
+                cell_edge(by0, by1, p + 1, n),
+                "mgc",
+            )
             # ranked as returned, in the boxes' dtype: weights that round to one value tie
             w = w.to(WEIGHT).to(tl.float32)
             valid = (visit < candidates) & (w > 0)
@@ -116,11 +149,22 @@ def sample_pairs_kernel(box1_ptr, flip1_ptr, box2_ptr, flip2_ptr, idx1_ptr, idx2
         previous = best
 
 
-def sample_pairs(boxes1, flips1, boxes2, flips2, n: int, k: int, method: str,
-                 view_size: float, row_rule, col_rule):
+def sample_pairs(
+    boxes1,
+    flips1,
+    boxes2,
+    flips2,
+    n: int,
+    k: int,
+    method: str,
+    view_size: float,
+    row_rule,
+    col_rule,
+):
     if method == "all":
-        scores = unflipped_scores(correspondence(boxes1, flips1, boxes2, flips2, n, "mgc").float(),
-                                  flips1, flips2, n)
+        scores = unflipped_scores(
+            correspondence(boxes1, flips1, boxes2, flips2, n, "mgc").float(), flips1, flips2, n
+        )
         return select_pairs(scores, flips1, flips2, n, None, boxes1.dtype)
     b1, f1 = geometry_inputs(boxes1, flips1)
     b2, f2 = geometry_inputs(boxes2, flips2)
@@ -130,8 +174,25 @@ def sample_pairs(boxes1, flips1, boxes2, flips2, n: int, k: int, method: str,
     if len(b1):
         (row_ratio, row_lo, row_hi), (col_ratio, col_lo, col_hi) = row_rule, col_rule
         sample_pairs_kernel[(len(b1),)](
-            b1, f1, b2, f2, idx1, idx2, weight, n, k, float(view_size),
-            float(row_ratio), int(row_lo), int(row_hi), float(col_ratio), int(col_lo), int(col_hi),
-            METHOD=METHOD_IDS[method], BLOCK=BLOCK, WEIGHT=WEIGHT_TYPES[boxes1.dtype],
-            enable_fp_fusion=False)
+            b1,
+            f1,
+            b2,
+            f2,
+            idx1,
+            idx2,
+            weight,
+            n,
+            k,
+            float(view_size),
+            float(row_ratio),
+            int(row_lo),
+            int(row_hi),
+            float(col_ratio),
+            int(col_lo),
+            int(col_hi),
+            METHOD=METHOD_IDS[method],
+            BLOCK=BLOCK,
+            WEIGHT=WEIGHT_TYPES[boxes1.dtype],
+            enable_fp_fusion=False,
+        )
     return idx1, idx2, weight.to(boxes1.dtype)

@@ -1,4 +1,5 @@
 """Checkpoints: written atomically, read with ``weights_only=True``, checked before any use."""
+
 from __future__ import annotations
 
 import os
@@ -46,13 +47,17 @@ def read(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # any unpickling/zip error: the file is damaged or not a checkpoint
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: it is damaged or not "
-                              f"a torch checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} cannot be read: it is damaged or not "
+            f"a torch checkpoint ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{str(path)!r} is not an mgc-pretrain training checkpoint "
-                              f"(format {found!r}, expected {FORMAT!r}); backbone exports are "
-                              "loaded with timm, not resumed")
+        raise CheckpointError(
+            f"{str(path)!r} is not an mgc-pretrain training checkpoint "
+            f"(format {found!r}, expected {FORMAT!r}); backbone exports are "
+            "loaded with timm, not resumed"
+        )
     missing = [k for k in KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: missing {missing}")
@@ -61,11 +66,16 @@ def read(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict:
 
 def check_compatible(ckpt_config: dict, config: dict, fields: tuple[str, ...], path) -> None:
     """Refuse to resume into a run that differs in anything that shapes the state."""
-    differences = [f"--{name.replace('_', '-')}: checkpoint {ckpt_config.get(name)!r}, this run "
-                   f"{config[name]!r}" for name in fields if ckpt_config.get(name) != config[name]]
+    differences = [
+        f"--{name.replace('_', '-')}: checkpoint {ckpt_config.get(name)!r}, this run "
+        f"{config[name]!r}"
+        for name in fields
+        if ckpt_config.get(name) != config[name]
+    ]
     if differences:
-        raise CheckpointError(f"checkpoint {str(path)!r} does not fit this run: "
-                              + "; ".join(differences))
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not fit this run: " + "; ".join(differences)
+        )
 
 
 def load_state(module: torch.nn.Module, state: dict, what: str, path) -> None:
@@ -74,5 +84,6 @@ def load_state(module: torch.nn.Module, state: dict, what: str, path) -> None:
     try:
         module.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {str(path)!r}: its {what} does not fit this run: "
-                              f"{e}") from e
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: its {what} does not fit this run: {e}"
+        ) from e

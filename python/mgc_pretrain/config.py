@@ -1,5 +1,6 @@
 """Run configuration: one dataclass, filled from the command line over a per-architecture preset,
 written to ``config.json`` in the run folder and restored from there by ``--resume``."""
+
 from __future__ import annotations
 
 import json
@@ -18,16 +19,52 @@ METHODS = ("mgc", "densecl", "smog", "adclr", "mcl")
 # decay 1e-4, cosine, no clipping), on which DenseCL builds.
 _VIT = dict(optimizer="adamw", weight_decay=0.05, clip=3.0, momentum=0.996, min_lr=1e-6)
 PRESETS: dict[str, dict] = {
-    "vit_s16": dict(_VIT, batch_size=256, epochs=800, lr=1e-3, warmup_epochs=10, drop_path=0.05,
-                    num_images=100_000, source_size=256, queue_size=65536, num_groups=3000,
-                    num_prototypes=65536, bank_size=65536),
-    "tiny": dict(_VIT, batch_size=64, epochs=4, lr=4e-3, warmup_epochs=1, drop_path=0.0,
-                 num_images=2048, source_size=128, queue_size=4096, num_groups=64,
-                 num_prototypes=1024, bank_size=1024),
-    "resnet50": dict(optimizer="sgd", weight_decay=1e-4, clip=0.0, momentum=0.999, min_lr=0.0,
-                     batch_size=256, epochs=200, lr=0.03, warmup_epochs=0, drop_path=0.0,
-                     num_images=100_000, source_size=256, queue_size=65536, num_groups=3000,
-                     num_prototypes=65536, bank_size=65536),
+    "vit_s16": dict(
+        _VIT,
+        batch_size=256,
+        epochs=800,
+        lr=1e-3,
+        warmup_epochs=10,
+        drop_path=0.05,
+        num_images=100_000,
+        source_size=256,
+        queue_size=65536,
+        num_groups=3000,
+        num_prototypes=65536,
+        bank_size=65536,
+    ),
+    "tiny": dict(
+        _VIT,
+        batch_size=64,
+        epochs=4,
+        lr=4e-3,
+        warmup_epochs=1,
+        drop_path=0.0,
+        num_images=2048,
+        source_size=128,
+        queue_size=4096,
+        num_groups=64,
+        num_prototypes=1024,
+        bank_size=1024,
+    ),
+    "resnet50": dict(
+        optimizer="sgd",
+        weight_decay=1e-4,
+        clip=0.0,
+        momentum=0.999,
+        min_lr=0.0,
+        batch_size=256,
+        epochs=200,
+        lr=0.03,
+        warmup_epochs=0,
+        drop_path=0.0,
+        num_images=100_000,
+        source_size=256,
+        queue_size=65536,
+        num_groups=3000,
+        num_prototypes=65536,
+        bank_size=65536,
+    ),
 }
 
 # The methods each backbone family is offered for: MGC and ADCLR were published on ViTs (ADCLR's
@@ -37,8 +74,20 @@ FAMILY_METHODS = {"vit": METHODS, "cnn": ("densecl", "smog", "mcl")}
 # What a resumed run may change: where and how it runs, how often it saves, its length (the
 # schedules are re-timed, see Trainer) and the evaluation. Everything else shapes the model, its
 # state, the data stream or the optimisation, and is fixed by the run's first start.
-RESUMABLE_CHANGES = ("output", "resume", "steps", "epochs", "device", "backend", "workers", "amp",
-                     "save_every", "save_minutes", "eval", "probe_data")
+RESUMABLE_CHANGES = (
+    "output",
+    "resume",
+    "steps",
+    "epochs",
+    "device",
+    "backend",
+    "workers",
+    "amp",
+    "save_every",
+    "save_minutes",
+    "eval",
+    "probe_data",
+)
 
 
 @dataclass
@@ -51,14 +100,14 @@ class Config:
     source_size: int | None = None
     batch_size: int | None = None
     epochs: int | None = None
-    steps: int = 0                  # 0: epochs * steps per epoch
+    steps: int = 0  # 0: epochs * steps per epoch
     warmup_epochs: float | None = None
-    optimizer: str | None = None    # "adamw" or "sgd" (momentum 0.9)
-    lr: float | None = None         # per 256 images; scaled by batch_size / 256
+    optimizer: str | None = None  # "adamw" or "sgd" (momentum 0.9)
+    lr: float | None = None  # per 256 images; scaled by batch_size / 256
     min_lr: float | None = None
     weight_decay: float | None = None
     clip: float | None = None
-    momentum: float | None = None   # EMA momentum at step 0
+    momentum: float | None = None  # EMA momentum at step 0
     drop_path: float | None = None
     amp: str = "auto"
     workers: int = 2
@@ -66,10 +115,10 @@ class Config:
     device: str = "auto"
     backend: str = "auto"
     resume: str = ""
-    save_every: int = 0             # 0: once per epoch
-    save_minutes: float = 10.0      # 0: off
-    eval: bool | None = None        # None: after training on the synthetic data
-    probe_data: str = ""            # a labelled image folder for the end-of-run k-NN probe
+    save_every: int = 0  # 0: once per epoch
+    save_minutes: float = 10.0  # 0: off
+    eval: bool | None = None  # None: after training on the synthetic data
+    probe_data: str = ""  # a labelled image folder for the end-of-run k-NN probe
     mgc_mode: str = "sparse"
     mgc_weighting: str = "uniform"
     queue_size: int | None = None
@@ -95,12 +144,15 @@ class Config:
         if self.eval is None:
             self.eval = self.data == "synthetic" or bool(self.probe_data)
         if not 0.0 <= self.momentum <= 1.0:
-            raise ValueError(f"--momentum must be in [0, 1] (the EMA momentum at step 0), got "
-                             f"{self.momentum}")
+            raise ValueError(
+                f"--momentum must be in [0, 1] (the EMA momentum at step 0), got {self.momentum}"
+            )
         offered = FAMILY_METHODS[self.architecture.family]
         if self.method not in offered:
-            raise ValueError(f"--method {self.method} is not offered with --arch {self.arch}; "
-                             f"it trains {', '.join(offered)}")
+            raise ValueError(
+                f"--method {self.method} is not offered with --arch {self.arch}; "
+                f"it trains {', '.join(offered)}"
+            )
         return self
 
     def as_dict(self) -> dict:

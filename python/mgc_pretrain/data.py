@@ -5,6 +5,7 @@ Every dataset item is a dict with a uint8 ``"image"`` tensor ``[3, H, W]`` (RGB)
 ``"label"`` (-1 where the images are unlabelled); synthetic scenes add a per-pixel ``"mask"``,
 image folders an int ``"bad_images"`` (1 where a file that does not decode was replaced).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,9 +42,9 @@ _EXTENT_PER_R = {1: 1.0, 2: math.sqrt(2.0), 3: 1.0, 4: 1.0, 5: math.hypot(1.0, _
 
 _BACKGROUND_TEXTURES = ("gradient", "stripes", "checker", "noise")
 _OBJECT_TEXTURES = ("solid", "stripes", "checker", "dots")
-_MAIN_AREA_RANGE = (0.15, 0.35)        # fraction of the image
+_MAIN_AREA_RANGE = (0.15, 0.35)  # fraction of the image
 _DISTRACTOR_AREA_RANGE = (0.02, 0.07)
-_PLACEMENT_TRIES = 4                   # per distractor, before it is left out
+_PLACEMENT_TRIES = 4  # per distractor, before it is left out
 _PIXEL_NOISE_STD = 3.0
 
 
@@ -75,14 +76,16 @@ def _choice(generator: torch.Generator, options: tuple[str, ...]) -> str:
     return options[int(torch.randint(len(options), (), generator=generator))]
 
 
-def _along_random_direction(xs: torch.Tensor, ys: torch.Tensor,
-                            generator: torch.Generator) -> torch.Tensor:
+def _along_random_direction(
+    xs: torch.Tensor, ys: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     angle = _uniform(generator, 0.0, math.pi)
     return xs * math.cos(angle) + ys * math.sin(angle)
 
 
-def _pattern(kind: str, xs: torch.Tensor, ys: torch.Tensor,
-             generator: torch.Generator) -> torch.Tensor:
+def _pattern(
+    kind: str, xs: torch.Tensor, ys: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """A texture on the pixel grid, values in [-1, 1]; 'solid' is all zeros."""
     size = xs.shape[-1]
     if kind == "solid":
@@ -109,8 +112,14 @@ def _pattern(kind: str, xs: torch.Tensor, ys: torch.Tensor,
     raise ValueError(f"unknown texture {kind!r}")
 
 
-def _textured_fill(base_colour: torch.Tensor, kind: str, amplitude: float, xs: torch.Tensor,
-                   ys: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _textured_fill(
+    base_colour: torch.Tensor,
+    kind: str,
+    amplitude: float,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """``[3, S, S]`` float image: a colour varied along a random colour direction by a texture."""
     tint = torch.rand(3, generator=generator) * 2.0 - 1.0
     texture = _pattern(kind, xs, ys, generator)
@@ -140,8 +149,14 @@ def _shape_mask(shape_class: int, u: torch.Tensor, v: torch.Tensor, r: float) ->
     raise ValueError(f"unknown shape class {shape_class}")
 
 
-def _random_shape(shape_class: int, area_range: tuple[float, float], inset: float,
-                  xs: torch.Tensor, ys: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _random_shape(
+    shape_class: int,
+    area_range: tuple[float, float],
+    inset: float,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """Mask of one shape with a random area, rotation and position.
 
     The centre is drawn at least ``inset`` times the shape's reach from every border, so an inset
@@ -158,8 +173,9 @@ def _random_shape(shape_class: int, area_range: tuple[float, float], inset: floa
     return _shape_mask(shape_class, dx * cos + dy * sin, dy * cos - dx * sin, r)
 
 
-def _object_fill(background_colour: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor,
-                 generator: torch.Generator) -> torch.Tensor:
+def _object_fill(
+    background_colour: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """Colour and texture of an object, independent of its class.
 
     Each channel is offset from the background's by 64..192 modulo 256, so the object always
@@ -218,8 +234,9 @@ class SyntheticScenes(torch.utils.data.Dataset):
         xs, ys = self._xs, self._ys
         background_colour = 30.0 + 195.0 * torch.rand(3, generator=generator)
         kind = _choice(generator, _BACKGROUND_TEXTURES)
-        image = _textured_fill(background_colour, kind, _uniform(generator, 15.0, 50.0),
-                               xs, ys, generator)
+        image = _textured_fill(
+            background_colour, kind, _uniform(generator, 15.0, 50.0), xs, ys, generator
+        )
         mask = torch.zeros(xs.shape, dtype=torch.int64)
 
         label = int(torch.randint(1, self.NUM_CLASSES, (), generator=generator))
@@ -231,8 +248,9 @@ class SyntheticScenes(torch.utils.data.Dataset):
         for _ in range(int(torch.randint(1, 4, (), generator=generator))):
             shape_class = int(torch.randint(1, self.NUM_CLASSES, (), generator=generator))
             for _ in range(_PLACEMENT_TRIES):
-                distractor = _random_shape(shape_class, _DISTRACTOR_AREA_RANGE, 0.5, xs, ys,
-                                           generator)
+                distractor = _random_shape(
+                    shape_class, _DISTRACTOR_AREA_RANGE, 0.5, xs, ys, generator
+                )
                 still_visible = main_visible & ~distractor
                 if int(still_visible.sum()) >= min_main_visible:
                     main_visible = still_visible
@@ -243,9 +261,15 @@ class SyntheticScenes(torch.utils.data.Dataset):
         pixels = image.round_().clamp_(0.0, 255.0).to(torch.uint8)
         return {"image": pixels, "mask": mask, "label": label}
 
-    def _paint(self, image: torch.Tensor, mask: torch.Tensor, region: torch.Tensor,
-               shape_class: int, background_colour: torch.Tensor,
-               generator: torch.Generator) -> None:
+    def _paint(
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor,
+        region: torch.Tensor,
+        shape_class: int,
+        background_colour: torch.Tensor,
+        generator: torch.Generator,
+    ) -> None:
         """Paint a new object over ``region`` in place: it hides whatever was there before."""
         fill = _object_fill(background_colour, self._xs, self._ys, generator)
         image.copy_(torch.where(region, fill, image))
@@ -263,15 +287,22 @@ def _check_int(name: str, value: object, *, minimum: int) -> None:
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
-NEUTRAL_GREY = 128            # what transparent pixels show (see rgb_array)
+NEUTRAL_GREY = 128  # what transparent pixels show (see rgb_array)
 _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 # What a bad file makes PIL raise: unreadable, not an image, truncated, corrupt streams, or
 # larger than PIL's decompression-bomb limit.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
-                  Image.DecompressionBombError)
-_HEADER_THREADS = 8           # opening files is latency-bound on network filesystems
-_LISTED_PATHS = 5             # paths named in the warning about left-out files
+_DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
+)
+_HEADER_THREADS = 8  # opening files is latency-bound on network filesystems
+_LISTED_PATHS = 5  # paths named in the warning about left-out files
 
 
 class BadImageWarning(UserWarning):
@@ -334,9 +365,13 @@ class _ImageFiles(torch.utils.data.Dataset):
         self.root, self.files, self.labels = root, files, labels
         self._warned: set[Path] = set()
         if ImageFile.LOAD_TRUNCATED_IMAGES:
-            warnings.warn("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by some imported "
-                          "module): truncated images will load partly grey instead of being "
-                          "replaced and counted in bad_images", BadImageWarning, stacklevel=3)
+            warnings.warn(
+                "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True (set by some imported "
+                "module): truncated images will load partly grey instead of being "
+                "replaced and counted in bad_images",
+                BadImageWarning,
+                stacklevel=3,
+            )
 
     def __len__(self) -> int:
         return len(self.files)
@@ -345,8 +380,11 @@ class _ImageFiles(torch.utils.data.Dataset):
         if not 0 <= index < len(self.files):
             raise IndexError(f"index {index} is out of range for {len(self.files)} images")
         used, pixels = self._decode_from(index)
-        return {"image": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(),
-                "label": self.labels[used], "bad_images": int(used != index)}
+        return {
+            "image": torch.from_numpy(pixels).permute(2, 0, 1).contiguous(),
+            "label": self.labels[used],
+            "bad_images": int(used != index),
+        }
 
     def _decode_from(self, index: int) -> tuple[int, np.ndarray]:
         """The index and pixels of the first file from ``index`` on (wrapping) that decodes."""
@@ -356,16 +394,21 @@ class _ImageFiles(torch.utils.data.Dataset):
                 return candidate, load_rgb(self.files[candidate])
             except _DECODE_ERRORS as error:
                 self._warn_once(self.files[candidate], error)
-        raise RuntimeError(f"none of the {len(self.files)} images under {str(self.root)!r} "
-                           "decodes any more (the warnings above name each file and its "
-                           "error); is the folder still mounted and readable?")
+        raise RuntimeError(
+            f"none of the {len(self.files)} images under {str(self.root)!r} "
+            "decodes any more (the warnings above name each file and its "
+            "error); is the folder still mounted and readable?"
+        )
 
     def _warn_once(self, path: Path, error: Exception) -> None:
         if path not in self._warned:
             self._warned.add(path)
-            warnings.warn(f"cannot decode image {str(path)!r} ({error}); the next image that "
-                          "decodes is used in its place (counted in bad_images)",
-                          BadImageWarning, stacklevel=4)
+            warnings.warn(
+                f"cannot decode image {str(path)!r} ({error}); the next image that "
+                "decodes is used in its place (counted in bad_images)",
+                BadImageWarning,
+                stacklevel=4,
+            )
 
 
 class ImageFolder(_ImageFiles):
@@ -391,9 +434,11 @@ class ImageFolder(_ImageFiles):
         found = _find_images(root)
         files = _readable(found)
         if not files:
-            raise ValueError(f"no images found under {str(root)!r} (searched recursively for "
-                             f"{', '.join(IMAGE_EXTENSIONS)}, any case; "
-                             f"{len(found)} file(s) rejected as unreadable)")
+            raise ValueError(
+                f"no images found under {str(root)!r} (searched recursively for "
+                f"{', '.join(IMAGE_EXTENSIONS)}, any case; "
+                f"{len(found)} file(s) rejected as unreadable)"
+            )
         super().__init__(root, files, [-1] * len(files))
 
 
@@ -412,31 +457,40 @@ class LabelledImageFolder(_ImageFiles):
         root = _existing_folder(root, "labelled image folder")
         folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
         self.classes = _check_classes(root, folders, classes)
-        found = [(path, label) for label, name in enumerate(self.classes)
-                 for path in _find_images(root / name)]
+        found = [
+            (path, label)
+            for label, name in enumerate(self.classes)
+            for path in _find_images(root / name)
+        ]
         readable = set(_readable([path for path, _ in found]))
         kept = [(path, label) for path, label in found if path in readable]
         found_per_class = Counter(label for _, label in found)
         kept_per_class = Counter(label for _, label in kept)
         for label, name in enumerate(self.classes):
             if kept_per_class[label] == 0:
-                raise ValueError(f"class folder {str(root / name)!r} has no readable images "
-                                 f"({found_per_class[label]} file(s) rejected; searched "
-                                 f"recursively for {', '.join(IMAGE_EXTENSIONS)}, any case)")
+                raise ValueError(
+                    f"class folder {str(root / name)!r} has no readable images "
+                    f"({found_per_class[label]} file(s) rejected; searched "
+                    f"recursively for {', '.join(IMAGE_EXTENSIONS)}, any case)"
+                )
         super().__init__(root, [path for path, _ in kept], [label for _, label in kept])
 
 
 def _check_classes(root: Path, folders: list[str], classes: list[str] | None) -> list[str]:
     if classes is None:
         if len(folders) < 2:
-            raise ValueError(f"labelled image folder {str(root)!r} must hold one subfolder per "
-                             f"class, at least 2; found {len(folders)}: {folders}")
+            raise ValueError(
+                f"labelled image folder {str(root)!r} must hold one subfolder per "
+                f"class, at least 2; found {len(folders)}: {folders}"
+            )
         return folders
     if sorted(classes) != folders:
         missing = sorted(set(classes) - set(folders))
         extra = sorted(set(folders) - set(classes))
-        raise ValueError(f"labelled image folder {str(root)!r} must hold the same class "
-                         f"folders as its training split; missing {missing}, extra {extra}")
+        raise ValueError(
+            f"labelled image folder {str(root)!r} must hold the same class "
+            f"folders as its training split; missing {missing}, extra {extra}"
+        )
     return list(classes)
 
 
@@ -452,8 +506,7 @@ def _existing_folder(root: str | os.PathLike, what: str) -> Path:
 def _find_images(root: Path) -> list[Path]:
     found = []
     for folder, _, names in os.walk(root, followlinks=True):
-        found += [Path(folder, name) for name in names
-                  if name.lower().endswith(IMAGE_EXTENSIONS)]
+        found += [Path(folder, name) for name in names if name.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(found, key=lambda path: path.relative_to(root).as_posix())
 
 
@@ -463,14 +516,19 @@ def _readable(paths: list[Path]) -> list[Path]:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with ThreadPoolExecutor(_HEADER_THREADS) as pool:
             problems = list(pool.map(_header_problem, paths, chunksize=256))
-    rejected = [f"{str(path)!r} ({problem})" for path, problem in zip(paths, problems)
-                if problem is not None]
+    rejected = [
+        f"{str(path)!r} ({problem})"
+        for path, problem in zip(paths, problems)
+        if problem is not None
+    ]
     if rejected:
-        more = f" and {len(rejected) - _LISTED_PATHS} more" if len(rejected) > _LISTED_PATHS \
-            else ""
-        warnings.warn(f"left out {len(rejected)} of {len(paths)} image file(s) that cannot be "
-                      f"opened: {', '.join(rejected[:_LISTED_PATHS])}{more}",
-                      BadImageWarning, stacklevel=3)
+        more = f" and {len(rejected) - _LISTED_PATHS} more" if len(rejected) > _LISTED_PATHS else ""
+        warnings.warn(
+            f"left out {len(rejected)} of {len(paths)} image file(s) that cannot be "
+            f"opened: {', '.join(rejected[:_LISTED_PATHS])}{more}",
+            BadImageWarning,
+            stacklevel=3,
+        )
     return [path for path, problem in zip(paths, problems) if problem is None]
 
 
@@ -487,8 +545,10 @@ def _header_problem(path: Path) -> str | None:
 # Choosing a dataset
 # --------------------------------------------------------------------------------------------
 
-def build_dataset(name_or_path: str, *, length: int, image_size: int,
-                  seed: int) -> torch.utils.data.Dataset:
+
+def build_dataset(
+    name_or_path: str, *, length: int, image_size: int, seed: int
+) -> torch.utils.data.Dataset:
     """``"synthetic"`` gives :class:`SyntheticScenes`; anything else is an image folder's path
     (``length``, ``image_size`` and ``seed`` then do not apply: the folder sets the length and
     resizing is the transforms' job)."""

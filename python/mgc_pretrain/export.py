@@ -7,6 +7,7 @@ Load it with timm (no missing or unexpected keys)::
     # or: model = timm.create_model(info["timm_name"], **info["timm_kwargs"])
     #     model.load_state_dict(torch.load("backbone.pth", weights_only=True), strict=True)
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,10 @@ def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, Arch]:
     path = Path(path)
     note = path.with_suffix(".json")
     if not path.is_file() or not note.is_file():
-        raise CheckpointError(f"backbone export {str(path)!r} needs both the .pth and its "
-                              f"{note.name}; found .pth: {path.is_file()}, .json: {note.is_file()}")
+        raise CheckpointError(
+            f"backbone export {str(path)!r} needs both the .pth and its "
+            f"{note.name}; found .pth: {path.is_file()}, .json: {note.is_file()}"
+        )
     info = json.loads(note.read_text())
     arch = Arch(**info["arch"])
     model = timm.create_model(info["timm_name"], pretrained=False, **info["timm_kwargs"])
@@ -46,6 +49,8 @@ def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, Arch]:
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
     except Exception as e:
-        raise CheckpointError(f"backbone export {str(path)!r} cannot be loaded into "
-                              f"{info['timm_name']}: {type(e).__name__}: {e}") from e
+        raise CheckpointError(
+            f"backbone export {str(path)!r} cannot be loaded into "
+            f"{info['timm_name']}: {type(e).__name__}: {e}"
+        ) from e
     return model, arch

@@ -7,6 +7,7 @@ each states the method, which views are flipped and what is drawn, and computes 
 with the method's own ops (``mk.sample_pairs``, ``mk.dense_argmax_match``, ``query_boxes`` /
 ``to_view``, ``mk.transforms.montage``, the SMoG groups' ``assign``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,18 +23,30 @@ import mgc_kernels as mk
 
 from .methods import ADCLR, MCL, MGC, DenseCL, Method, SMoG, query_boxes, to_view
 from .models import features, patch_tokens
-from .plots import (HALO, Rect, centre, colours, connect, displayable, inset, outline,
-                    outline_all, save, show_image)
+from .plots import (
+    HALO,
+    Rect,
+    centre,
+    colours,
+    connect,
+    displayable,
+    inset,
+    outline,
+    outline_all,
+    save,
+    show_image,
+)
 
 GEOMETRY = ("box1", "flip1", "box2", "flip2")
-MGC_CELL = 2           # the paper's localisation figure: 7 x 7 regions, pairs easy to see
-DENSECL_QUERIES = 3    # per side: a 3 x 3 spread of query tokens over the crops' overlap
-SHOWN_IMAGES = 8       # MCL / SMoG thumbnails per row
-SEED = 0               # ADCLR's query crops and MCL's montage draws, so figures are repeatable
+MGC_CELL = 2  # the paper's localisation figure: 7 x 7 regions, pairs easy to see
+DENSECL_QUERIES = 3  # per side: a 3 x 3 spread of query tokens over the crops' overlap
+SHOWN_IMAGES = 8  # MCL / SMoG thumbnails per row
+SEED = 0  # ADCLR's query crops and MCL's montage draws, so figures are repeatable
 
 
-def draw_method_figure(method: Method, batch: dict, path: str | Path, *,
-                       title_prefix: str = "") -> None:
+def draw_method_figure(
+    method: Method, batch: dict, path: str | Path, *, title_prefix: str = ""
+) -> None:
     """Write a PNG of what ``method`` contrasts on the first image(s) of ``batch``.
 
     ``batch`` is a collated training batch (``view1``, ``view2`` ``[B, 3, S, S]`` ImageNet-
@@ -42,12 +55,12 @@ def draw_method_figure(method: Method, batch: dict, path: str | Path, *,
     state (queues, groups, banks) changes and the global RNG is left as it was.
     """
     batch = {key: value.detach().cpu() for key, value in batch.items() if torch.is_tensor(value)}
-    for kind, draw in FIGURES.items():
-        if isinstance(method, kind):
-            break
-    else:
-        raise TypeError(f"no figure for {type(method).__name__}; known: "
-                        f"{', '.join(kind.__name__ for kind in FIGURES)}")
+    draw = next((draw for kind, draw in FIGURES.items() if isinstance(method, kind)), None)
+    if draw is None:
+        raise TypeError(
+            f"no figure for {type(method).__name__}; known: "
+            f"{', '.join(kind.__name__ for kind in FIGURES)}"
+        )
     was_training = method.training
     method.eval()
     try:
@@ -67,8 +80,11 @@ def view_rects(regions: Tensor, batch: dict, view: int, index: int = 0) -> Tenso
     """Source-pixel regions ``[N, 4]`` of image ``index`` -> pixel rects ``[N, 4]`` of view
     ``view`` (1 or 2) as shown, through ``methods.to_view`` (crop, resize, flip)."""
     size = batch[f"view{view}"].shape[-1]
-    unit = to_view(regions[None].float(), batch[f"box{view}"][index:index + 1],
-                   batch[f"flip{view}"][index:index + 1])[0]
+    unit = to_view(
+        regions[None].float(),
+        batch[f"box{view}"][index : index + 1],
+        batch[f"flip{view}"][index : index + 1],
+    )[0]
     return (unit + 1) / 2 * size
 
 
@@ -111,8 +127,13 @@ def paste_back(batch: dict, index: int = 0) -> tuple[np.ndarray, Tensor]:
         if batch[f"flip{view}"][index]:
             image = image.flip(-1)
         x0, y0, x1, y1 = (boxes[view - 1] - lo.repeat(2)).round().int().tolist()
-        resized = F.interpolate(image[None], size=(y1 - y0, x1 - x0), mode="bilinear",
-                                align_corners=False, antialias=True)[0]
+        resized = F.interpolate(
+            image[None],
+            size=(y1 - y0, x1 - x0),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )[0]
         canvas[y0:y1, x0:x1] = resized.permute(1, 2, 0).clamp(0, 1).numpy()
     return canvas, lo
 
@@ -120,8 +141,9 @@ def paste_back(batch: dict, index: int = 0) -> tuple[np.ndarray, Tensor]:
 # --- shared layout --------------------------------------------------------------------------
 
 
-def two_views(batch: dict, title: str, caption: str, *,
-              index: int = 0) -> tuple[Figure, list[Axes]]:
+def two_views(
+    batch: dict, title: str, caption: str, *, index: int = 0
+) -> tuple[Figure, list[Axes]]:
     """Figure with view 1, view 2 (flips marked) and the crop layout panel (which shows why
     a mirrored view's regions sit on the other side)."""
     figure = Figure(figsize=(12.6, 5.4), layout="constrained")
@@ -140,29 +162,45 @@ def draw_layout(axes: Axes, batch: dict, index: int = 0) -> None:
     x, y = lo.tolist()
     axes.imshow(canvas, extent=(x, x + canvas.shape[1], y + canvas.shape[0], y))
     axes.set(xticks=[], yticks=[])
-    axes.set_title("where the crops lie in the source image\n(pasted back un-mirrored)",
-                   fontsize=10)
+    axes.set_title(
+        "where the crops lie in the source image\n(pasted back un-mirrored)", fontsize=10
+    )
     for view, style in ((1, "-"), (2, "--")):
         x0, y0, x1, y1 = batch[f"box{view}"][index].tolist()
         outline(axes, (x0, y0, x1, y1), "white", linestyle=style, linewidth=1.8)
         flipped = bool(batch[f"flip{view}"][index])
-        axes.annotate(f"view {view}" + (" (then mirrored)" if flipped else ""),
-                      (x0 + 2, (y0 + 2) if view == 1 else (y1 - 2)), fontsize=8,
-                      color="white", va="top" if view == 1 else "bottom",
-                      path_effects=HALO)
+        axes.annotate(
+            f"view {view}" + (" (then mirrored)" if flipped else ""),
+            (x0 + 2, (y0 + 2) if view == 1 else (y1 - 2)),
+            fontsize=8,
+            color="white",
+            va="top" if view == 1 else "bottom",
+            path_effects=HALO,
+        )
 
 
-def draw_pairs(figure: Figure, axes: list[Axes], rects1: list[Rect], rects2: list[Rect],
-               keys1: list, keys2: list, *, step: float, linewidths: list[float] | None = None,
-               corners: list[int] | None = None) -> None:
+def draw_pairs(
+    figure: Figure,
+    axes: list[Axes],
+    rects1: list[Rect],
+    rects2: list[Rect],
+    keys1: list,
+    keys2: list,
+    *,
+    step: float,
+    linewidths: list[float] | None = None,
+    corners: list[int] | None = None,
+) -> None:
     """Pair ``i`` outlined in both views in its own colour, tagged ``i + 1``, joined by a
     line; pairs sharing a region are nested (:func:`plots.outline_all`)."""
     palette = colours(len(rects1))
     labels = [str(i + 1) for i in range(len(rects1))]
-    drawn1, drawn2 = (outline_all(panel, rects, keys, palette, labels, step=step,
-                                  linewidths=linewidths, corners=corners)
-                      for panel, rects, keys in ((axes[0], rects1, keys1),
-                                                 (axes[1], rects2, keys2)))
+    drawn1, drawn2 = (
+        outline_all(
+            panel, rects, keys, palette, labels, step=step, linewidths=linewidths, corners=corners
+        )
+        for panel, rects, keys in ((axes[0], rects1, keys1), (axes[1], rects2, keys2))
+    )
     for rect1, rect2, colour in zip(drawn1, drawn2, palette):
         connect(figure, axes[0], centre(rect1), axes[1], centre(rect2), colour, alpha=0.6)
 
@@ -175,7 +213,7 @@ def mgc_pairs(method: MGC, batch: dict, index: int = 0) -> tuple[int, Tensor, Te
     :data:`MGC_CELL` (else its first cell), padding dropped."""
     crit = method.criterion
     level = crit.cells.index(MGC_CELL) if MGC_CELL in crit.cells else 0
-    geometry = [batch[key][index:index + 1] for key in GEOMETRY]
+    geometry = [batch[key][index : index + 1] for key in GEOMETRY]
     pairs = crit.sample_pairs(*geometry, backend="torch")[level]
     keep = pairs.weight[0] > 0
     return crit.cells[level], pairs.idx1[0][keep], pairs.idx2[0][keep], pairs.weight[0][keep]
@@ -186,16 +224,25 @@ def mgc_figure(method: MGC, batch: dict) -> Figure:
     cell, idx1, idx2, weight = mgc_pairs(method, batch)
     per_side = grid // cell
     figure, axes = two_views(
-        batch, f"MGC: the {len(idx1)} region pairs sampled at cell {cell}",
+        batch,
+        f"MGC: the {len(idx1)} region pairs sampled at cell {cell}",
         f"The loss contrasts each numbered region of view 1 with the same-numbered region of "
         f"view 2 (the {per_side} x {per_side} grid of {cell} x {cell}-token regions; thicker "
         "= larger overlap). A region paired more than once is outlined again, nested inside, "
         "with its tag at another corner. In a mirrored view the content's left and right are "
-        "swapped, so lines between a flipped and an unflipped view cross.")
+        "swapped, so lines between a flipped and an unflipped view cross.",
+    )
     widths = (1.2 + 1.8 * weight / weight.max()).tolist() if len(weight) else None
-    draw_pairs(figure, axes, [grid_rect(r, per_side, size) for r in idx1],
-               [grid_rect(r, per_side, size) for r in idx2], idx1.tolist(), idx2.tolist(),
-               step=size / per_side / 7, linewidths=widths)
+    draw_pairs(
+        figure,
+        axes,
+        [grid_rect(r, per_side, size) for r in idx1],
+        [grid_rect(r, per_side, size) for r in idx2],
+        idx1.tolist(),
+        idx2.tolist(),
+        step=size / per_side / 7,
+        linewidths=widths,
+    )
     return figure
 
 
@@ -206,8 +253,8 @@ def densecl_matches(method: DenseCL, batch: dict, index: int = 0) -> Tensor:
     """``[grid**2]``: for every token of view 1 the view-2 token DenseCL's loss pairs it with,
     the cosine argmax of the online (view 1) against the momentum (view 2) backbone tokens."""
     device = next(method.parameters()).device
-    f1 = patch_tokens(method.backbone, batch["view1"][index:index + 1].to(device))
-    f2 = patch_tokens(method.momentum_backbone, batch["view2"][index:index + 1].to(device))
+    f1 = patch_tokens(method.backbone, batch["view1"][index : index + 1].to(device))
+    f2 = patch_tokens(method.momentum_backbone, batch["view2"][index : index + 1].to(device))
     return mk.dense_argmax_match(f1, f2)[0].cpu()
 
 
@@ -217,9 +264,12 @@ def spread_queries(batch: dict, grid: int, index: int = 0) -> list[int]:
     size = batch["view1"].shape[-1]
     x0, y0, x1, y1 = view_rects(overlap(batch, index)[None], batch, 1, index)[0].tolist()
     fractions = (np.arange(DENSECL_QUERIES) + 0.5) / DENSECL_QUERIES
-    tokens = [int(min((y0 + fy * (y1 - y0)) * grid // size, grid - 1)) * grid
-              + int(min((x0 + fx * (x1 - x0)) * grid // size, grid - 1))
-              for fy in fractions for fx in fractions]
+    tokens = [
+        int(min((y0 + fy * (y1 - y0)) * grid // size, grid - 1)) * grid
+        + int(min((x0 + fx * (x1 - x0)) * grid // size, grid - 1))
+        for fy in fractions
+        for fx in fractions
+    ]
     return list(dict.fromkeys(tokens))
 
 
@@ -230,21 +280,32 @@ def densecl_figure(method: DenseCL, batch: dict) -> Figure:
     tokens1 = mk.region_boxes(batch["box1"][:1], batch["flip1"][:1], grid, 1)[0, queries]
     truths = view_rects(tokens1, batch, 2).tolist()
     found = [grid_rect(m, grid, size) for m in matches]
-    hits = sum(t[0] <= centre(f)[0] <= t[2] and t[1] <= centre(f)[1] <= t[3]
-               for t, f in zip(truths, found))
+    hits = sum(
+        t[0] <= centre(f)[0] <= t[2] and t[1] <= centre(f)[1] <= t[3] for t, f in zip(truths, found)
+    )
     figure, axes = two_views(
-        batch, f"DenseCL: argmax feature matches of {len(queries)} view-1 tokens "
+        batch,
+        f"DenseCL: argmax feature matches of {len(queries)} view-1 tokens "
         f"({hits}/{len(queries)} on target)",
         "Outlined squares: a query token of view 1 (online backbone) and, same number, the "
         "view-2 token whose momentum-backbone feature is most cosine-similar, which the dense "
         "loss pulls it towards. Shaded, dashed: where the query's content really is in view 2 "
         "(from the crop boxes and flips); a match is on target when it lands inside. Queries "
-        "are spread over the part of view 1 that view 2 also shows.")
-    draw_pairs(figure, axes, [grid_rect(q, grid, size) for q in queries], found, queries,
-               matches, step=size / grid / 6)
+        "are spread over the part of view 1 that view 2 also shows.",
+    )
+    draw_pairs(
+        figure,
+        axes,
+        [grid_rect(q, grid, size) for q in queries],
+        found,
+        queries,
+        matches,
+        step=size / grid / 6,
+    )
     for number, (truth, colour) in enumerate(zip(truths, colours(len(queries))), 1):
-        outline(axes[1], truth, colour, str(number), linestyle="--", linewidth=1.2,
-                corner=3, shade=True)
+        outline(
+            axes[1], truth, colour, str(number), linestyle="--", linewidth=1.2, corner=3, shade=True
+        )
     return figure
 
 
@@ -256,8 +317,9 @@ def adclr_queries(method: ADCLR, batch: dict, index: int = 0) -> tuple[Tensor, T
     (``methods.query_boxes`` under :data:`SEED`, source pixels) and their pixel rects in view
     1 and view 2 (``methods.to_view``), as the method crops them for its query tokens."""
     torch.manual_seed(SEED)
-    regions = query_boxes(batch["box1"][index:index + 1], batch["box2"][index:index + 1],
-                          method.num_queries)[0]
+    regions = query_boxes(
+        batch["box1"][index : index + 1], batch["box2"][index : index + 1], method.num_queries
+    )[0]
     return regions, view_rects(regions, batch, 1, index), view_rects(regions, batch, 2, index)
 
 
@@ -265,16 +327,33 @@ def adclr_figure(method: ADCLR, batch: dict) -> Figure:
     regions, rects1, rects2 = adclr_queries(method, batch)
     count = len(regions)
     figure, axes = two_views(
-        batch, f"ADCLR: {count} query crops",
+        batch,
+        f"ADCLR: {count} query crops",
         "Each numbered square is one query crop, drawn at random inside the part of the image "
         "that both views show; it is cut from both views, resampled to one patch and fed to "
         "the ViT as an extra query token, and the two views' query tokens are trained to agree "
-        "(DINO loss). Right: the same crops in the source image, where nothing is mirrored.")
+        "(DINO loss). Right: the same crops in the source image, where nothing is mirrored.",
+    )
     keys = list(range(count))
-    draw_pairs(figure, axes, rects1.tolist(), rects2.tolist(), keys, keys, step=0,
-               corners=[i % 4 for i in keys])
-    outline_all(axes[2], regions.tolist(), keys, colours(count), [str(i + 1) for i in keys],
-                step=0, corners=[i % 4 for i in keys])
+    draw_pairs(
+        figure,
+        axes,
+        rects1.tolist(),
+        rects2.tolist(),
+        keys,
+        keys,
+        step=0,
+        corners=[i % 4 for i in keys],
+    )
+    outline_all(
+        axes[2],
+        regions.tolist(),
+        keys,
+        colours(count),
+        [str(i + 1) for i in keys],
+        step=0,
+        corners=[i % 4 for i in keys],
+    )
     return figure
 
 
@@ -288,8 +367,11 @@ def mcl_montages(method: MCL, batch: dict) -> list[tuple[int, Tensor, Tensor]]:
     generator = torch.Generator().manual_seed(SEED)
     images, sources = method.montages(batch, 1, generator)
     per_level = images.split([len(s) for s in sources])
-    return [(ratio, tiled[0], src[0]) for ratio, tiled, src
-            in zip(method.criterion.ratios, per_level, sources) if ratio > 1]
+    return [
+        (ratio, tiled[0], src[0])
+        for ratio, tiled, src in zip(method.criterion.ratios, per_level, sources)
+        if ratio > 1
+    ]
 
 
 def mcl_figure(method: MCL, batch: dict) -> Figure:
@@ -298,18 +380,19 @@ def mcl_figure(method: MCL, batch: dict) -> Figure:
     palette = dict(zip(shown, colours(len(shown))))
     figure = Figure(figsize=(4.2 * max(len(montages), 2), 7.2), layout="constrained")
     top, bottom = figure.subfigures(2, 1, height_ratios=[2.4, 1])
-    for panel, (ratio, tiled, sources) in zip(np.atleast_1d(top.subplots(1, len(montages))),
-                                              montages):
+    for panel, (ratio, tiled, sources) in zip(
+        np.atleast_1d(top.subplots(1, len(montages))), montages
+    ):
         show_image(panel, tiled, f"view-1 montage, ratio {ratio} ({ratio} x {ratio} images)")
         draw_tiles(panel, sources.tolist(), ratio, tiled.shape[-1], palette)
     for panel, image in zip(bottom.subplots(1, len(shown)), shown):
         mirrored = "\n(mirrored)" if batch["flip2"][image] else ""
-        show_image(panel, batch["view2"][image], f"image {image}, view 2{mirrored}",
-                   fontsize=8)
+        show_image(panel, batch["view2"][image], f"image {image}, view 2{mirrored}", fontsize=8)
         for spine in panel.spines.values():
             spine.set(edgecolor=palette[image], linewidth=4)
-    figure.suptitle("MCL: montages of the batch's images, tiles numbered by source image",
-                    fontsize=12)
+    figure.suptitle(
+        "MCL: montages of the batch's images, tiles numbered by source image", fontsize=12
+    )
     figure.supxlabel(
         "Each tile is a fresh augmentation of an image (a new crop, flip and colour draw per "
         "level, kept at every ratio-th pixel, as in training); its pooled tokens are trained "
@@ -318,7 +401,9 @@ def mcl_figure(method: MCL, batch: dict) -> Figure:
         "holds about B / ratio^2 montages, each image about once. Ratio 1 is the plain view; "
         "montages of view 2 pair with view 1 likewise. Flips do not matter to a whole-image "
         "embedding.",
-        fontsize=9, wrap=True)
+        fontsize=9,
+        wrap=True,
+    )
     return figure
 
 
@@ -328,9 +413,16 @@ def draw_tiles(axes: Axes, sources: list[int], ratio: int, size: int, palette: d
         rect = inset(grid_rect(slot, ratio, size), 1, size / ratio / 25)  # apart at shared edges
         if image in palette:
             outline(axes, rect, palette[image], linewidth=3 if ratio < 4 else 2)
-        axes.annotate(str(image), centre(rect), fontsize=12 if ratio < 4 else 7,
-                      fontweight="bold", color="white", ha="center", va="center",
-                      path_effects=HALO)
+        axes.annotate(
+            str(image),
+            centre(rect),
+            fontsize=12 if ratio < 4 else 7,
+            fontweight="bold",
+            color="white",
+            ha="center",
+            va="center",
+            path_effects=HALO,
+        )
 
 
 # --- SMoG -----------------------------------------------------------------------------------
@@ -357,8 +449,12 @@ def smog_figure(method: SMoG, batch: dict) -> Figure:
     for subfigure, group in zip(np.atleast_1d(figure.subfigures(len(rows), 1)), rows):
         members = torch.nonzero(groups1 == group).flatten().tolist()
         shown = f", first {SHOWN_IMAGES} shown" if len(members) > SHOWN_IMAGES else ""
-        subfigure.suptitle(f"group {group}: {len(members)} of the {len(groups1)} images{shown}",
-                           fontsize=9, x=0.01, ha="left")
+        subfigure.suptitle(
+            f"group {group}: {len(members)} of the {len(groups1)} images{shown}",
+            fontsize=9,
+            x=0.01,
+            ha="left",
+        )
         for panel, slot in zip(subfigure.subplots(1, SHOWN_IMAGES), range(SHOWN_IMAGES)):
             panel.set_axis_off()
             if slot < len(members):
@@ -369,15 +465,26 @@ def smog_figure(method: SMoG, batch: dict) -> Figure:
                 panel.set_axis_on()
                 for spine in panel.spines.values():
                     spine.set(edgecolor="tab:green" if same else "tab:red", linewidth=3)
-    figure.suptitle(f"SMoG: the batch's view-1 images by group ({int((counts > 0).sum())} of "
-                    f"{len(counts)} groups in use, the {len(rows)} largest shown)", fontsize=12)
+    figure.suptitle(
+        f"SMoG: the batch's view-1 images by group ({int((counts > 0).sum())} of "
+        f"{len(counts)} groups in use, the {len(rows)} largest shown)",
+        fontsize=12,
+    )
     figure.supxlabel(
         f"Group = nearest group feature (cosine) to the image's momentum projection. Green "
         f"frame: view 2 of the image falls in the same group (the target SMoG trains for), "
         f"red: it does not; {agree}/{len(groups1)} images agree. Crops and flips do not "
-        f"matter here: SMoG groups whole-image embeddings.", fontsize=9, wrap=True)
+        f"matter here: SMoG groups whole-image embeddings.",
+        fontsize=9,
+        wrap=True,
+    )
     return figure
 
 
-FIGURES = {MGC: mgc_figure, DenseCL: densecl_figure, SMoG: smog_figure, ADCLR: adclr_figure,
-           MCL: mcl_figure}
+FIGURES = {
+    MGC: mgc_figure,
+    DenseCL: densecl_figure,
+    SMoG: smog_figure,
+    ADCLR: adclr_figure,
+    MCL: mcl_figure,
+}

@@ -9,6 +9,7 @@ sees there.
 For MCL, :class:`LevelViews` adds a fresh augmentation of every image per montage level and
 view (the released MCL pipeline's), drawn from the same per-sample generator after the two views.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from mgc_kernels.transforms import (IMAGENET_MEAN, IMAGENET_STD, TwoViewTransform,
-                                    random_resized_crop_box)
+from mgc_kernels.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TwoViewTransform,
+    random_resized_crop_box,
+)
 
 from .data import stream_seed
 
@@ -35,7 +40,7 @@ def level_key(view: int, ratio: int) -> str:
 
 # (blur probability, solarize probability) of view 1 and view 2: TwoViewTransform's recipe
 _LEVEL_RECIPES = ((1.0, 0.0), (0.1, 0.2))
-_BLUR_KERNEL, _BLUR_SIGMA = 23, (0.1, 2.0)   # TwoViewTransform's blur at the full view size
+_BLUR_KERNEL, _BLUR_SIGMA = 23, (0.1, 2.0)  # TwoViewTransform's blur at the full view size
 
 
 class LevelViews:
@@ -67,11 +72,14 @@ class LevelViews:
         self.ratios = tuple(int(r) for r in ratios)
         bad = [r for r in self.ratios if r < 2 or self.size % r]
         if bad:
-            raise ValueError(f"level ratios must be ints >= 2 dividing the view size "
-                             f"{self.size}, got {self.ratios}")
+            raise ValueError(
+                f"level ratios must be ints >= 2 dividing the view size "
+                f"{self.size}, got {self.ratios}"
+            )
         photometric = getattr(transform, "_pipelines", None) is not None
-        self.pipelines = {r: _level_pipelines(self.size // r, r) for r in self.ratios} \
-            if photometric else None
+        self.pipelines = (
+            {r: _level_pipelines(self.size // r, r) for r in self.ratios} if photometric else None
+        )
 
     def __call__(self, img: Any) -> dict[str, torch.Tensor]:
         img = _as_chw_tensor(img)
@@ -86,8 +94,13 @@ class LevelViews:
                 # than in float, within 1 of float-then-round); others in float32
                 crop = img[None, :, y0:y1, x0:x1]
                 crop = crop.contiguous() if img.dtype == torch.uint8 else crop.float()
-                full = F.interpolate(crop, size=(self.size, self.size), mode="bilinear",
-                                     align_corners=False, antialias=True)[0]
+                full = F.interpolate(
+                    crop,
+                    size=(self.size, self.size),
+                    mode="bilinear",
+                    align_corners=False,
+                    antialias=True,
+                )[0]
                 # mirror the full-size view, then keep every r-th pixel (the released order)
                 tile = (full.flip(-1) if flip else full)[:, ::r, ::r].to(img.dtype)
                 if self.pipelines is not None:
@@ -96,8 +109,10 @@ class LevelViews:
         return out
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(size={self.size}, ratios={self.ratios}, "
-                f"photometric={self.pipelines is not None})")
+        return (
+            f"{type(self).__name__}(size={self.size}, ratios={self.ratios}, "
+            f"photometric={self.pipelines is not None})"
+        )
 
 
 def _as_chw_tensor(img: Any) -> torch.Tensor:
@@ -119,10 +134,12 @@ def _level_pipelines(size: int, ratio: int) -> tuple[Any, Any]:
     sigma = (_BLUR_SIGMA[0] / ratio, _BLUR_SIGMA[1] / ratio)
 
     def pipeline(blur_p: float, solarize_p: float):
-        steps = [T.ConvertImageDtype(torch.float32),
-                 T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-                 T.RandomGrayscale(p=0.2),
-                 T.RandomApply([T.GaussianBlur(kernel, sigma=sigma)], p=blur_p)]
+        steps = [
+            T.ConvertImageDtype(torch.float32),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([T.GaussianBlur(kernel, sigma=sigma)], p=blur_p),
+        ]
         if solarize_p > 0:
             steps.append(T.RandomSolarize(0.5, p=solarize_p))
         return T.Compose([*steps, T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
@@ -143,8 +160,13 @@ class TwoViews(Dataset):
     never replace one, so the trainer can count them batch by batch.
     """
 
-    def __init__(self, dataset: Dataset, transform: TwoViewTransform, seed: int,
-                 level_ratios: Sequence[int] = ()):
+    def __init__(
+        self,
+        dataset: Dataset,
+        transform: TwoViewTransform,
+        seed: int,
+        level_ratios: Sequence[int] = (),
+    ):
         self.dataset, self.transform, self.seed = dataset, transform, seed
         self.levels = LevelViews(transform, level_ratios) if level_ratios else None
 
@@ -153,7 +175,7 @@ class TwoViews(Dataset):
 
     def __getitem__(self, key: int) -> dict:
         item = self.dataset[key % len(self.dataset)]
-        with torch.random.fork_rng(devices=[]):   # torchvision draws from the global RNG
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG
             torch.manual_seed(stream_seed(self.seed, key))
             views = self.transform(item["image"])
             if self.levels is not None:
@@ -166,8 +188,9 @@ class KeySampler(Sampler[int]):
     dropped) that yields sample keys and can start ``skip`` samples into the epoch."""
 
     def __init__(self, dataset: Dataset, world_size: int, rank: int, seed: int):
-        self.inner = DistributedSampler(dataset, num_replicas=world_size, rank=rank,
-                                        shuffle=True, seed=seed, drop_last=True)
+        self.inner = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
         self.size = len(dataset)
         self.epoch, self.skip = 0, 0
 
@@ -179,30 +202,48 @@ class KeySampler(Sampler[int]):
         return len(self.inner) - self.skip
 
     def __iter__(self) -> Iterator[int]:
-        order = list(self.inner)[self.skip:]
+        order = list(self.inner)[self.skip :]
         return iter(self.epoch * self.size + i for i in order)
 
 
-def batches(dataset: Dataset, transform: TwoViewTransform, *, batch_size: int, seed: int,
-            start_step: int, workers: int, world_size: int = 1, rank: int = 0,
-            level_ratios: Sequence[int] = ()) -> Iterator[dict]:
+def batches(
+    dataset: Dataset,
+    transform: TwoViewTransform,
+    *,
+    batch_size: int,
+    seed: int,
+    start_step: int,
+    workers: int,
+    world_size: int = 1,
+    rank: int = 0,
+    level_ratios: Sequence[int] = (),
+) -> Iterator[dict]:
     """Endless stream of collated batches from ``start_step`` on (this rank's share);
     ``level_ratios``: see :class:`TwoViews` (MCL's ``method.level_ratios``)."""
     views = TwoViews(dataset, transform, seed, level_ratios)
     sampler = KeySampler(views, world_size, rank, seed)
     steps = steps_per_epoch(len(dataset), batch_size, world_size)
     if steps == 0:
-        raise ValueError(f"batch_size={batch_size} per process is larger than the dataset's "
-                         f"{len(dataset)} images over {world_size} process(es)")
+        raise ValueError(
+            f"batch_size={batch_size} per process is larger than the dataset's "
+            f"{len(dataset)} images over {world_size} process(es)"
+        )
     epoch, step_in_epoch = divmod(start_step, steps)
     while True:
         sampler.start(epoch, step_in_epoch * batch_size)
         # its own generator: creating the iterator must not draw from the global RNG, which
         # the checkpoint restores (drop-path, query boxes, montages draw from it)
-        loader = DataLoader(views, batch_size, sampler=sampler, num_workers=workers,
-                            drop_last=True, generator=torch.Generator(),
-                            persistent_workers=False, pin_memory=torch.cuda.is_available(),
-                            worker_init_fn=_ignore_stop_signals)
+        loader = DataLoader(
+            views,
+            batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            drop_last=True,
+            generator=torch.Generator(),
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_ignore_stop_signals,
+        )
         yield from loader
         epoch, step_in_epoch = epoch + 1, 0
 

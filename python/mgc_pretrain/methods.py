@@ -5,6 +5,7 @@ Every method maps a batch of two views (``view1``, ``view2`` ``[B, 3, S, S]``, c
 of detached terms for the log. Momentum copies are EMA targets: no gradient, updated by
 :meth:`Method.update_momentum` before the momentum forward of each step (MGC's order).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -41,8 +42,10 @@ class Method(nn.Module):
         self.reset_momentum()
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        return [(getattr(self, name), getattr(self, f"momentum_{name}"))
-                for name in ("backbone", *self.HEADS)]
+        return [
+            (getattr(self, name), getattr(self, f"momentum_{name}"))
+            for name in ("backbone", *self.HEADS)
+        ]
 
     @torch.no_grad()
     def reset_momentum(self) -> None:
@@ -71,12 +74,30 @@ class MGC(Method):
 
     HEADS = ("projectors",)
 
-    def __init__(self, arch: Arch, drop_path_rate: float, *, cells=(1, 2, 7),
-                 num_pairs=(10, 10, 2), temperature=0.1, mode="sparse", weighting=None,
-                 gather_distributed=False, backend=None):
+    def __init__(
+        self,
+        arch: Arch,
+        drop_path_rate: float,
+        *,
+        cells=(1, 2, 7),
+        num_pairs=(10, 10, 2),
+        temperature=0.1,
+        mode="sparse",
+        weighting=None,
+        gather_distributed=False,
+        backend=None,
+    ):
         super().__init__(arch, drop_path_rate)
-        self.criterion = mk.MGCLoss(cells, num_pairs, temperature, arch.grid, mode, weighting,
-                                    gather_distributed=gather_distributed, backend=backend)
+        self.criterion = mk.MGCLoss(
+            cells,
+            num_pairs,
+            temperature,
+            arch.grid,
+            mode,
+            weighting,
+            gather_distributed=gather_distributed,
+            backend=backend,
+        )
         # The library's heads, registered under the checkpoints' names (projectors.*,
         # predictors.*); the momentum copy holds the projectors only.
         heads = mk.heads.MGCHeads(arch.embed_dim, cells, arch.head_hidden, arch.head_dim)
@@ -87,11 +108,19 @@ class MGC(Method):
         crit, grid = self.criterion, self.arch.grid
         views = (batch["view1"], batch["view2"])
         geometry = (batch["box1"], batch["flip1"], batch["box2"], batch["flip2"])
-        online = [mk.multigrain_pool(patch_tokens(self.backbone, x), grid, crit.cells,
-                                     backend=crit.backend) for x in views]
+        online = [
+            mk.multigrain_pool(
+                patch_tokens(self.backbone, x), grid, crit.cells, backend=crit.backend
+            )
+            for x in views
+        ]
         with torch.no_grad():
-            momentum = [mk.multigrain_pool(patch_tokens(self.momentum_backbone, x), grid,
-                                           crit.cells, backend=crit.backend) for x in views]
+            momentum = [
+                mk.multigrain_pool(
+                    patch_tokens(self.momentum_backbone, x), grid, crit.cells, backend=crit.backend
+                )
+                for x in views
+            ]
         pairs = crit.sample_pairs(*geometry) if crit.mode == "sparse" else None
         q1, q2, k1, k2 = [], [], [], []
         for c in range(len(crit.cells)):
@@ -99,7 +128,7 @@ class MGC(Method):
             m1, m2 = momentum[0][c], momentum[1][c]
             if pairs is not None:  # only the sampled regions go through the heads
                 (o1, o2), (m1, m2) = pairs[c].gather(o1, o2), pairs[c].gather(m1, m2)
-            proj, pred = self.projectors[c], self.predictors[c]   # BN over all [B, K] rows
+            proj, pred = self.projectors[c], self.predictors[c]  # BN over all [B, K] rows
             q1.append(pred(proj(o1)))
             q2.append(pred(proj(o2)))
             with torch.no_grad():
@@ -115,14 +144,24 @@ class DenseCL(Method):
 
     HEADS = ("global_head", "dense_head")
 
-    def __init__(self, arch: Arch, drop_path_rate: float, *, queue_size=65536,
-                 temperature=0.2, loss_lambda=0.5, gather_distributed=False, backend=None):
+    def __init__(
+        self,
+        arch: Arch,
+        drop_path_rate: float,
+        *,
+        queue_size=65536,
+        temperature=0.2,
+        loss_lambda=0.5,
+        gather_distributed=False,
+        backend=None,
+    ):
         super().__init__(arch, drop_path_rate)
-        self.criterion = mk.DenseCLLoss(arch.head_dim, queue_size, temperature, loss_lambda,
-                                        gather_distributed, backend)
+        self.criterion = mk.DenseCLLoss(
+            arch.head_dim, queue_size, temperature, loss_lambda, gather_distributed, backend
+        )
         widths = (arch.embed_dim, arch.head_hidden, arch.head_dim)
-        self.global_head = mk.heads.DenseCLGlobalHead(*widths)   # mean token -> MLP
-        self.dense_head = mk.heads.DenseCLDenseHead(*widths)     # every token
+        self.global_head = mk.heads.DenseCLGlobalHead(*widths)  # mean token -> MLP
+        self.dense_head = mk.heads.DenseCLDenseHead(*widths)  # every token
         self.make_momentum_copies()
 
     def forward(self, batch: Batch, epoch: float):
@@ -131,8 +170,7 @@ class DenseCL(Method):
             t2 = patch_tokens(self.momentum_backbone, batch["view2"])
             k, dk = self.momentum_global_head(t2), self.momentum_dense_head(t2)
         q, dq = self.global_head(t1), self.dense_head(t1)
-        loss, l_global, l_dense = self.criterion(q, k, dq, dk, t1.detach(), t2,
-                                                 return_terms=True)
+        loss, l_global, l_dense = self.criterion(q, k, dq, dk, t1.detach(), t2, return_terms=True)
         return loss, {"loss_global": l_global, "loss_dense": l_dense}
 
 
@@ -142,23 +180,46 @@ class SMoG(Method):
 
     HEADS = ("projector",)
 
-    def __init__(self, arch: Arch, drop_path_rate: float, *, num_groups=3000, temperature=0.1,
-                 beta=0.99, reset_every=300, bank_size=65536, seed=0, gather_distributed=False,
-                 backend=None):
+    def __init__(
+        self,
+        arch: Arch,
+        drop_path_rate: float,
+        *,
+        num_groups=3000,
+        temperature=0.1,
+        beta=0.99,
+        reset_every=300,
+        bank_size=65536,
+        seed=0,
+        gather_distributed=False,
+        backend=None,
+    ):
         super().__init__(arch, drop_path_rate)
-        self.criterion = mk.SMoGLoss(arch.head_dim, num_groups, temperature, beta, reset_every,
-                                     bank_size, seed=seed, gather_distributed=gather_distributed,
-                                     backend=backend)
+        self.criterion = mk.SMoGLoss(
+            arch.head_dim,
+            num_groups,
+            temperature,
+            beta,
+            reset_every,
+            bank_size,
+            seed=seed,
+            gather_distributed=gather_distributed,
+            backend=backend,
+        )
         heads = mk.heads.SMoGHeads(arch.embed_dim, arch.head_hidden, arch.head_dim)
-        self.projector, self.predictor = heads.projector, heads.predictor   # checkpoint names
+        self.projector, self.predictor = heads.projector, heads.predictor  # checkpoint names
         self.make_momentum_copies()
 
     def forward(self, batch: Batch, epoch: float):
-        p1, p2 = (self.predictor(self.projector(features(self.backbone, x)[0]))
-                  for x in (batch["view1"], batch["view2"]))
+        p1, p2 = (
+            self.predictor(self.projector(features(self.backbone, x)[0]))
+            for x in (batch["view1"], batch["view2"])
+        )
         with torch.no_grad():
-            z1, z2 = (self.momentum_projector(features(self.momentum_backbone, x)[0])
-                      for x in (batch["view1"], batch["view2"]))
+            z1, z2 = (
+                self.momentum_projector(features(self.momentum_backbone, x)[0])
+                for x in (batch["view1"], batch["view2"])
+            )
         return self.criterion(p1, z2, p2, z1), {}
 
     def after_step(self) -> None:
@@ -166,17 +227,19 @@ class SMoG(Method):
             self.reset_momentum()
 
 
-def query_boxes(box1: torch.Tensor, box2: torch.Tensor, count: int,
-                scale: tuple[float, float] = (0.1, 0.3)) -> torch.Tensor:
+def query_boxes(
+    box1: torch.Tensor, box2: torch.Tensor, count: int, scale: tuple[float, float] = (0.1, 0.3)
+) -> torch.Tensor:
     """``[B, count, 4]`` random square-ish query regions (source pixels) inside the overlap of
     the two crops, so that every query shows the same content in both views. Side lengths are
     ``scale`` times the overlap's shorter side."""
     lo = torch.maximum(box1[:, :2], box2[:, :2])
-    hi = torch.minimum(box1[:, 2:], box2[:, 2:]).maximum(lo + 1)   # at least one pixel wide
+    hi = torch.minimum(box1[:, 2:], box2[:, 2:]).maximum(lo + 1)  # at least one pixel wide
     short = (hi - lo).min(1).values[:, None, None]
     side = short * torch.empty(len(box1), count, 1).uniform_(*scale).to(box1)
-    start = lo[:, None] + (hi - lo)[:, None] * torch.rand(len(box1), count, 2).to(box1) \
-        * (1 - side / (hi - lo)[:, None]).clamp_min(0)
+    start = lo[:, None] + (hi - lo)[:, None] * torch.rand(len(box1), count, 2).to(box1) * (
+        1 - side / (hi - lo)[:, None]
+    ).clamp_min(0)
     return torch.cat([start, start + side], -1)
 
 
@@ -198,17 +261,21 @@ def query_tokens(vit: nn.Module, view: torch.Tensor, regions: torch.Tensor) -> t
     p = vit.patch_embed.patch_size[0]
     x0, y0, x1, y1 = regions.reshape(-1, 4).unbind(-1)
     zero = torch.zeros_like(x0)
-    theta = torch.stack([torch.stack([(x1 - x0) / 2, zero, (x0 + x1) / 2], -1),
-                         torch.stack([zero, (y1 - y0) / 2, (y0 + y1) / 2], -1)], 1)
+    theta = torch.stack(
+        [
+            torch.stack([(x1 - x0) / 2, zero, (x0 + x1) / 2], -1),
+            torch.stack([zero, (y1 - y0) / 2, (y0 + y1) / 2], -1),
+        ],
+        1,
+    )
     images = view.repeat_interleave(q, 0)
-    sample = F.affine_grid(theta.to(view.dtype), [b * q, view.shape[1], p, p],
-                           align_corners=False)
+    sample = F.affine_grid(theta.to(view.dtype), [b * q, view.shape[1], p, p], align_corners=False)
     crops = F.grid_sample(images, sample, align_corners=False)
     tokens = vit.patch_embed.norm(vit.patch_embed.proj(crops).flatten(1))
     grid = vit.patch_embed.grid_size
-    table = vit.pos_embed[:, vit.num_prefix_tokens:].reshape(1, *grid, -1).permute(0, 3, 1, 2)
+    table = vit.pos_embed[:, vit.num_prefix_tokens :].reshape(1, *grid, -1).permute(0, 3, 1, 2)
     centres = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2], -1).reshape(1, b * q, 1, 2)
-    pos = F.grid_sample(table.to(view.dtype), centres, align_corners=False)   # [1, C, BQ, 1]
+    pos = F.grid_sample(table.to(view.dtype), centres, align_corners=False)  # [1, C, BQ, 1]
     return (tokens + pos[0, :, :, 0].T).reshape(b, q, -1)
 
 
@@ -228,19 +295,31 @@ class ADCLR(Method):
 
     HEADS = ("head",)
 
-    def __init__(self, arch: Arch, drop_path_rate: float, *, num_prototypes=65536,
-                 num_queries=10, bottleneck=256, teacher_temperature=0.07,
-                 warmup_teacher_temperature=0.04, warmup_teacher_temperature_epochs=30,
-                 gather_distributed=False, backend=None):
+    def __init__(
+        self,
+        arch: Arch,
+        drop_path_rate: float,
+        *,
+        num_prototypes=65536,
+        num_queries=10,
+        bottleneck=256,
+        teacher_temperature=0.07,
+        warmup_teacher_temperature=0.04,
+        warmup_teacher_temperature_epochs=30,
+        gather_distributed=False,
+        backend=None,
+    ):
         super().__init__(arch, drop_path_rate)
         self.num_queries = num_queries
         self.criterion = mk.ADCLRLoss(
-            num_prototypes, teacher_temperature=teacher_temperature,
+            num_prototypes,
+            teacher_temperature=teacher_temperature,
             warmup_teacher_temperature=warmup_teacher_temperature,
             warmup_teacher_temperature_epochs=warmup_teacher_temperature_epochs,
-            gather_distributed=gather_distributed, backend=backend)
-        self.head = mk.heads.DINOHead(arch.embed_dim, arch.head_hidden, bottleneck,
-                                      num_prototypes)
+            gather_distributed=gather_distributed,
+            backend=backend,
+        )
+        self.head = mk.heads.DINOHead(arch.embed_dim, arch.head_hidden, bottleneck, num_prototypes)
         self.make_momentum_copies()
 
     def _encode(self, vit, head, batch, regions):
@@ -249,18 +328,26 @@ class ADCLR(Method):
             view = batch[f"view{v}"]
             where = to_view(regions, batch[f"box{v}"], batch[f"flip{v}"])
             out = encode_with_queries(vit, view, query_tokens(vit, view, where))
-            cls.append(head(out[:, 0]))            # the patch tokens need no head
-            queries.append(head(out[:, -self.num_queries:]))
+            cls.append(head(out[:, 0]))  # the patch tokens need no head
+            queries.append(head(out[:, -self.num_queries :]))
         return torch.stack(cls), torch.stack(queries)
 
     def forward(self, batch: Batch, epoch: float):
         regions = query_boxes(batch["box1"], batch["box2"], self.num_queries)
         s_cls, s_query = self._encode(self.backbone, self.head, batch, regions)
         with torch.no_grad():
-            t_cls, t_query = self._encode(self.momentum_backbone, self.momentum_head, batch,
-                                          regions)
-        loss = self.criterion(s_cls, t_cls, s_query, t_query, self.head.weight(),
-                              self.momentum_head.weight(), epoch=epoch)
+            t_cls, t_query = self._encode(
+                self.momentum_backbone, self.momentum_head, batch, regions
+            )
+        loss = self.criterion(
+            s_cls,
+            t_cls,
+            s_query,
+            t_query,
+            self.head.weight(),
+            self.momentum_head.weight(),
+            epoch=epoch,
+        )
         return loss, {}
 
 
@@ -295,16 +382,31 @@ class MCL(Method):
 
     HEADS = ("projector",)
 
-    def __init__(self, arch: Arch, drop_path_rate: float, *, ratios=None, temperature=1.0,
-                 loss_scale=None, gather_distributed=False, backend=None):
+    def __init__(
+        self,
+        arch: Arch,
+        drop_path_rate: float,
+        *,
+        ratios=None,
+        temperature=1.0,
+        loss_scale=None,
+        gather_distributed=False,
+        backend=None,
+    ):
         super().__init__(arch, drop_path_rate)
         ratios = ratios or tuple(r for r in (1, 2, 4, 7, 8) if arch.grid % r == 0)
-        self.criterion = mk.MCLLoss(ratios, temperature=temperature, grid=arch.grid,
-                                    gather_distributed=gather_distributed, backend=backend,
-                                    loss_scale=loss_scale)
+        self.criterion = mk.MCLLoss(
+            ratios,
+            temperature=temperature,
+            grid=arch.grid,
+            gather_distributed=gather_distributed,
+            backend=backend,
+            loss_scale=loss_scale,
+        )
         self.projector = mk.heads.mgc_projector(arch.embed_dim, arch.head_hidden, arch.head_dim)
-        self.predictors = nn.ModuleList(mk.heads.mgc_predictor(arch.head_dim, arch.head_hidden)
-                                        for _ in ratios)
+        self.predictors = nn.ModuleList(
+            mk.heads.mgc_predictor(arch.head_dim, arch.head_hidden) for _ in ratios
+        )
         self.make_momentum_copies()
 
     @property
@@ -313,8 +415,9 @@ class MCL(Method):
         level_ratios=method.level_ratios)``): every ratio above 1."""
         return tuple(r for r in self.criterion.ratios if r > 1)
 
-    def montages(self, batch: Batch, view: int, generator: torch.Generator | None = None
-                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def montages(
+        self, batch: Batch, view: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``(images [sum_l M_l, 3, S, S], sources per level [M_l, r_l**2])`` of one view: every
         level's montages, concatenated in level order (drawn from ``generator``, else torch's
         global RNG, which the checkpoint saves)."""
@@ -326,11 +429,13 @@ class MCL(Method):
             else:
                 fresh = batch.get(level_key(view, ratio))
                 if fresh is not None:
-                    images, src = mk.transforms.montage(fresh, ratio, resize=None,
-                                                        generator=generator)
+                    images, src = mk.transforms.montage(
+                        fresh, ratio, resize=None, generator=generator
+                    )
                 else:
-                    images, src = mk.transforms.montage(plain, ratio, resize="nearest",
-                                                        generator=generator)
+                    images, src = mk.transforms.montage(
+                        plain, ratio, resize="nearest", generator=generator
+                    )
             tiled.append(images)
             sources.append(src)
         return torch.cat(tiled), sources
@@ -338,16 +443,24 @@ class MCL(Method):
     def forward(self, batch: Batch, epoch: float):
         crit, grid = self.criterion, self.arch.grid
         with torch.no_grad():
-            k1, k2 = (self.momentum_projector(patch_tokens(self.momentum_backbone, x).mean(1))
-                      for x in (batch["view1"], batch["view2"]))
+            k1, k2 = (
+                self.momentum_projector(patch_tokens(self.momentum_backbone, x).mean(1))
+                for x in (batch["view1"], batch["view2"])
+            )
         queries, sources = [], []
         for view in (1, 2):
             images, src = self.montages(batch, view)
             tokens = patch_tokens(self.backbone, images).split([len(s) for s in src])
-            queries.append([
-                self.predictors[level](self.projector(
-                    mk.multigrain_pool(t, grid, (cell,), backend=crit.backend)[0]))
-                for level, (t, cell) in enumerate(zip(tokens, crit.cells))])
+            queries.append(
+                [
+                    self.predictors[level](
+                        self.projector(
+                            mk.multigrain_pool(t, grid, (cell,), backend=crit.backend)[0]
+                        )
+                    )
+                    for level, (t, cell) in enumerate(zip(tokens, crit.cells))
+                ]
+            )
             sources.append(src)
         return crit(queries[0], queries[1], k1, k2, sources[0], sources[1]), {}
 

@@ -1,5 +1,6 @@
 """Backbones (timm ViTs and ResNets) and their widths; the heads on top are
 :mod:`mgc_kernels.heads`."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -8,7 +9,6 @@ import timm
 import torch
 from timm.layers import build_sincos2d_pos_embed
 from torch import nn
-
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,8 @@ class Arch:
     embed_dim: int
     depth: int
     num_heads: int
-    head_hidden: int      # hidden width of projectors and predictors (4096 in MGC)
-    head_dim: int         # output width D of the projections (128 in MGC)
+    head_hidden: int  # hidden width of projectors and predictors (4096 in MGC)
+    head_dim: int  # output width D of the projections (128 in MGC)
     family: str = "vit"
 
     @property
@@ -38,9 +38,15 @@ class Arch:
     def timm_kwargs(self) -> dict:
         if self.family == "cnn":
             return dict(num_classes=0)
-        return dict(img_size=self.img_size, patch_size=self.patch_size,
-                    embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
-                    qkv_bias=True, num_classes=0)
+        return dict(
+            img_size=self.img_size,
+            patch_size=self.patch_size,
+            embed_dim=self.embed_dim,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            qkv_bias=True,
+            num_classes=0,
+        )
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -61,16 +67,17 @@ def create_backbone(arch: Arch, drop_path_rate: float = 0.0) -> nn.Module:
     """A timm backbone without classifier. A ViT gets a fixed 2-D sin-cos position embedding
     (MoCo v3 / MGC): the embedding stays a parameter, so it is in the exported ``state_dict``
     under timm's own key, but it is never trained."""
-    model = timm.create_model(arch.timm_name, pretrained=False, drop_path_rate=drop_path_rate,
-                              **arch.timm_kwargs())
+    model = timm.create_model(
+        arch.timm_name, pretrained=False, drop_path_rate=drop_path_rate, **arch.timm_kwargs()
+    )
     return model if arch.family == "cnn" else _fix_sincos_positions(model, arch)
 
 
 def _fix_sincos_positions(vit: nn.Module, arch: Arch) -> nn.Module:
     with torch.no_grad():
         table = build_sincos2d_pos_embed([arch.grid, arch.grid], arch.embed_dim)
-        vit.pos_embed[:, vit.num_prefix_tokens:] = table
-        vit.pos_embed[:, :vit.num_prefix_tokens] = 0
+        vit.pos_embed[:, vit.num_prefix_tokens :] = table
+        vit.pos_embed[:, : vit.num_prefix_tokens] = 0
     vit.pos_embed.requires_grad_(False)
     return vit
 
@@ -82,7 +89,7 @@ def features(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     if out.dim() == 4:
         tokens = out.flatten(2).transpose(1, 2)
         return tokens.mean(1), tokens
-    return out[:, 0], out[:, backbone.num_prefix_tokens:]
+    return out[:, 0], out[:, backbone.num_prefix_tokens :]
 
 
 def patch_tokens(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -95,4 +102,3 @@ def no_weight_decay(backbone: nn.Module) -> set[str]:
     biases and norms are left out by their shape anyway."""
     names = getattr(backbone, "no_weight_decay", None)
     return set(names()) if names is not None else set()
-

@@ -5,6 +5,7 @@ Figures are built with ``matplotlib.figure.Figure`` and drawn by the Agg canvas,
 training node, and nothing to close. The per-method figures that compose these primitives live
 in :mod:`mgc_pretrain.figures`.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -27,11 +28,17 @@ FLIP_COLOUR = "crimson"
 # a dark halo under every coloured line and label keeps it readable on any texture
 HALO = [patheffects.withStroke(linewidth=3.2, foreground="black")]
 
-Rect = tuple[float, float, float, float]   # x0, y0, x1, y1 in the image's pixels
+Rect = tuple[float, float, float, float]  # x0, y0, x1, y1 in the image's pixels
 
 
-def plot_loss_curve(steps: list[int], losses: list[float], path: str | Path, *, title: str = "",
-                    lrs: list[float] | None = None) -> None:
+def plot_loss_curve(
+    steps: list[int],
+    losses: list[float],
+    path: str | Path,
+    *,
+    title: str = "",
+    lrs: list[float] | None = None,
+) -> None:
     """Write a PNG of loss against step: faint raw points under a smoothed line.
 
     Per-step SSL losses are noisy, so the trend is read from a centred moving average (no lag,
@@ -39,15 +46,17 @@ def plot_loss_curve(steps: list[int], losses: list[float], path: str | Path, *, 
     against the loss.
     """
     if len(steps) != len(losses) or not steps:
-        raise ValueError(f"steps ({len(steps)}) and losses ({len(losses)}) must be non-empty "
-                         "and of equal length")
+        raise ValueError(
+            f"steps ({len(steps)}) and losses ({len(losses)}) must be non-empty and of equal length"
+        )
     if lrs is not None and len(lrs) != len(steps):
         raise ValueError(f"lrs ({len(lrs)}) must have one value per step ({len(steps)})")
     figure = Figure(figsize=(7, 4), layout="constrained")
     loss_axes = figure.add_subplot()
     loss_axes.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss")
-    loss_axes.plot(steps, _moving_average(losses), color="tab:blue", linewidth=2,
-                   label="loss (smoothed)")
+    loss_axes.plot(
+        steps, _moving_average(losses), color="tab:blue", linewidth=2, label="loss (smoothed)"
+    )
     loss_axes.set(xlabel="step", ylabel="loss", title=title)
     loss_axes.grid(alpha=0.3)
     if lrs is not None:
@@ -95,8 +104,14 @@ def flip_label(flipped: bool) -> str:
     return "FLIPPED left \u2194 right" if flipped else "not flipped"
 
 
-def show_image(axes: Axes, image: np.ndarray | Tensor, title: str = "", *,
-               flipped: bool | None = None, fontsize: float = 10) -> None:
+def show_image(
+    axes: Axes,
+    image: np.ndarray | Tensor,
+    title: str = "",
+    *,
+    flipped: bool | None = None,
+    fontsize: float = 10,
+) -> None:
     """An image in pixel coordinates (``(0, 0)`` the top-left corner) without ticks.
 
     ``flipped`` (a view's flip) adds :func:`flip_label` to the title and, when True, turns the
@@ -109,8 +124,7 @@ def show_image(axes: Axes, image: np.ndarray | Tensor, title: str = "", *,
     axes.set(xlim=(0, width), ylim=(height, 0), xticks=[], yticks=[])
     if flipped is not None:
         title = f"{title}\n{flip_label(flipped)}" if title else flip_label(flipped)
-    axes.set_title(title, fontsize=fontsize,
-                   color=FLIP_COLOUR if flipped else "black")
+    axes.set_title(title, fontsize=fontsize, color=FLIP_COLOUR if flipped else "black")
     if flipped:
         for spine in axes.spines.values():
             spine.set(edgecolor=FLIP_COLOUR, linewidth=3)
@@ -137,27 +151,63 @@ def inset(rect: Rect, depth: int, step: float) -> Rect:
     return x0 + step, y0 + step, x1 - step, y1 - step
 
 
-def outline(axes: Axes, rect: Rect, colour, label: str = "", *, linestyle="-",
-            linewidth: float = 2.0, corner: int = 0, shade: bool = False) -> None:
+def outline(
+    axes: Axes,
+    rect: Rect,
+    colour,
+    label: str = "",
+    *,
+    linestyle="-",
+    linewidth: float = 2.0,
+    corner: int = 0,
+    shade: bool = False,
+) -> None:
     """Outline ``rect`` in ``colour`` with an optional numbered tag at one of its corners
     (``corner`` 0-3: top-left, top-right, bottom-left, bottom-right), so that tags of nested
     outlines sit apart. ``shade`` fills it faintly instead of the dark halo: an area (where
     something should be) rather than a found position."""
     x0, y0, x1, y1 = rect
-    axes.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, edgecolor=colour, linewidth=linewidth,
-                             linestyle=linestyle, fill=shade, facecolor=to_rgba(colour, 0.3),
-                             path_effects=[] if shade else HALO))
+    axes.add_patch(
+        Rectangle(
+            (x0, y0),
+            x1 - x0,
+            y1 - y0,
+            edgecolor=colour,
+            linewidth=linewidth,
+            linestyle=linestyle,
+            fill=shade,
+            facecolor=to_rgba(colour, 0.3),
+            path_effects=[] if shade else HALO,
+        )
+    )
     if label:
         x, y = (x0, x1)[corner % 2], (y0, y1)[corner // 2 % 2]
-        axes.annotate(label, (x, y), fontsize=7, fontweight="bold", color="white",
-                      ha="center", va="center", annotation_clip=False,
-                      bbox=dict(boxstyle="round,pad=0.15", facecolor=colour,
-                                edgecolor="black", linewidth=0.6))
+        axes.annotate(
+            label,
+            (x, y),
+            fontsize=7,
+            fontweight="bold",
+            color="white",
+            ha="center",
+            va="center",
+            annotation_clip=False,
+            bbox=dict(
+                boxstyle="round,pad=0.15", facecolor=colour, edgecolor="black", linewidth=0.6
+            ),
+        )
 
 
-def outline_all(axes: Axes, rects: Sequence[Rect], keys: Sequence, palette: Sequence,
-                labels: Sequence[str], *, step: float, linewidths: Sequence[float] | None = None,
-                corners: Sequence[int] | None = None) -> list[Rect]:
+def outline_all(
+    axes: Axes,
+    rects: Sequence[Rect],
+    keys: Sequence,
+    palette: Sequence,
+    labels: Sequence[str],
+    *,
+    step: float,
+    linewidths: Sequence[float] | None = None,
+    corners: Sequence[int] | None = None,
+) -> list[Rect]:
     """Outline every rect in its own colour, nesting those with equal ``keys`` (the same
     region) by :func:`nest_depths` and turning their tags to other corners (or to ``corners``,
     e.g. round the four for crops that overlap without being equal); returns the rects as
@@ -166,23 +216,42 @@ def outline_all(axes: Axes, rects: Sequence[Rect], keys: Sequence, palette: Sequ
     corners = depths if corners is None else corners
     drawn = []
     widths = linewidths or [2.0] * len(rects)
-    for rect, depth, corner, colour, label, width in zip(rects, depths, corners, palette,
-                                                         labels, widths):
+    for rect, depth, corner, colour, label, width in zip(
+        rects, depths, corners, palette, labels, widths
+    ):
         shown = inset(rect, depth, step)
         outline(axes, shown, colour, label, linewidth=width, corner=corner)
         drawn.append(shown)
     return drawn
 
 
-def connect(figure: Figure, axes_a: Axes, xy_a: tuple[float, float], axes_b: Axes,
-            xy_b: tuple[float, float], colour, *, alpha: float = 0.8) -> None:
+def connect(
+    figure: Figure,
+    axes_a: Axes,
+    xy_a: tuple[float, float],
+    axes_b: Axes,
+    xy_b: tuple[float, float],
+    colour,
+    *,
+    alpha: float = 0.8,
+) -> None:
     """A gently bowed line from a point of one panel to a point of another (data
     coordinates): the bow grows with the line's length, so lines that run along the same row
     (pairs of a mirrored view) part instead of drawing over each other."""
-    figure.add_artist(ConnectionPatch(xyA=xy_a, coordsA="data", axesA=axes_a, xyB=xy_b,
-                                      coordsB="data", axesB=axes_b, color=colour,
-                                      alpha=alpha, linewidth=1.5,
-                                      connectionstyle="arc3,rad=0.12"))
+    figure.add_artist(
+        ConnectionPatch(
+            xyA=xy_a,
+            coordsA="data",
+            axesA=axes_a,
+            xyB=xy_b,
+            coordsB="data",
+            axesB=axes_b,
+            color=colour,
+            alpha=alpha,
+            linewidth=1.5,
+            connectionstyle="arc3,rad=0.12",
+        )
+    )
 
 
 def centre(rect: Rect) -> tuple[float, float]:

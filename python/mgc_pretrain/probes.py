@@ -12,6 +12,7 @@ CPU:
 Everything is deterministic given the seed, so a trained backbone and a random-init one can be
 compared on equal terms.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,8 +34,11 @@ from .models import features
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_TABLE_COLUMNS = (("dense mIoU", "dense_miou"), ("patch acc", "dense_patch_acc"),
-                  ("k-NN top-1", "knn_top1"))
+_TABLE_COLUMNS = (
+    ("dense mIoU", "dense_miou"),
+    ("patch acc", "dense_patch_acc"),
+    ("k-NN top-1", "knn_top1"),
+)
 
 
 def patch_labels(mask: Tensor, grid: int, num_classes: int) -> Tensor:
@@ -51,13 +55,16 @@ def patch_labels(mask: Tensor, grid: int, num_classes: int) -> Tensor:
         ``[N, grid * grid]`` long labels.
     """
     if mask.dim() != 3 or mask.dtype.is_floating_point:
-        raise ValueError(f"mask must be an integer tensor [N, H, W], got {mask.dtype} "
-                         f"{tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must be an integer tensor [N, H, W], got {mask.dtype} {tuple(mask.shape)}"
+        )
     if grid <= 0 or num_classes <= 0:
         raise ValueError(f"grid and num_classes must be positive, got {grid}, {num_classes}")
     if mask.numel() and (int(mask.min()) < 0 or int(mask.max()) >= num_classes):
-        raise ValueError(f"mask values must lie in [0, {num_classes}), got "
-                         f"[{int(mask.min())}, {int(mask.max())}]")
+        raise ValueError(
+            f"mask values must lie in [0, {num_classes}), got "
+            f"[{int(mask.min())}, {int(mask.max())}]"
+        )
     best_area = torch.full((mask.shape[0], grid * grid), -1.0, device=mask.device)
     best_class = torch.zeros(mask.shape[0], grid * grid, dtype=torch.long, device=mask.device)
     for class_id in range(num_classes):
@@ -77,18 +84,30 @@ def segmentation_metrics(pred: Tensor, truth: Tensor, num_classes: int) -> dict[
     if pred.shape != truth.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and truth {tuple(truth.shape)} differ in shape")
     pred, truth = pred.reshape(-1).long(), truth.reshape(-1).long()
-    confusion = torch.bincount(truth * num_classes + pred, minlength=num_classes ** 2)
+    confusion = torch.bincount(truth * num_classes + pred, minlength=num_classes**2)
     confusion = confusion.reshape(num_classes, num_classes).double()
     true_pos = confusion.diagonal()
     union = confusion.sum(0) + confusion.sum(1) - true_pos
     iou = torch.where(union > 0, true_pos / union.clamp_min(1), torch.nan)
-    return {"miou": float(iou.nanmean()), "iou": iou.tolist(),
-            "patch_acc": float(true_pos.sum() / confusion.sum().clamp_min(1))}
+    return {
+        "miou": float(iou.nanmean()),
+        "iou": iou.tolist(),
+        "patch_acc": float(true_pos.sum() / confusion.sum().clamp_min(1)),
+    }
 
 
-def dense_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
-                       num_classes: int, *, epochs: int = 100, lr: float = 0.1,
-                       weight_decay: float = 1e-4, seed: int = 0) -> dict[str, Any]:
+def dense_linear_probe(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    num_classes: int,
+    *,
+    epochs: int = 100,
+    lr: float = 0.1,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Train a linear classifier on per-patch features and score it on the test patches.
 
     Features are standardised with the train statistics so one learning rate suits any
@@ -105,8 +124,15 @@ def dense_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y:
     train_x, test_x = train_x.flatten(0, -2).float(), test_x.flatten(0, -2).float()
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    classifier = _fit_linear(train_x, train_y.reshape(-1).long(), num_classes,
-                             epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed)
+    classifier = _fit_linear(
+        train_x,
+        train_y.reshape(-1).long(),
+        num_classes,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+    )
     with torch.inference_mode():
         pred = classifier(test_x).argmax(1)
     return segmentation_metrics(pred, test_y.reshape(-1), num_classes)
@@ -114,12 +140,22 @@ def dense_linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y:
 
 def _check_features(features: Tensor, labels: Tensor, split: str) -> None:
     if features.dim() < 2 or features.shape[:-1] != labels.shape:
-        raise ValueError(f"{split}_x {tuple(features.shape)} must be labels' shape "
-                         f"{tuple(labels.shape)} plus a feature dimension")
+        raise ValueError(
+            f"{split}_x {tuple(features.shape)} must be labels' shape "
+            f"{tuple(labels.shape)} plus a feature dimension"
+        )
 
 
-def _fit_linear(features: Tensor, labels: Tensor, num_classes: int, *, epochs: int, lr: float,
-                weight_decay: float, seed: int) -> nn.Linear:
+def _fit_linear(
+    features: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+) -> nn.Linear:
     """Full-batch softmax regression; the seeded initialisation keeps runs reproducible."""
     generator = torch.Generator().manual_seed(seed)
     classifier = nn.Linear(features.shape[1], num_classes)
@@ -136,8 +172,15 @@ def _fit_linear(features: Tensor, labels: Tensor, num_classes: int, *, epochs: i
     return classifier
 
 
-def knn_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
-              num_classes: int, k: int = 20, temperature: float = 0.07) -> float:
+def knn_probe(
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> float:
     """Top-1 accuracy of DINO's weighted k-NN classifier on image embeddings.
 
     Each test embedding votes with its k most cosine-similar train embeddings, each vote
@@ -147,8 +190,10 @@ def knn_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
     if temperature <= 0 or k <= 0:
         raise ValueError(f"k and temperature must be positive, got {k}, {temperature}")
     if train_x.dim() != 2 or test_x.dim() != 2 or train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(f"train_x {tuple(train_x.shape)} and test_x {tuple(test_x.shape)} "
-                         "must be [N, C] and [M, C]")
+        raise ValueError(
+            f"train_x {tuple(train_x.shape)} and test_x {tuple(test_x.shape)} "
+            "must be [N, C] and [M, C]"
+        )
     train_x = F.normalize(train_x.float(), dim=1)
     train_y = train_y.long()
     correct = 0
@@ -161,9 +206,14 @@ def knn_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
     return correct / max(test_x.shape[0], 1)
 
 
-def extract_features(backbone: nn.Module, images: Tensor | Iterable, *, image_size: int,
-                     batch_size: int = 64,
-                     device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+def extract_features(
+    backbone: nn.Module,
+    images: Tensor | Iterable,
+    *,
+    image_size: int,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+) -> tuple[Tensor, Tensor]:
     """Global features and tokens of a timm ViT or CNN for a set of uint8 images.
 
     Images are preprocessed like the training views (resized to ``image_size``, ImageNet
@@ -227,17 +277,29 @@ def _preprocess(images: Tensor, image_size: int, device: torch.device | str) -> 
         raise ValueError(f"images must be [N, 3, H, W], got {tuple(images.shape)}")
     pixels = images.to(device=device, dtype=torch.float32) / 255.0
     if pixels.shape[-2:] != (image_size, image_size):
-        pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear",
-                               align_corners=False, antialias=True)
+        pixels = F.interpolate(
+            pixels,
+            size=(image_size, image_size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     return (pixels - mean) / std
 
 
-def probe_backbone(backbone: nn.Module, train_set: Iterable[dict], test_set: Iterable[dict], *,
-                   image_size: int, grid: int, num_classes: int,
-                   device: torch.device | str | None = None,
-                   batch_size: int = 64) -> dict[str, float]:
+def probe_backbone(
+    backbone: nn.Module,
+    train_set: Iterable[dict],
+    test_set: Iterable[dict],
+    *,
+    image_size: int,
+    grid: int,
+    num_classes: int,
+    device: torch.device | str | None = None,
+    batch_size: int = 64,
+) -> dict[str, float]:
     """Dense linear probe (tokens) and k-NN probe (global feature) of a frozen backbone.
 
     The datasets yield ``{"image": uint8 [3, S, S], "mask": long [S, S], "label": int}``;
@@ -247,26 +309,40 @@ def probe_backbone(backbone: nn.Module, train_set: Iterable[dict], test_set: Ite
     Returns:
         ``{"dense_miou", "dense_patch_acc", "knn_top1"}`` as fractions in [0, 1].
     """
-    train_images, train_patch_y, train_image_y = _collect(train_set, grid, num_classes,
-                                                          batch_size)
+    train_images, train_patch_y, train_image_y = _collect(train_set, grid, num_classes, batch_size)
     test_images, test_patch_y, test_image_y = _collect(test_set, grid, num_classes, batch_size)
-    train_cls, train_patches = extract_features(backbone, train_images, image_size=image_size,
-                                                batch_size=batch_size, device=device)
-    test_cls, test_patches = extract_features(backbone, test_images, image_size=image_size,
-                                              batch_size=batch_size, device=device)
+    train_cls, train_patches = extract_features(
+        backbone, train_images, image_size=image_size, batch_size=batch_size, device=device
+    )
+    test_cls, test_patches = extract_features(
+        backbone, test_images, image_size=image_size, batch_size=batch_size, device=device
+    )
     if train_patches.shape[1] != grid * grid:
-        raise ValueError(f"backbone gives {train_patches.shape[1]} patch tokens at image_size "
-                         f"{image_size}, not grid * grid = {grid * grid}")
-    dense = dense_linear_probe(train_patches, train_patch_y, test_patches, test_patch_y,
-                               num_classes)
+        raise ValueError(
+            f"backbone gives {train_patches.shape[1]} patch tokens at image_size "
+            f"{image_size}, not grid * grid = {grid * grid}"
+        )
+    dense = dense_linear_probe(
+        train_patches, train_patch_y, test_patches, test_patch_y, num_classes
+    )
     knn_top1 = knn_probe(train_cls, train_image_y, test_cls, test_image_y, num_classes)
-    return {"dense_miou": dense["miou"], "dense_patch_acc": dense["patch_acc"],
-            "knn_top1": knn_top1}
+    return {
+        "dense_miou": dense["miou"],
+        "dense_patch_acc": dense["patch_acc"],
+        "knn_top1": knn_top1,
+    }
 
 
-def probe_image_folder(backbone: nn.Module, root: str | os.PathLike, *, image_size: int,
-                       device: torch.device | str | None = None, batch_size: int = 64,
-                       k: int = 20, workers: int = 0) -> dict[str, float | int]:
+def probe_image_folder(
+    backbone: nn.Module,
+    root: str | os.PathLike,
+    *,
+    image_size: int,
+    device: torch.device | str | None = None,
+    batch_size: int = 64,
+    k: int = 20,
+    workers: int = 0,
+) -> dict[str, float | int]:
     """k-NN top-1 of a frozen backbone's global feature on a labelled image folder.
 
     ``root`` holds one subfolder per class (ImageNet's layout, see
@@ -288,13 +364,18 @@ def probe_image_folder(backbone: nn.Module, root: str | os.PathLike, *, image_si
     device = _device(backbone, device)
     fit_x, fit_y = _folder_features(backbone, fit, image_size, device, batch_size, workers)
     test_x, test_y = _folder_features(backbone, test, image_size, device, batch_size, workers)
-    return {"knn_top1": knn_probe(fit_x, fit_y, test_x, test_y, len(classes), k=k),
-            "num_train": len(fit_y), "num_test": len(test_y), "num_classes": len(classes),
-            "bad_images": len(fit) + len(test) - len(fit_y) - len(test_y)}
+    return {
+        "knn_top1": knn_probe(fit_x, fit_y, test_x, test_y, len(classes), k=k),
+        "num_train": len(fit_y),
+        "num_test": len(test_y),
+        "num_classes": len(classes),
+        "bad_images": len(fit) + len(test) - len(fit_y) - len(test_y),
+    }
 
 
-def hash_split(dataset: LabelledImageFolder,
-               test_fraction: float = 0.2) -> tuple[list[int], list[int]]:
+def hash_split(
+    dataset: LabelledImageFolder, test_fraction: float = 0.2
+) -> tuple[list[int], list[int]]:
     """Deterministic per-class split of a labelled folder into fit and test indices.
 
     Within each class the files are ordered by the SHA-1 of their path relative to the
@@ -326,8 +407,10 @@ def _probe_splits(root: Path) -> tuple[Dataset, Dataset, list[str]]:
     dataset = LabelledImageFolder(root)
     fit_indices, test_indices = hash_split(dataset)
     if not test_indices:
-        raise ValueError(f"labelled image folder {str(root)!r} has no class with 2 or more "
-                         "readable images, so nothing is left to score the probe on")
+        raise ValueError(
+            f"labelled image folder {str(root)!r} has no class with 2 or more "
+            "readable images, so nothing is left to score the probe on"
+        )
     return Subset(dataset, fit_indices), Subset(dataset, test_indices), dataset.classes
 
 
@@ -351,31 +434,37 @@ def resize_and_centre_crop(image: Tensor, size: int) -> Tensor:
     height, width = image.shape[-2:]
     scale = size / min(height, width)
     new_size = (max(size, round(height * scale)), max(size, round(width * scale)))
-    resized = F.interpolate(image[None].float(), size=new_size, mode="bilinear",
-                            align_corners=False, antialias=True)[0]
+    resized = F.interpolate(
+        image[None].float(), size=new_size, mode="bilinear", align_corners=False, antialias=True
+    )[0]
     top, left = (new_size[0] - size) // 2, (new_size[1] - size) // 2
-    crop = resized[:, top:top + size, left:left + size]
+    crop = resized[:, top : top + size, left : left + size]
     return crop.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _folder_features(backbone: nn.Module, dataset: Dataset, image_size: int,
-                     device: torch.device | str, batch_size: int,
-                     workers: int) -> tuple[Tensor, Tensor]:
+def _folder_features(
+    backbone: nn.Module,
+    dataset: Dataset,
+    image_size: int,
+    device: torch.device | str,
+    batch_size: int,
+    workers: int,
+) -> tuple[Tensor, Tensor]:
     """Global features and labels of a labelled dataset's items, replaced ones left out."""
     loader = DataLoader(_CentreCropped(dataset, image_size), batch_size, num_workers=workers)
     parts, labels = [], []
     with _frozen(backbone):
         for batch in loader:
-            global_feature, _ = features(backbone, _preprocess(batch["image"], image_size,
-                                                               device))
+            global_feature, _ = features(backbone, _preprocess(batch["image"], image_size, device))
             decoded = batch["bad_images"] == 0
             parts.append(global_feature[decoded.to(global_feature.device)].float().cpu())
             labels.append(batch["label"][decoded])
     return torch.cat(parts), torch.cat(labels)
 
 
-def _collect(dataset: Iterable[dict], grid: int, num_classes: int,
-             batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+def _collect(
+    dataset: Iterable[dict], grid: int, num_classes: int, batch_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Stack a dataset's images, per-patch majority labels and image labels.
 
     Masks are reduced to patch labels a batch at a time, so full-resolution masks of the whole
@@ -395,11 +484,16 @@ def _collect(dataset: Iterable[dict], grid: int, num_classes: int,
     return torch.cat(images), torch.cat(patch_y), torch.cat(image_y)
 
 
-def _reduce_batch(items: list[dict], grid: int, num_classes: int, images: list[Tensor],
-                  patch_y: list[Tensor], image_y: list[Tensor]) -> None:
+def _reduce_batch(
+    items: list[dict],
+    grid: int,
+    num_classes: int,
+    images: list[Tensor],
+    patch_y: list[Tensor],
+    image_y: list[Tensor],
+) -> None:
     images.append(torch.stack([item["image"] for item in items]))
-    patch_y.append(patch_labels(torch.stack([item["mask"] for item in items]), grid,
-                                num_classes))
+    patch_y.append(patch_labels(torch.stack([item["mask"] for item in items]), grid, num_classes))
     image_y.append(torch.tensor([int(item["label"]) for item in items]))
 
 

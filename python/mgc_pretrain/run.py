@@ -1,4 +1,5 @@
 """The three commands: train (then figures and probes), eval, export."""
+
 from __future__ import annotations
 
 import csv
@@ -38,8 +39,10 @@ def new_config(typed: dict) -> Config:
     output = Path(cfg.output)
     held = [name for name in ("last.pt", "config.json") if (output / name).exists()]
     if held:
-        raise ValueError(f"--output {output} already holds a run ({', '.join(held)}): continue "
-                         f"it with --resume, or start a new run with another --output")
+        raise ValueError(
+            f"--output {output} already holds a run ({', '.join(held)}): continue "
+            f"it with --resume, or start a new run with another --output"
+        )
     return cfg
 
 
@@ -48,24 +51,40 @@ def resumed_config(typed: dict) -> Config:
     applied (and named); any other flag that differs is refused."""
     output, target = _resume_target(typed)
     saved = _saved_settings(output, target)
-    refused = [f"--{k.replace('_', '-')} (the run has {getattr(saved, k)!r}, this command "
-               f"{v!r})" for k, v in typed.items()
-               if k not in RESUMABLE_CHANGES and getattr(saved, k) != v]
+    refused = [
+        f"--{k.replace('_', '-')} (the run has {getattr(saved, k)!r}, this command {v!r})"
+        for k, v in typed.items()
+        if k not in RESUMABLE_CHANGES and getattr(saved, k) != v
+    ]
     if refused:
-        raise ValueError(f"{', '.join(refused)} cannot change when resuming {output}: it shapes "
-                         "the model, the data or the optimisation; start a new run with "
-                         "another --output for that")
-    changed = {k: v for k, v in typed.items() if k in RESUMABLE_CHANGES
-               and k not in ("resume", "output") and getattr(saved, k) != v}
-    cfg = Config.from_dict({**saved.as_dict(), **changed, "output": str(output),
-                            "resume": str(target) if target.is_file() else ""})
+        raise ValueError(
+            f"{', '.join(refused)} cannot change when resuming {output}: it shapes "
+            "the model, the data or the optimisation; start a new run with "
+            "another --output for that"
+        )
+    changed = {
+        k: v
+        for k, v in typed.items()
+        if k in RESUMABLE_CHANGES and k not in ("resume", "output") and getattr(saved, k) != v
+    }
+    cfg = Config.from_dict(
+        {
+            **saved.as_dict(),
+            **changed,
+            "output": str(output),
+            "resume": str(target) if target.is_file() else "",
+        }
+    )
     if "epochs" in typed and "steps" not in typed:
         cfg.steps = 0  # a new --epochs sets the length, even if the run was given --steps
     cfg.with_preset()
     notes = [f"--{k.replace('_', '-')} {getattr(saved, k)} -> {v}" for k, v in changed.items()]
     start = f"from {target}" if target.is_file() else "from step 0 (no checkpoint was saved yet)"
-    print(f"mgc-pretrain: resuming {output} {start} with its saved settings"
-          + (f"; changed: {', '.join(notes)}" if notes else ""), file=sys.stderr)
+    print(
+        f"mgc-pretrain: resuming {output} {start} with its saved settings"
+        + (f"; changed: {', '.join(notes)}" if notes else ""),
+        file=sys.stderr,
+    )
     return cfg
 
 
@@ -87,8 +106,10 @@ def _saved_settings(output: Path, target: Path) -> Config:
         return read_json(output / "config.json")
     if target.is_file():  # a run from before config.json, or a checkpoint copied elsewhere
         return Config.from_dict(checkpoint.read(target)["config"])
-    raise ValueError(f"--resume: {output} holds no run to resume (no config.json, no "
-                     f"{target.name}); start one without --resume")
+    raise ValueError(
+        f"--resume: {output} holds no run to resume (no config.json, no "
+        f"{target.name}); start one without --resume"
+    )
 
 
 def check_backend(cfg: Config) -> None:
@@ -111,10 +132,12 @@ def train(cfg: Config) -> None:
             Path(cfg.output).mkdir(parents=True, exist_ok=True)
             write_json(cfg, Path(cfg.output) / "config.json")
             if trainer.start_step == trainer.total_steps:
-                print(f"mgc-pretrain: {cfg.output} is already at its last step, "
-                      f"{trainer.total_steps}: nothing to train (a larger --steps or --epochs "
-                      "extends it); writing its backbone, figures and probes again",
-                      file=sys.stderr)
+                print(
+                    f"mgc-pretrain: {cfg.output} is already at its last step, "
+                    f"{trainer.total_steps}: nothing to train (a larger --steps or --epochs "
+                    "extends it); writing its backbone, figures and probes again",
+                    file=sys.stderr,
+                )
         trainer.fit()
     finally:
         trainer.dist.close()
@@ -123,31 +146,54 @@ def train(cfg: Config) -> None:
     output = Path(cfg.output)
     draw_loss(output / "log.csv", output / "loss.png", f"{cfg.method} on {cfg.data}")
     draw_method_figure(trainer.method, first_batch(trainer), output / "correspondences.png")
-    print(f"mgc-pretrain: wrote {output}/last.pt, config.json, backbone.pth (+ .json), "
-          "log.csv, tb/, loss.png, correspondences.png")
+    print(
+        f"mgc-pretrain: wrote {output}/last.pt, config.json, backbone.pth (+ .json), "
+        "log.csv, tb/, loss.png, correspondences.png"
+    )
     if cfg.eval:
-        evaluate(output / "backbone.pth", device=str(trainer.dist.device), seed=cfg.seed + 1,
-                 data=cfg.probe_data)
+        evaluate(
+            output / "backbone.pth",
+            device=str(trainer.dist.device),
+            seed=cfg.seed + 1,
+            data=cfg.probe_data,
+        )
 
 
 def draw_loss(log: Path, png: Path, title: str) -> None:
     with open(log, newline="") as f:
         rows = list(csv.DictReader(f))
-    plot_loss_curve([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], png,
-                    title=title, lrs=[float(r["lr"]) for r in rows])
+    plot_loss_curve(
+        [int(r["step"]) for r in rows],
+        [float(r["loss"]) for r in rows],
+        png,
+        title=title,
+        lrs=[float(r["lr"]) for r in rows],
+    )
 
 
 def first_batch(trainer: Trainer, most: int = 64) -> dict:
     """The first samples of the training stream, a batch's worth up to ``most`` (what the
     figure shows the method do: SMoG's groups and MCL's 7 x 7 montages want many images)."""
-    views = TwoViews(trainer.dataset, TwoViewTransform(trainer.cfg.architecture.img_size),
-                     trainer.cfg.seed, trainer.method.level_ratios)
+    views = TwoViews(
+        trainer.dataset,
+        TwoViewTransform(trainer.cfg.architecture.img_size),
+        trainer.cfg.seed,
+        trainer.method.level_ratios,
+    )
     size = min(trainer.cfg.batch_size, most, len(views))
     return default_collate([views[i] for i in range(size)])
 
 
-def evaluate(backbone: str | Path, *, num_train: int = 1024, num_test: int = 512,
-             source_size: int = 0, seed: int = 1, device: str = "auto", data: str = "") -> dict:
+def evaluate(
+    backbone: str | Path,
+    *,
+    num_train: int = 1024,
+    num_test: int = 512,
+    source_size: int = 0,
+    seed: int = 1,
+    device: str = "auto",
+    data: str = "",
+) -> dict:
     """Probe a trained backbone and a random one of the same architecture, print and save the
     table: on held-out synthetic scenes (fit on seed ``seed``, scored on ``seed + 1``), or with
     ``data``, by k-NN on a labelled image folder."""
@@ -158,18 +204,31 @@ def evaluate(backbone: str | Path, *, num_train: int = 1024, num_test: int = 512
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     models = (("trained", model), ("random init", random_model))
     if data:
-        results = {name: probe_image_folder(m.to(device), data, image_size=arch.img_size,
-                                            device=device) for name, m in models}
+        results = {
+            name: probe_image_folder(m.to(device), data, image_size=arch.img_size, device=device)
+            for name, m in models
+        }
         print(f"k-NN probe on {data}:")
     else:
         size = source_size or arch.img_size
         fit = SyntheticScenes(num_train, size, seed)
         test = SyntheticScenes(num_test, size, seed + 1)
-        results = {name: probe_backbone(m.to(device), fit, test, image_size=arch.img_size,
-                                        grid=arch.grid, num_classes=SyntheticScenes.NUM_CLASSES,
-                                        device=device) for name, m in models}
-        print(f"Probes on {num_test} held-out synthetic scenes ({num_train} to fit), "
-              f"{arch.img_size} px:")
+        results = {
+            name: probe_backbone(
+                m.to(device),
+                fit,
+                test,
+                image_size=arch.img_size,
+                grid=arch.grid,
+                num_classes=SyntheticScenes.NUM_CLASSES,
+                device=device,
+            )
+            for name, m in models
+        }
+        print(
+            f"Probes on {num_test} held-out synthetic scenes ({num_train} to fit), "
+            f"{arch.img_size} px:"
+        )
     print(format_table(results))
     folder = path if path.is_dir() else path.parent
     (folder / "probes.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -184,8 +243,10 @@ def trained_backbone(path: Path) -> tuple[torch.nn.Module, Arch]:
     if path.with_suffix(".json").is_file():
         return load_backbone(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{str(path)!r} does not exist: give a run folder, a "
-                                "backbone.pth export or a training checkpoint (last.pt)")
+        raise FileNotFoundError(
+            f"{str(path)!r} does not exist: give a run folder, a "
+            "backbone.pth export or a training checkpoint (last.pt)"
+        )
     return checkpoint_backbone(path)
 
 
@@ -195,7 +256,7 @@ def checkpoint_backbone(ckpt_path: str | Path) -> tuple[torch.nn.Module, Arch]:
     arch = Config.from_dict(ckpt["config"]).architecture
     backbone = create_backbone(arch)
     prefix = "backbone."
-    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
     checkpoint.load_state(backbone, state, "backbone", ckpt_path)
     return backbone, arch
 

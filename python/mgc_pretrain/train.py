@@ -1,4 +1,5 @@
 """The training loop: schedules, AMP, per-parameter clipping, DDP, checkpoints, signals, logs."""
+
 from __future__ import annotations
 
 import csv
@@ -100,10 +101,17 @@ def build_method(cfg: Config, distributed: bool, schedule_epochs: float) -> Meth
     options = {
         "mgc": dict(mode=cfg.mgc_mode, weighting=cfg.mgc_weighting),
         "densecl": dict(queue_size=cfg.queue_size),
-        "smog": dict(num_groups=cfg.num_groups, reset_every=cfg.smog_reset_every,
-                     bank_size=cfg.bank_size, seed=cfg.seed),
-        "adclr": dict(num_prototypes=cfg.num_prototypes, num_queries=cfg.num_queries,
-                      warmup_teacher_temperature_epochs=min(30, max(1, round(schedule_epochs)))),
+        "smog": dict(
+            num_groups=cfg.num_groups,
+            reset_every=cfg.smog_reset_every,
+            bank_size=cfg.bank_size,
+            seed=cfg.seed,
+        ),
+        "adclr": dict(
+            num_prototypes=cfg.num_prototypes,
+            num_queries=cfg.num_queries,
+            warmup_teacher_temperature_epochs=min(30, max(1, round(schedule_epochs))),
+        ),
         "mcl": {},
     }[cfg.method]
     return METHODS[cfg.method](arch, cfg.drop_path, **options, **common)
@@ -118,8 +126,7 @@ def build_optimizer(cfg: Config, method: Method) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999))
 
 
-def build_scheduler(cfg: Config, optimizer, length: int,
-                    steps_per_epoch: int) -> CosineLRScheduler:
+def build_scheduler(cfg: Config, optimizer, length: int, steps_per_epoch: int) -> CosineLRScheduler:
     """timm's warm-up + cosine over ``length`` steps (the schedule's first length). timm warns
     that a one-step cosine "will have no effect"; that is what a run of warm-up + 1 step asks
     for, so the warning is silenced (the README says why)."""
@@ -128,8 +135,14 @@ def build_scheduler(cfg: Config, optimizer, length: int,
     level, timm_log.level = timm_log.level, logging.ERROR
     try:
         scheduler = CosineLRScheduler(
-            optimizer, t_initial=max(length - warmup, 1), lr_min=cfg.min_lr, warmup_t=warmup,
-            warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+            optimizer,
+            t_initial=max(length - warmup, 1),
+            lr_min=cfg.min_lr,
+            warmup_t=warmup,
+            warmup_lr_init=0.0,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
     finally:
         timm_log.level = level
     return scheduler
@@ -224,8 +237,11 @@ class Log:
         if start_step == 0 or not self.path.exists():
             return []
         with open(self.path, newline="") as f:
-            return [row for row in csv.DictReader(f)
-                    if None not in row.values() and int(row["step"]) < start_step]
+            return [
+                row
+                for row in csv.DictReader(f)
+                if None not in row.values() and int(row["step"]) < start_step
+            ]
 
     def _rewrite(self, rows: list[dict]) -> None:
         """Header and ``rows`` to a temporary file renamed over the log: a kill meanwhile
@@ -263,8 +279,9 @@ def _summary_writer(path: Path, start_step: int):
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
 
 
 class Trainer:
@@ -274,39 +291,48 @@ class Trainer:
         self.cfg = cfg
         self.dist = Distributed(cfg.device)
         self.output = Path(cfg.output)
-        self.dataset = build_dataset(cfg.data, length=cfg.num_images,
-                                     image_size=cfg.source_size, seed=cfg.seed)
+        self.dataset = build_dataset(
+            cfg.data, length=cfg.num_images, image_size=cfg.source_size, seed=cfg.seed
+        )
         self.batch_per_rank = self._batch_per_rank()
-        self.steps_per_epoch = steps_per_epoch(len(self.dataset), self.batch_per_rank,
-                                               self.dist.world_size)
+        self.steps_per_epoch = steps_per_epoch(
+            len(self.dataset), self.batch_per_rank, self.dist.world_size
+        )
         if self.steps_per_epoch == 0:
-            raise ValueError(f"--batch-size {cfg.batch_size} is larger than the "
-                             f"{len(self.dataset)} images of --data {cfg.data!r}")
+            raise ValueError(
+                f"--batch-size {cfg.batch_size} is larger than the "
+                f"{len(self.dataset)} images of --data {cfg.data!r}"
+            )
         self.total_steps = cfg.steps or cfg.epochs * self.steps_per_epoch
         ckpt = self._read_checkpoint() if cfg.resume else None
         self.start_step = int(ckpt["step"]) if ckpt else 0
         self.schedule = self._schedule(ckpt)
         torch.manual_seed(cfg.seed)  # every rank builds the same model, queues and groups
-        self.method = build_method(cfg, self.dist.enabled,
-                                   self.schedule.length / self.steps_per_epoch)
+        self.method = build_method(
+            cfg, self.dist.enabled, self.schedule.length / self.steps_per_epoch
+        )
         self.method.to(self.dist.device)
         self.model = self._wrap(self.method)
         torch.manual_seed(cfg.seed + 1000 * (1 + self.dist.rank))  # per-rank drop-path etc.
         self.params = [p for p in self.method.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(cfg, self.method)
         self.scheduler = build_scheduler(
-            cfg, self.optimizer, round(self.schedule.length), self.steps_per_epoch)
+            cfg, self.optimizer, round(self.schedule.length), self.steps_per_epoch
+        )
         self.amp_dtype = autocast_dtype(cfg.amp, self.dist.device)
-        self.scaler = torch.amp.GradScaler(self.dist.device.type,
-                                           enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(
+            self.dist.device.type, enabled=self.amp_dtype == torch.float16
+        )
         if ckpt is not None:
             self._restore(ckpt)
 
     def _batch_per_rank(self) -> int:
         cfg, world = self.cfg, self.dist.world_size
         if cfg.batch_size % world:
-            raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must be a "
-                             f"multiple of the number of processes, {world}")
+            raise ValueError(
+                f"--batch-size {cfg.batch_size} (the global batch) must be a "
+                f"multiple of the number of processes, {world}"
+            )
         return cfg.batch_size // world
 
     def _wrap(self, method: Method) -> torch.nn.Module:
@@ -318,8 +344,11 @@ class Trainer:
             self.method, ids = method, [self.dist.device.index]
         # buffers (queues, groups, centres) start equal and the losses keep them so: no
         # broadcast at every forward (torch >= 2.15 renamed the switch)
-        no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
-                   inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
+        no_sync = (
+            "forward_sync_buffers"
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers"
+        )
         return DistributedDataParallel(method, device_ids=ids, **{no_sync: False})
 
     @property
@@ -335,14 +364,16 @@ class Trainer:
         path = self.resume_path
         ckpt = checkpoint.read(path, self.dist.device)
         fixed = tuple(n for n in Config.field_names() if n not in RESUMABLE_CHANGES)
-        checkpoint.check_compatible(Config.from_dict(ckpt["config"]).as_dict(),
-                                    self.cfg.as_dict(), fixed, path)
+        checkpoint.check_compatible(
+            Config.from_dict(ckpt["config"]).as_dict(), self.cfg.as_dict(), fixed, path
+        )
         step = int(ckpt["step"])
         if self.total_steps < step:
             raise checkpoint.CheckpointError(
                 f"checkpoint {str(path)!r} is at step {step}, past this run's last step "
                 f"{self.total_steps}: a resumed run can only go forward (give --steps or "
-                f"--epochs of at least {step} steps, or start a new run with --output)")
+                f"--epochs of at least {step} steps, or start a new run with --output)"
+            )
         return ckpt
 
     def _schedule(self, ckpt: dict | None) -> Schedule:
@@ -350,8 +381,10 @@ class Trainer:
             return Schedule.straight(self.total_steps)
         # checkpoints of mgc-pretrain/1 before the schedule was saved ran straight
         first = Config.from_dict(ckpt["config"])
-        saved = ckpt.get("schedule") or Schedule.straight(
-            first.steps or first.epochs * self.steps_per_epoch).knots
+        saved = (
+            ckpt.get("schedule")
+            or Schedule.straight(first.steps or first.epochs * self.steps_per_epoch).knots
+        )
         return Schedule(saved).retimed(int(ckpt["step"]), self.total_steps)
 
     def _restore(self, ckpt: dict) -> None:
@@ -362,34 +395,48 @@ class Trainer:
                 obj.load_state_dict(ckpt[what])
             except (ValueError, KeyError, RuntimeError, TypeError) as e:
                 raise checkpoint.CheckpointError(
-                    f"checkpoint {str(path)!r}: its {what} state does not fit this run: {e}") from e
+                    f"checkpoint {str(path)!r}: its {what} state does not fit this run: {e}"
+                ) from e
         states = ckpt["rng"]
         if len(states) == self.dist.world_size:
             set_rng_state(states[self.dist.rank], self.dist.device)
         elif self.dist.is_main:
-            print(f"mgc-pretrain: {path} was written by {len(states)} process(es), this run has "
-                  f"{self.dist.world_size}: random streams restart (not a bit-exact resume)",
-                  file=sys.stderr)
+            print(
+                f"mgc-pretrain: {path} was written by {len(states)} process(es), this run has "
+                f"{self.dist.world_size}: random streams restart (not a bit-exact resume)",
+                file=sys.stderr,
+            )
 
     def save(self, step: int) -> None:
         """Checkpoint after ``step`` steps (every rank's RNG state; rank 0 writes)."""
-        states = self.dist.gather_objects({k: v.cpu() for k, v in
-                                           rng_state(self.dist.device).items()})
+        states = self.dist.gather_objects(
+            {k: v.cpu() for k, v in rng_state(self.dist.device).items()}
+        )
         if self.dist.is_main:
-            checkpoint.save_atomic({
-                "format": checkpoint.FORMAT, "config": self.cfg.as_dict(), "step": step,
-                "schedule": self.schedule.knots, "model": self.method.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": states}, self.checkpoint_path)
+            checkpoint.save_atomic(
+                {
+                    "format": checkpoint.FORMAT,
+                    "config": self.cfg.as_dict(),
+                    "step": step,
+                    "schedule": self.schedule.knots,
+                    "model": self.method.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "rng": states,
+                },
+                self.checkpoint_path,
+            )
 
     def _step(self, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
         position = self.schedule.position(step)
         self.scheduler.step_update(position)
-        self.method.update_momentum(cosine_momentum(position, self.schedule.length,
-                                                    cfg.momentum))
-        autocast = (torch.autocast(self.dist.device.type, dtype=self.amp_dtype)
-                    if self.amp_dtype else nullcontext())
+        self.method.update_momentum(cosine_momentum(position, self.schedule.length, cfg.momentum))
+        autocast = (
+            torch.autocast(self.dist.device.type, dtype=self.amp_dtype)
+            if self.amp_dtype
+            else nullcontext()
+        )
         with autocast:
             loss, terms = self.model(batch, position / self.steps_per_epoch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -403,8 +450,9 @@ class Trainer:
         self.scaler.update()
         self.method.after_step()
 
-    def _agree(self, loss: torch.Tensor, stop: bool, save_due: bool,
-               bad_images: int) -> tuple[bool, bool, bool, int]:
+    def _agree(
+        self, loss: torch.Tensor, stop: bool, save_due: bool, bad_images: int
+    ) -> tuple[bool, bool, bool, int]:
         """``(any rank's loss is not finite, any rank was signalled, a save is due, bad images
         over all ranks)``: one all-reduce a step, so that every rank takes the same branch."""
         counts = torch.tensor([0.0, stop, save_due, bad_images], device=self.dist.device)
@@ -415,10 +463,15 @@ class Trainer:
         return bad > 0, signalled > 0, due > 0, int(images)
 
     def _non_finite(self, loss: float, step: int) -> NonFiniteLoss:
-        last = (f"the last good checkpoint is {self.checkpoint_path}"
-                if self.checkpoint_path.exists() else "no checkpoint was written yet")
-        return NonFiniteLoss(f"the loss is not finite at step {step} (this rank: {loss}); "
-                             f"training stopped, {last}. Lower --lr or try --amp off.")
+        last = (
+            f"the last good checkpoint is {self.checkpoint_path}"
+            if self.checkpoint_path.exists()
+            else "no checkpoint was written yet"
+        )
+        return NonFiniteLoss(
+            f"the loss is not finite at step {step} (this rank: {loss}); "
+            f"training stopped, {last}. Lower --lr or try --amp off."
+        )
 
     def fit(self, until: int | None = None) -> None:
         """Train from ``start_step`` to the end (or to step ``until``, checkpointed there).
@@ -435,50 +488,78 @@ class Trainer:
         self.method.train()
         save_every = cfg.save_every or self.steps_per_epoch
         log, last_save = None, time.monotonic()
-        bar = tqdm(total=self.total_steps, initial=self.start_step, disable=not main,
-                   desc=f"{cfg.method} {cfg.arch}", unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.start_step,
+            disable=not main,
+            desc=f"{cfg.method} {cfg.arch}",
+            unit="step",
+            dynamic_ncols=True,
+        )
         tick, rate = time.perf_counter(), 0.0
         try:
             with _signals_caught() as caught:
-                stream = batches(self.dataset, TwoViewTransform(cfg.architecture.img_size),
-                                 batch_size=self.batch_per_rank, seed=cfg.seed,
-                                 start_step=self.start_step, workers=cfg.workers,
-                                 world_size=self.dist.world_size, rank=self.dist.rank,
-                                 level_ratios=self.method.level_ratios)
+                stream = batches(
+                    self.dataset,
+                    TwoViewTransform(cfg.architecture.img_size),
+                    batch_size=self.batch_per_rank,
+                    seed=cfg.seed,
+                    start_step=self.start_step,
+                    workers=cfg.workers,
+                    world_size=self.dist.world_size,
+                    rank=self.dist.rank,
+                    level_ratios=self.method.level_ratios,
+                )
                 for step in range(self.start_step, stop):
                     batch = next(stream)
                     bad_images = int(batch.pop("bad_images", torch.zeros(1)).sum())  # on CPU
                     loss, terms = self._step(to_device(batch, self.dist.device), step)
-                    timed_out = cfg.save_minutes > 0 and \
-                        time.monotonic() - last_save >= 60 * cfg.save_minutes
+                    timed_out = (
+                        cfg.save_minutes > 0
+                        and time.monotonic() - last_save >= 60 * cfg.save_minutes
+                    )
                     bad, signalled, timed_out, bad_images = self._agree(
-                        loss, bool(caught), timed_out, bad_images)
+                        loss, bool(caught), timed_out, bad_images
+                    )
                     if bad:
                         raise self._non_finite(float(loss), step)
                     self._finish_step()
                     now = time.perf_counter()
-                    rate = cfg.batch_size / max(now - tick, 1e-9) if step == self.start_step \
+                    rate = (
+                        cfg.batch_size / max(now - tick, 1e-9)
+                        if step == self.start_step
                         else 0.9 * rate + 0.1 * cfg.batch_size / max(now - tick, 1e-9)
+                    )
                     tick = now
                     if main:
                         log = log or Log(self.output, self.start_step, tuple(terms))
                         lr = self.optimizer.param_groups[0]["lr"]
                         position = self.schedule.position(step)
-                        log.write({"step": step, "epoch": step / self.steps_per_epoch,
-                                   "loss": float(loss), "lr": lr, "images_per_s": rate,
-                                   "bad_images": bad_images, **terms,
-                                   "momentum": cosine_momentum(position, self.schedule.length,
-                                                               cfg.momentum)})
-                        bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}",
-                                        img_s=f"{rate:.1f}")
+                        log.write(
+                            {
+                                "step": step,
+                                "epoch": step / self.steps_per_epoch,
+                                "loss": float(loss),
+                                "lr": lr,
+                                "images_per_s": rate,
+                                "bad_images": bad_images,
+                                **terms,
+                                "momentum": cosine_momentum(
+                                    position, self.schedule.length, cfg.momentum
+                                ),
+                            }
+                        )
+                        bar.set_postfix(
+                            loss=f"{float(loss):.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}"
+                        )
                         bar.update()
-                    if (step + 1) % save_every == 0 or step + 1 == stop or signalled \
-                            or timed_out:
+                    if (step + 1) % save_every == 0 or step + 1 == stop or signalled or timed_out:
                         self.save(step + 1)
                         last_save = time.monotonic()
                     if signalled:  # here or on another rank (then say SIGTERM here)
-                        raise Interrupted(caught[0] if caught else signal.SIGTERM, step + 1,
-                                          self.checkpoint_path)
+                        raise Interrupted(
+                            caught[0] if caught else signal.SIGTERM, step + 1, self.checkpoint_path
+                        )
         finally:
             bar.close()
             if log is not None:
@@ -499,12 +580,18 @@ def _signals_caught():
 
     def handle(signum, frame):
         if caught:
-            print(f"\nmgc-pretrain: second {signal.Signals(signum).name}: stopped without "
-                  "saving this step; the last checkpoint is intact", file=sys.stderr)
+            print(
+                f"\nmgc-pretrain: second {signal.Signals(signum).name}: stopped without "
+                "saving this step; the last checkpoint is intact",
+                file=sys.stderr,
+            )
             raise SystemExit(128 + signum)
         caught.append(signum)
-        print(f"\nmgc-pretrain: {signal.Signals(signum).name}: saving at the end of this step "
-              "(send it again to stop at once)", file=sys.stderr)
+        print(
+            f"\nmgc-pretrain: {signal.Signals(signum).name}: saving at the end of this step "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+        )
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -1,5 +1,6 @@
 """Inputs exact in every dtype, on the GPU. The tolerance rule (``assert_grads``) and the CPU
 versions of these helpers live in tests/_helpers.py, shared with the interpreter tests."""
+
 try:
     from .. import _helpers
     from .._helpers import assert_grads  # noqa: F401 (re-exported for the GPU tests)

@@ -3,6 +3,7 @@
 Under ``python -m benchmarks.gpu_check`` the tests share a time cap: past the moment in
 ``MGC_GPU_CHECK_DEADLINE`` (``time.time()``) the remaining tests are skipped with that reason, so
 that pytest still ends with its report instead of being killed."""
+
 import os
 import time
 

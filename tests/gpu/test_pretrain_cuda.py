@@ -1,4 +1,5 @@
 """The reference trainer on a GPU: every method, bf16 autocast, the Triton backend, a few steps."""
+
 from __future__ import annotations
 
 import math
@@ -12,14 +13,16 @@ pytest.importorskip("timm")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pretrain"))
 
 from _micro import micro_config  # noqa: E402
+
 from mgc_pretrain.config import METHODS  # noqa: E402
 from mgc_pretrain.train import Trainer  # noqa: E402
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_methods_train_on_cuda_with_bf16_and_triton(tmp_path, method):
-    trainer = Trainer(micro_config(tmp_path, method=method, steps=3, device="cuda",
-                                   amp="bf16", backend="triton"))
+    trainer = Trainer(
+        micro_config(tmp_path, method=method, steps=3, device="cuda", amp="bf16", backend="triton")
+    )
     assert trainer.dist.device.type == "cuda"
     trainer.fit()
     state = torch.load(tmp_path / "last.pt", weights_only=True, map_location="cpu")

@@ -1,5 +1,6 @@
 """Compiled Triton geometry kernels on CUDA: bit for bit the torch reference (computed on CPU)
 at the released sizes (B = 256, grid 14, cells 1, 2, 7)."""
+
 import pytest
 import torch
 
@@ -11,8 +12,12 @@ def released_views(batch=256, seed=0):
     gen = torch.Generator().manual_seed(seed)
     boxes = [sample_view_boxes(480, 640, generator=gen) for _ in range(batch)]
     flips = torch.rand(2, batch, generator=gen) < 0.5
-    return (torch.stack([b[0] for b in boxes]), flips[0],
-            torch.stack([b[1] for b in boxes]), flips[1])
+    return (
+        torch.stack([b[0] for b in boxes]),
+        flips[0],
+        torch.stack([b[1] for b in boxes]),
+        flips[1],
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -16,6 +16,7 @@ chunks to bound memory). The tolerances, per unit roundoff ``u`` of the input dt
   (another ``~u * max|exact|`` worst case); fp32 tiles are not rounded but summed in another order
   over ~1200 tiles (about ``1e-4 * max|exact|`` worst case).
 """
+
 from __future__ import annotations
 
 import functools
@@ -63,8 +64,9 @@ def reference_in(dtype, q, k, queue, index, weight, grad, temperature, rows=1024
     parts, dk = [], torch.zeros_like(k)
     for start in range(0, len(q), rows):
         r = slice(start, start + rows)
-        row_loss, lse, dq, dk_part = info_nce_op(reference, q[r], k, queue, index[r],
-                                                 weight[r], grad[r], temperature)
+        row_loss, lse, dq, dk_part = info_nce_op(
+            reference, q[r], k, queue, index[r], weight[r], grad[r], temperature
+        )
         parts.append((row_loss, lse, dq))
         dk += dk_part
     return (*(torch.cat(p) for p in zip(*parts)), dk)
@@ -88,8 +90,7 @@ def densecl_problem(n, queue_rows, seed, temperature=0.2):
 def densecl():
     """N = 256 * 49 rows and keys, D = 128, a 65536-key queue; reference and exact results."""
     problem = densecl_problem(256 * 49, 65536, seed=0)
-    return (problem, reference_in(torch.float32, *problem),
-            reference_in(torch.float64, *problem))
+    return (problem, reference_in(torch.float32, *problem), reference_in(torch.float64, *problem))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -144,7 +145,7 @@ def test_info_nce_queue_offsets_beyond_int32():
     cuda_gen = torch.Generator(device="cuda").manual_seed(3)
     for start in range(0, rows, 1 << 22):  # unit rows, made in chunks (bounded memory)
         chunk = torch.randn(min(1 << 22, rows - start), 128, device="cuda", generator=cuda_gen)
-        queue[start:start + len(chunk)] = torch.nn.functional.normalize(chunk, dim=1)
+        queue[start : start + len(chunk)] = torch.nn.functional.normalize(chunk, dim=1)
     assert rows * 128 > 2**31
     index, weight = torch.arange(n, device="cuda")[:, None], torch.ones(n, 1, device="cuda")
     grad = torch.ones(n, device="cuda")
@@ -157,10 +158,12 @@ def test_info_nce_queue_offsets_beyond_int32():
     exact_lse = torch.logsumexp(logits_k, 1)
     chunks = [slice(s, s + (1 << 20)) for s in range(0, rows, 1 << 20)]
     for c in chunks:
-        exact_lse = torch.logaddexp(exact_lse, torch.logsumexp(q64 @ queue[c].double().T
-                                                               / temperature, 1))
-    p_k = torch.exp(logits_k - exact_lse[:, None]) - torch.eye(n, device="cuda",
-                                                                dtype=torch.float64)
+        exact_lse = torch.logaddexp(
+            exact_lse, torch.logsumexp(q64 @ queue[c].double().T / temperature, 1)
+        )
+    p_k = torch.exp(logits_k - exact_lse[:, None]) - torch.eye(
+        n, device="cuda", dtype=torch.float64
+    )
     exact_dq = p_k @ k64
     for c in chunks:
         u = queue[c].double()
@@ -185,9 +188,15 @@ def dense_views(batch, seed):
     k_regions = mk.region_boxes(torch.stack([b[1] for b in boxes]), flips[1], 14)
     image = torch.arange(batch).repeat_interleave(196).cuda()
     n = batch * 196
-    return (unit_rows(gen, n), unit_rows(gen, n), q_regions.reshape(n, 4).float().cuda(),
-            k_regions.reshape(n, 4).float().cuda(), image, image.clone(),
-            (0.5 + torch.rand(n, generator=gen)).cuda())
+    return (
+        unit_rows(gen, n),
+        unit_rows(gen, n),
+        q_regions.reshape(n, 4).float().cuda(),
+        k_regions.reshape(n, 4).float().cuda(),
+        image,
+        image.clone(),
+        (0.5 + torch.rand(n, generator=gen)).cuda(),
+    )
 
 
 @functools.cache
@@ -196,8 +205,20 @@ def geometric_case(batch, metric, temperature=0.1):
     q, k, qr, kr, qi, ki, grad = dense_views(batch, seed=batch)
     results = []
     for dtype in (torch.float32, torch.float64):
-        results.append(geometric_info_nce_op(geometric_reference, q.to(dtype), k.to(dtype), qr,
-                                             kr, qi, ki, grad, temperature, metric))
+        results.append(
+            geometric_info_nce_op(
+                geometric_reference,
+                q.to(dtype),
+                k.to(dtype),
+                qr,
+                kr,
+                qi,
+                ki,
+                grad,
+                temperature,
+                metric,
+            )
+        )
     return ((q, k, qr, kr, qi, ki, grad, temperature), *results)
 
 
@@ -230,8 +251,10 @@ def test_forward_is_deterministic():
     first, again = geometric.geometric_info_nce(*args), geometric.geometric_info_nce(*args)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     # no atomics anywhere: the backward is deterministic too
-    grads = [geometric.geometric_info_nce_backward(grad, *args[:6], first[1], first[2], 0.1,
-                                                   "mgc") for _ in range(2)]
+    grads = [
+        geometric.geometric_info_nce_backward(grad, *args[:6], first[1], first[2], 0.1, "mgc")
+        for _ in range(2)
+    ]
     assert torch.equal(*grads)
     problem = densecl_problem(4096, 8192, seed=4)
     args = [x.to(torch.bfloat16) for x in problem[:3]] + list(problem[3:5])
@@ -253,8 +276,16 @@ def test_public_ops_dispatch_to_triton_on_cuda():
     row_weights = torch.rand(1500, device="cuda")
 
     def info(x, y, backend):
-        return mk.info_nce(x, y, (index, weight), 0.2, row_weights, queue.to(x.dtype),
-                           normalize=False, backend=backend)
+        return mk.info_nce(
+            x,
+            y,
+            (index, weight),
+            0.2,
+            row_weights,
+            queue.to(x.dtype),
+            normalize=False,
+            backend=backend,
+        )
 
     q2, k2, qr, kr, qi, ki, _ = dense_views(8, seed=7)
 
@@ -263,8 +294,11 @@ def test_public_ops_dispatch_to_triton_on_cuda():
 
     for f, (x0, y0) in ((info, (q, k)), (geometric, (q2, k2))):
         results = []
-        for dtype, backend in ((torch.bfloat16, "auto"), (torch.bfloat16, "torch"),
-                               (torch.float64, "auto")):
+        for dtype, backend in (
+            (torch.bfloat16, "auto"),
+            (torch.bfloat16, "torch"),
+            (torch.float64, "auto"),
+        ):
             x, y = leaf(x0, dtype), leaf(y0, dtype)
             loss = f(x, y, backend)
             loss.backward()

@@ -15,6 +15,7 @@ gradients to the input dtype only at the end; it works over row chunks, so it fi
 * gradients: one ulp-ish ``2u |exact|`` plus ``GRAD_SLACK * max|exact|`` for the rounding of the
   fp32 ``p - t`` tile to the input dtype (fp16/bf16 tensor-core dots) and the summation order.
 """
+
 from __future__ import annotations
 
 import functools
@@ -57,18 +58,20 @@ def problem(n: int, k: int, d: int, given_logits: bool):
     teacher, teacher_weight = (representable(y @ v.T), None) if given_logits else (y, v)
     results = []
     for dtype in (torch.float32, torch.float64):
-        args = [t.to(dtype) for t in (x, w, teacher)] + \
-            [None if teacher_weight is None else teacher_weight.to(dtype), center.to(dtype)]
+        args = [t.to(dtype) for t in (x, w, teacher)] + [
+            None if teacher_weight is None else teacher_weight.to(dtype),
+            center.to(dtype),
+        ]
         out = reference.linear_soft_ce(*args, TAU_S, TAU_T)
-        grads = reference.linear_soft_ce_backward(grad.to(dtype), *args, out[1], out[2], TAU_S,
-                                                  TAU_T)
+        grads = reference.linear_soft_ce_backward(
+            grad.to(dtype), *args, out[1], out[2], TAU_S, TAU_T
+        )
         results.append((*out, *grads))
     return (x, w, teacher, teacher_weight, center, grad), *results
 
 
 def assert_outputs(fast, ref, exact):
-    for name, f, r, e in zip(("row_loss", "lse", "teacher_lse", "teacher_mean"), fast, ref,
-                             exact):
+    for name, f, r, e in zip(("row_loss", "lse", "teacher_lse", "teacher_mean"), fast, ref, exact):
         assert f.dtype == torch.float32 and f.shape == e.shape, name
         scale = 1.0 if name == "teacher_mean" else 32.0
         assert_close_to_exact(f, r, e, 2.0**-16 * scale * max(1.0, e.abs().max().item()))
@@ -76,16 +79,24 @@ def assert_outputs(fast, ref, exact):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("given_logits", [False, True])
-@pytest.mark.parametrize("n, k, d", [(N, K, D), (1000, 4099, 512), (1000, 4099, 1000)],
-                         ids=["adclr", "wide-512", "wide-1000"])
+@pytest.mark.parametrize(
+    "n, k, d",
+    [(N, K, D), (1000, 4099, 512), (1000, 4099, 1000)],
+    ids=["adclr", "wide-512", "wide-1000"],
+)
 def test_against_reference(n, k, d, dtype, given_logits):
     """ADCLR's size, and rows wider than 256, which go through the kernels in 256-wide chunks
     (a ragged last one at 1000): at D = 1024 in fp32 whole rows would need 394 KB of shared
     memory per block."""
     (x, w, teacher, teacher_weight, center, grad), ref, exact = problem(n, k, d, given_logits)
     ops = kernels()
-    args = [x.to(dtype), w.to(dtype), teacher.to(dtype),
-            None if teacher_weight is None else teacher_weight.to(dtype), center]
+    args = [
+        x.to(dtype),
+        w.to(dtype),
+        teacher.to(dtype),
+        None if teacher_weight is None else teacher_weight.to(dtype),
+        center,
+    ]
     out = ops.linear_soft_ce(*args, TAU_S, TAU_T)
     grads = ops.linear_soft_ce_backward(grad, *args, out[1], out[2], TAU_S, TAU_T)
     assert_outputs(out, ref[:4], exact[:4])
@@ -98,8 +109,9 @@ def test_forward_is_deterministic():
     args = [t.to(torch.bfloat16) for t in (x, w, teacher, teacher_weight)] + [center]
     first, again = ops.linear_soft_ce(*args, TAU_S, TAU_T), ops.linear_soft_ce(*args, TAU_S, TAU_T)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
-    grads = [ops.linear_soft_ce_backward(grad, *args, first[1], first[2], TAU_S, TAU_T)
-             for _ in range(2)]
+    grads = [
+        ops.linear_soft_ce_backward(grad, *args, first[1], first[2], TAU_S, TAU_T) for _ in range(2)
+    ]
     assert all(torch.equal(a, b) for a, b in zip(*grads))  # no atomics in the backward either
 
 
@@ -108,14 +120,24 @@ def test_public_op_dispatches_to_triton_and_saves_memory():
     backend="torch", and the fused op's peak extra memory stays far below one fp32 N x K."""
     (x0, w0, teacher, teacher_weight, center, _), _, _ = adclr_case(False)
     results, peaks = [], []
-    for dtype, backend in ((torch.bfloat16, "auto"), (torch.bfloat16, "torch"),
-                           (torch.float64, "torch")):
+    for dtype, backend in (
+        (torch.bfloat16, "auto"),
+        (torch.bfloat16, "torch"),
+        (torch.float64, "torch"),
+    ):
         x, w = leaf(x0, dtype), leaf(w0, dtype)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        loss, mean = linear_soft_ce(x, w, teacher.to(dtype), teacher_weight.to(dtype),
-                                    center=center, teacher_temperature=TAU_T, backend=backend)
+        loss, mean = linear_soft_ce(
+            x,
+            w,
+            teacher.to(dtype),
+            teacher_weight.to(dtype),
+            center=center,
+            teacher_temperature=TAU_T,
+            backend=backend,
+        )
         loss.backward()
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated() - base)

@@ -4,6 +4,7 @@ and fp16, by the tolerance rule (docs/methods.md §7)
 the default MGC shape (B = 256, grid 14, C = 384, cells 1, 2, 7, 14) forward and backward, eager and
 under torch.compile; determinism; int64 offsets (more than 2**31 token elements); the chunked
 path of large grids and awkward channel counts."""
+
 import pytest
 import torch
 
@@ -13,8 +14,18 @@ try:
     from .._helpers import requires_triton
 except ImportError:
     from _helpers import requires_triton
-from ._multigrain_pool import (B, C, CELLS, GRID, check_backward, check_deterministic,
-                               check_forward, check_int64_offsets, tokens_like, upstream)
+from ._multigrain_pool import (
+    CELLS,
+    GRID,
+    B,
+    C,
+    check_backward,
+    check_deterministic,
+    check_forward,
+    check_int64_offsets,
+    tokens_like,
+    upstream,
+)
 
 pytestmark = [pytest.mark.gpu, requires_triton]
 
@@ -41,7 +52,7 @@ def test_torch_compile_matches_eager(dtype):
 
     def loss(tokens):
         outs = mk.multigrain_pool(tokens, GRID, CELLS, backend="triton")
-        return sum((o.float() * w).sum() for o, w in zip(outs[:3], weights))   # cell 14 unused
+        return sum((o.float() * w).sum() for o, w in zip(outs[:3], weights))  # cell 14 unused
 
     eager_x, compiled_x = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     want = loss(eager_x)
@@ -57,11 +68,14 @@ def test_deterministic(dtype):
     check_deterministic(tokens_like(B, GRID, C, dtype), "triton")
 
 
-@pytest.mark.parametrize("grid, cells, channels", [
-    (32, [1, 2, 4, 8, 16, 32], 96),   # 1024 tokens: the chunked forward; 6 cells: two launches
-    (37, [1, 37], 40),                # DINOv2 at 518 px: 1369 tokens
-    (16, [16, 8, 4, 2, 1], 24),       # exactly one 256-token tile, cells in reverse order
-])
+@pytest.mark.parametrize(
+    "grid, cells, channels",
+    [
+        (32, [1, 2, 4, 8, 16, 32], 96),  # 1024 tokens: the chunked forward; 6 cells: two launches
+        (37, [1, 37], 40),  # DINOv2 at 518 px: 1369 tokens
+        (16, [16, 8, 4, 2, 1], 24),  # exactly one 256-token tile, cells in reverse order
+    ],
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_large_grids(dtype, grid, cells, channels):
     x = tokens_like(4, grid, channels, dtype)
@@ -69,9 +83,16 @@ def test_large_grids(dtype, grid, cells, channels):
     check_backward(x, grid, cells, upstream(x, grid, cells, unused=1), "triton")
 
 
-@pytest.mark.parametrize("grid, cells, channels", [
-    (6, [2, 3], 70), (5, [1, 5], 17), (4, [4], 1), (14, [1, 2, 7, 14], 3), (3, [1, 3], 5),
-])
+@pytest.mark.parametrize(
+    "grid, cells, channels",
+    [
+        (6, [2, 3], 70),
+        (5, [1, 5], 17),
+        (4, [4], 1),
+        (14, [1, 2, 7, 14], 3),
+        (3, [1, 3], 5),
+    ],
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_awkward_shapes(dtype, grid, cells, channels):
     x = tokens_like(3, grid, channels, dtype)
@@ -80,6 +101,6 @@ def test_awkward_shapes(dtype, grid, cells, channels):
 
 
 def test_int64_offsets():
-    if torch.cuda.get_device_properties(0).total_memory < 40 * 2 ** 30:
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
         pytest.skip("needs a GPU with at least 40 GiB")
     check_int64_offsets("triton")

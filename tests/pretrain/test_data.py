@@ -1,12 +1,15 @@
 """Datasets of the reference trainer: synthetic scenes (determinism, masks, labels that only the
 shape gives away) and image folders (discovery, decoding every PIL mode, bad files left out or
 replaced with warnings that name them, labelled class folders)."""
+
 import re
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageFile
+
 from mgc_kernels.transforms import TwoViewTransform
 from mgc_pretrain.data import (
     NEUTRAL_GREY,
@@ -18,7 +21,6 @@ from mgc_pretrain.data import (
     rgb_array,
 )
 from mgc_pretrain.loader import TwoViews
-from PIL import Image, ImageFile
 
 SCENE_COUNT = 240
 
@@ -30,6 +32,7 @@ def scenes() -> list[dict]:
 
 
 # ---- synthetic scenes ----------------------------------------------------------------------
+
 
 def test_scene_is_a_function_of_seed_and_index():
     first, again = SyntheticScenes(seed=3)[17], SyntheticScenes(seed=3)[17]
@@ -76,12 +79,17 @@ def test_every_class_appears(scenes):
 def test_colour_does_not_give_the_class_away(scenes):
     """A nearest-centroid classifier on the mean colour of the labelled object, fitted on half the
     scenes, is near chance (1/5) on the other half; it would be near 1 if colour followed class."""
-    colours = torch.stack([
-        s["image"].float()[:, s["mask"] == s["label"]].mean(dim=1) for s in scenes])
+    colours = torch.stack(
+        [s["image"].float()[:, s["mask"] == s["label"]].mean(dim=1) for s in scenes]
+    )
     labels = torch.tensor([s["label"] for s in scenes])
     half = len(scenes) // 2
-    centroids = torch.stack([colours[:half][labels[:half] == c].mean(dim=0)
-                             for c in range(1, SyntheticScenes.NUM_CLASSES)])
+    centroids = torch.stack(
+        [
+            colours[:half][labels[:half] == c].mean(dim=0)
+            for c in range(1, SyntheticScenes.NUM_CLASSES)
+        ]
+    )
     predicted = torch.cdist(colours[half:], centroids).argmin(dim=1) + 1
     accuracy = (predicted == labels[half:]).float().mean().item()
     assert accuracy < 0.4
@@ -93,20 +101,24 @@ def test_index_out_of_range(index):
         SyntheticScenes(length=4)[index]
 
 
-@pytest.mark.parametrize("name, value", [
-    ("length", 0),
-    ("length", True),
-    ("image_size", 31),
-    ("image_size", 64.0),
-    ("seed", -1),
-    ("seed", "1"),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("length", 0),
+        ("length", True),
+        ("image_size", 31),
+        ("image_size", 64.0),
+        ("seed", -1),
+        ("seed", "1"),
+    ],
+)
 def test_bad_arguments_name_the_argument_and_value(name, value):
     with pytest.raises(ValueError, match=rf"{name}.*{re.escape(repr(value))}"):
         SyntheticScenes(**{name: value})
 
 
 # ---- image folders -------------------------------------------------------------------------
+
 
 def _write_image(path, pixels: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +180,7 @@ def test_folder_without_images_names_folder_and_extensions(tmp_path):
 
 # ---- bad files -----------------------------------------------------------------------------
 
+
 def _noise_jpeg(path, seed: int) -> None:
     pixels = np.random.default_rng(seed).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
     _write_image(path, pixels)
@@ -176,7 +189,7 @@ def _noise_jpeg(path, seed: int) -> None:
 def _truncate(path) -> None:
     """Keep the header and half the compressed data: PIL opens it, decoding fails."""
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
+    path.write_bytes(data[: len(data) // 2])
 
 
 def _bad_image_warnings(record) -> list[str]:
@@ -199,8 +212,10 @@ def test_files_that_do_not_open_are_left_out_with_one_warning(tmp_path):
 def test_folder_of_unreadable_files_says_how_many_were_rejected(tmp_path):
     for name in ("a.jpg", "b.png"):
         (tmp_path / name).write_text("not an image")
-    with pytest.warns(BadImageWarning), \
-            pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path))}.*2 file\(s\) rejected"):
+    with (
+        pytest.warns(BadImageWarning),
+        pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path))}.*2 file\(s\) rejected"),
+    ):
         ImageFolder(tmp_path)
 
 
@@ -246,9 +261,11 @@ def test_each_bad_file_warns_once(truncated_tree):
 
 def test_truncated_images_are_not_loaded_silently():
     """Nothing the trainer imports may switch PIL to filling truncated images with grey."""
-    import mgc_pretrain.probes  # noqa: F401
     import timm  # noqa: F401
     import torchvision  # noqa: F401
+
+    import mgc_pretrain.probes  # noqa: F401
+
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
@@ -262,6 +279,7 @@ def test_two_views_pass_the_bad_image_count(truncated_tree):
 
 
 # ---- image modes ---------------------------------------------------------------------------
+
 
 def _load_saved(image: Image.Image, tmp_path, name: str, **save_args) -> np.ndarray:
     """Save ``image`` into a one-file folder and load it back through :class:`ImageFolder`."""
@@ -315,8 +333,7 @@ def test_palette_images_show_their_colours_and_transparency(tmp_path):
     red, green, blue, grey = [255, 0, 0], [0, 255, 0], [0, 0, 255], [NEUTRAL_GREY] * 3
     opaque = _load_saved(_palette_image(indices), tmp_path, "palette.png")
     np.testing.assert_array_equal(opaque, [[red, green, blue], [blue, green, red]])
-    see_through = _load_saved(_palette_image(indices), tmp_path, "transparent.png",
-                              transparency=1)
+    see_through = _load_saved(_palette_image(indices), tmp_path, "transparent.png", transparency=1)
     np.testing.assert_array_equal(see_through, [[red, grey, blue], [blue, grey, red]])
 
 
@@ -357,6 +374,7 @@ def test_exif_orientation_is_applied(tmp_path):
 
 # ---- labelled image folders ----------------------------------------------------------------
 
+
 def _class_tree(root, counts: dict[str, int]) -> None:
     pixels = np.zeros((4, 4, 3), dtype=np.uint8)
     for name, count in counts.items():
@@ -377,8 +395,10 @@ def test_labelled_folder_with_given_classes_keeps_their_order(tmp_path):
     _class_tree(tmp_path, {"cat": 1, "dog": 1})
     dataset = LabelledImageFolder(tmp_path, ["dog", "cat"])
     assert dataset.classes == ["dog", "cat"]
-    assert {path.parent.name: label for path, label in zip(dataset.files, dataset.labels)} == \
-        {"dog": 0, "cat": 1}
+    assert {path.parent.name: label for path, label in zip(dataset.files, dataset.labels)} == {
+        "dog": 0,
+        "cat": 1,
+    }
     with pytest.raises(ValueError, match=r"missing \['emu'\], extra \['cat'\]"):
         LabelledImageFolder(tmp_path, ["dog", "emu"])
 
@@ -393,12 +413,17 @@ def test_labelled_folder_names_a_class_without_readable_images(tmp_path):
     _class_tree(tmp_path, {"cat": 1, "dog": 0})
     (tmp_path / "dog").mkdir()
     (tmp_path / "dog" / "x.jpg").write_text("not an image")
-    with pytest.warns(BadImageWarning), pytest.raises(
-            ValueError, match=rf"{re.escape(str(tmp_path / 'dog'))}.*1 file\(s\) rejected"):
+    with (
+        pytest.warns(BadImageWarning),
+        pytest.raises(
+            ValueError, match=rf"{re.escape(str(tmp_path / 'dog'))}.*1 file\(s\) rejected"
+        ),
+    ):
         LabelledImageFolder(tmp_path)
 
 
 # ---- build_dataset -------------------------------------------------------------------------
+
 
 def test_build_dataset_synthetic_passes_its_arguments():
     dataset = build_dataset("synthetic", length=10, image_size=48, seed=7)

@@ -1,6 +1,7 @@
 """What a long run meets: Ctrl-C, SIGTERM, and kills at any moment (a checkpoint write
 included). Each is run in a real child process, and every interrupted run must finish with
 exactly the weights of a run that was never interrupted."""
+
 from __future__ import annotations
 
 import csv
@@ -18,6 +19,7 @@ import torch
 pytest.importorskip("timm")
 
 from _micro import register_micro  # noqa: E402
+
 from mgc_pretrain import checkpoint, cli  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
@@ -78,8 +80,12 @@ def start(script: Path, output: Path, *extra: str, **env: str) -> subprocess.Pop
     resume = ["--resume"] if (output / "config.json").exists() else []
     return subprocess.Popen(
         [sys.executable, str(script), *ARGS, "--output", str(output), *resume, *extra],
-        env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def logged_steps(output: Path) -> list[int]:
@@ -107,8 +113,7 @@ def assert_same_run(output: Path, straight: dict) -> None:
     assert logged_steps(output) == list(range(STEPS))  # every step logged once
 
 
-def test_sigint_and_sigterm_save_the_step_and_exit_with_one_line(tmp_path, child_script,
-                                                                 straight):
+def test_sigint_and_sigterm_save_the_step_and_exit_with_one_line(tmp_path, child_script, straight):
     output = tmp_path / "run"
     # Ctrl-C: SIGINT to the whole process group, data-loader workers included
     child = start(child_script, output, "--workers", "1")
@@ -138,7 +143,7 @@ def test_kills_at_random_moments_resume_to_the_same_weights(tmp_path, child_scri
     child.communicate(timeout=300)
     assert child.returncode == -signal.SIGKILL
     assert checkpoint.read(output / "last.pt")["step"] == 2  # the torn third write is not it
-    assert list(output.glob(".last.pt.tmp-*"))               # (its remains are still there)
+    assert list(output.glob(".last.pt.tmp-*"))  # (its remains are still there)
     rng = random.Random(0)
     for _ in range(3):
         child = start(child_script, output, "--workers", "0")

@@ -1,5 +1,6 @@
 """The trainer's MCL step at the released cost: the images its encoder sees, the data loader's
 fresh augmentation per level, and that montages come from the plain views without it."""
+
 from __future__ import annotations
 
 import math
@@ -10,6 +11,7 @@ import torch
 pytest.importorskip("timm")
 
 from _micro import MICRO, micro_config  # noqa: E402
+
 from mgc_kernels.transforms import TwoViewTransform  # noqa: E402
 from mgc_pretrain.data import SyntheticScenes  # noqa: E402
 from mgc_pretrain.loader import LevelViews, TwoViews, batches, level_key  # noqa: E402
@@ -19,7 +21,7 @@ from mgc_pretrain.train import Trainer  # noqa: E402
 
 def images_per_view(batch: int, ratios) -> int:
     """The design: level r has ceil(B / r**2) montages (each image at least once)."""
-    return sum(math.ceil(batch / r ** 2) for r in ratios)
+    return sum(math.ceil(batch / r**2) for r in ratios)
 
 
 def count_images(backbone: torch.nn.Module) -> list[int]:
@@ -36,8 +38,9 @@ def count_images(backbone: torch.nn.Module) -> list[int]:
 
 
 def level_batch(size: int = 8, seed: int = 0, ratios=(2, 7)) -> dict:
-    views = TwoViews(SyntheticScenes(size, 64, 0), TwoViewTransform(MICRO.img_size), seed,
-                     level_ratios=ratios)
+    views = TwoViews(
+        SyntheticScenes(size, 64, 0), TwoViewTransform(MICRO.img_size), seed, level_ratios=ratios
+    )
     return torch.utils.data.default_collate([views[i] for i in range(size)])
 
 
@@ -49,8 +52,8 @@ def test_the_trainer_step_feeds_the_encoder_about_1_27_b_images_per_view(tmp_pat
     trainer.fit()
     per_view = images_per_view(batch, (1, 2, 7))
     assert per_view == 8 + 2 + 1
-    assert online == [per_view, per_view]          # one forward per view, all levels together
-    assert momentum == [batch, batch]              # the keys: the plain views only
+    assert online == [per_view, per_view]  # one forward per view, all levels together
+    assert momentum == [batch, batch]  # the keys: the plain views only
     # at the released batch size: B + B/4 + B/49, rounded up per level, about 1.27 B
     assert images_per_view(256, (1, 2, 7)) == 256 + 64 + 6 == 326
     assert 326 / 256 == pytest.approx(1.27, abs=0.005)
@@ -65,8 +68,9 @@ def test_montages_per_level_are_ceil_b_over_r_squared(size):
         images, sources = method.montages(batch, view)
         assert len(images) == images_per_view(size, (1, 2, 7))
         assert [tuple(s.shape) for s in sources] == [
-            (math.ceil(size / r ** 2), r * r) for r in (1, 2, 7)]
-        for s in sources:                                          # every image in every level
+            (math.ceil(size / r**2), r * r) for r in (1, 2, 7)
+        ]
+        for s in sources:  # every image in every level
             assert set(s.flatten().tolist()) == set(range(size))
 
 
@@ -76,10 +80,10 @@ def test_without_level_views_the_montages_subsample_the_plain_view():
     plain = torch.rand(6, 3, 56, 56)
     images, sources = method.montages({"view1": plain}, 1)
     assert torch.equal(images[:6], plain) and torch.equal(sources[0][:, 0], torch.arange(6))
-    two = images[6:8]                                              # ratio 2: 2 montages of 28 px
+    two = images[6:8]  # ratio 2: 2 montages of 28 px
     for slot in range(4):
         row, col = divmod(slot, 2)
-        tile = two[:, :, 28 * row:28 * (row + 1), 28 * col:28 * (col + 1)]
+        tile = two[:, :, 28 * row : 28 * (row + 1), 28 * col : 28 * (col + 1)]
         assert torch.equal(tile, plain[sources[1][:, slot], :, ::2, ::2])
 
 
@@ -91,10 +95,10 @@ def test_with_level_views_the_montages_tile_the_fresh_augmentations():
     method = MCL(MICRO, 0.0)
     images, sources = method.montages(batch, 2)
     assert len(images) == 8 + 2 + 1
-    seven = images[10]                                             # ratio 7: one montage
+    seven = images[10]  # ratio 7: one montage
     for slot in range(49):
         row, col = divmod(slot, 7)
-        tile = seven[:, 8 * row:8 * (row + 1), 8 * col:8 * (col + 1)]
+        tile = seven[:, 8 * row : 8 * (row + 1), 8 * col : 8 * (col + 1)]
         assert torch.equal(tile, batch[level_key(2, 7)][sources[2][0, slot]])
     # fresh: not the plain view subsampled
     assert not torch.allclose(batch[level_key(2, 7)], batch["view2"][:, :, ::7, ::7])
@@ -107,10 +111,12 @@ def test_level_views_are_a_function_of_seed_and_key_and_leave_the_views_alone():
     scenes, transform = SyntheticScenes(8, 64), TwoViewTransform(56)
     plain = TwoViews(scenes, transform, 0)[11]
     with_levels, again = (TwoViews(scenes, transform, 0, (2, 7))[11] for _ in range(2))
-    assert all(torch.equal(torch.as_tensor(with_levels[k]), torch.as_tensor(again[k]))
-               for k in with_levels)
-    assert all(torch.equal(torch.as_tensor(plain[k]), torch.as_tensor(with_levels[k]))
-               for k in plain)                                     # drawn after the views
+    assert all(
+        torch.equal(torch.as_tensor(with_levels[k]), torch.as_tensor(again[k])) for k in with_levels
+    )
+    assert all(
+        torch.equal(torch.as_tensor(plain[k]), torch.as_tensor(with_levels[k])) for k in plain
+    )  # drawn after the views
     other = TwoViews(scenes, transform, 1, (2, 7))[11]
     assert not torch.equal(with_levels[level_key(1, 2)], other[level_key(1, 2)])
     # four fresh augmentations: no two alike
@@ -125,8 +131,11 @@ def test_level_views_without_photometric_ops_are_every_r_th_pixel_of_a_fresh_cro
     torch.manual_seed(3)
     out = levels(image)
     assert {k: tuple(v.shape) for k, v in out.items()} == {
-        "view1_r2": (3, 28, 28), "view2_r2": (3, 28, 28), "view1_r7": (3, 8, 8),
-        "view2_r7": (3, 8, 8)}
+        "view1_r2": (3, 28, 28),
+        "view2_r2": (3, 28, 28),
+        "view1_r7": (3, 8, 8),
+        "view2_r7": (3, 8, 8),
+    }
     assert all(v.dtype == torch.uint8 for v in out.values())
     with pytest.raises(ValueError, match="level ratios"):
         LevelViews(TwoViewTransform(56), (3,))
@@ -162,7 +171,8 @@ def test_resume_with_level_views_is_bit_exact(tmp_path, monkeypatch):
     torch.manual_seed(12345)  # the resumed run must take its RNG state from the checkpoint
     Trainer(micro_config(tmp_path / "split", **options, resume="auto", workers=1)).fit()
     assert seen and all(tuple(r) == (2, 7) for r in seen)
-    straight, split = (torch.load(tmp_path / run / "last.pt", weights_only=True)
-                       for run in ("straight", "split"))
+    straight, split = (
+        torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("straight", "split")
+    )
     for key, value in straight["model"].items():
         assert torch.equal(value, split["model"][key]), key

@@ -1,6 +1,7 @@
 """Frozen-backbone probes: known answers for patch labels and metrics, probe sanity on
 separable vs. random data, feature extraction from a tiny timm ViT and a ResNet, the k-NN probe
 on labelled image folders (both layouts, the deterministic split, clear errors)."""
+
 import math
 import re
 
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
 from mgc_pretrain.data import BadImageWarning, LabelledImageFolder
 from mgc_pretrain.probes import (
     dense_linear_probe,
@@ -21,17 +24,18 @@ from mgc_pretrain.probes import (
     resize_and_centre_crop,
     segmentation_metrics,
 )
-from PIL import Image
 
 timm = pytest.importorskip("timm")
 
 
 def tiny_vit():
     return timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2, num_classes=0)
+        img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2, num_classes=0
+    )
 
 
 # --- patch_labels ---------------------------------------------------------------------------
+
 
 def test_patch_labels_left_and_right_halves():
     mask = torch.ones(1, 8, 8, dtype=torch.long)
@@ -62,8 +66,7 @@ def brute_force_majority(mask, grid, num_classes):
         top, bottom = row * height // grid, -(-(row + 1) * height // grid)
         for col in range(grid):
             left, right = col * width // grid, -(-(col + 1) * width // grid)
-            counts = torch.bincount(mask[top:bottom, left:right].reshape(-1),
-                                    minlength=num_classes)
+            counts = torch.bincount(mask[top:bottom, left:right].reshape(-1), minlength=num_classes)
             labels.append(int(counts.argmax()))
     return labels
 
@@ -84,6 +87,7 @@ def test_patch_labels_rejects_out_of_range_classes():
 
 
 # --- metrics and the dense probe -------------------------------------------------------------
+
 
 def test_segmentation_metrics_hand_computed():
     truth = torch.tensor([0, 0, 0, 1, 1, 2])
@@ -136,11 +140,17 @@ def test_dense_probe_is_deterministic_given_seed():
 
 def test_dense_probe_rejects_mismatched_labels():
     with pytest.raises(ValueError, match="train_x"):
-        dense_linear_probe(torch.randn(4, 16, 8), torch.zeros(4, 15, dtype=torch.long),
-                           torch.randn(2, 16, 8), torch.zeros(2, 16, dtype=torch.long), 3)
+        dense_linear_probe(
+            torch.randn(4, 16, 8),
+            torch.zeros(4, 15, dtype=torch.long),
+            torch.randn(2, 16, 8),
+            torch.zeros(2, 16, dtype=torch.long),
+            3,
+        )
 
 
 # --- k-NN ------------------------------------------------------------------------------------
+
 
 def test_knn_on_separable_clusters():
     generator = torch.Generator().manual_seed(0)
@@ -158,8 +168,9 @@ def test_knn_on_random_labels_is_chance():
     test_x = torch.randn(2000, 16, generator=generator)
     train_y = torch.randint(0, 4, (2000,), generator=generator)
     test_y = torch.randint(0, 4, (2000,), generator=generator)
-    assert knn_probe(train_x, train_y, test_x, test_y, num_classes=4) == pytest.approx(0.25,
-                                                                                        abs=0.05)
+    assert knn_probe(train_x, train_y, test_x, test_y, num_classes=4) == pytest.approx(
+        0.25, abs=0.05
+    )
 
 
 def test_knn_weights_votes_by_similarity_and_clips_k():
@@ -167,12 +178,14 @@ def test_knn_weights_votes_by_similarity_and_clips_k():
     # direction: its own vote exp(1 / T) outweighs the two others' exp(0) + exp(0).
     train_x = torch.eye(3)
     train_y = torch.tensor([2, 0, 0])
-    accuracy = knn_probe(train_x, train_y, torch.tensor([[1.0, 0, 0]]), torch.tensor([2]),
-                         num_classes=3)
+    accuracy = knn_probe(
+        train_x, train_y, torch.tensor([[1.0, 0, 0]]), torch.tensor([2]), num_classes=3
+    )
     assert accuracy == 1.0
 
 
 # --- features from a timm ViT ----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("was_training", [True, False])
 def test_extract_features_shapes_and_mode(was_training):
@@ -229,24 +242,39 @@ class FakeScenes(torch.utils.data.Dataset):
 
 def test_probe_backbone_reports_fractions():
     torch.manual_seed(0)
-    result = probe_backbone(tiny_vit(), FakeScenes(20, 0), FakeScenes(10, 1), image_size=32,
-                            grid=4, num_classes=3, batch_size=8)
+    result = probe_backbone(
+        tiny_vit(),
+        FakeScenes(20, 0),
+        FakeScenes(10, 1),
+        image_size=32,
+        grid=4,
+        num_classes=3,
+        batch_size=8,
+    )
     assert set(result) == {"dense_miou", "dense_patch_acc", "knn_top1"}
     assert all(0.0 <= value <= 1.0 for value in result.values())
 
 
 def test_probe_backbone_on_a_resnet(resnet):
     # 64 px in, a 2 x 2 final map: each of its positions is a token of the dense probe
-    result = probe_backbone(resnet, FakeScenes(12, 0), FakeScenes(6, 1), image_size=64, grid=2,
-                            num_classes=3, batch_size=8)
+    result = probe_backbone(
+        resnet,
+        FakeScenes(12, 0),
+        FakeScenes(6, 1),
+        image_size=64,
+        grid=2,
+        num_classes=3,
+        batch_size=8,
+    )
     assert set(result) == {"dense_miou", "dense_patch_acc", "knn_top1"}
     assert all(0.0 <= value <= 1.0 for value in result.values())
 
 
 def test_probe_backbone_rejects_wrong_grid():
     with pytest.raises(ValueError, match="grid"):
-        probe_backbone(tiny_vit(), FakeScenes(4, 0), FakeScenes(4, 1), image_size=32, grid=7,
-                       num_classes=3)
+        probe_backbone(
+            tiny_vit(), FakeScenes(4, 0), FakeScenes(4, 1), image_size=32, grid=7, num_classes=3
+        )
 
 
 # --- labelled image folders ------------------------------------------------------------------
@@ -274,8 +302,13 @@ def test_probe_image_folder_with_train_and_val(tmp_path):
     torch.manual_seed(0)
     with pytest.warns(BadImageWarning, match=re.escape(str(truncated))):
         result = probe_image_folder(tiny_vit(), tmp_path, image_size=32, batch_size=5, k=3)
-    assert result == {"knn_top1": 1.0, "num_train": 12, "num_test": 8, "num_classes": 3,
-                      "bad_images": 1}
+    assert result == {
+        "knn_top1": 1.0,
+        "num_train": 12,
+        "num_test": 8,
+        "num_classes": 3,
+        "bad_images": 1,
+    }
 
 
 def test_probe_image_folder_splits_a_single_folder(tmp_path):
@@ -283,8 +316,13 @@ def test_probe_image_folder_splits_a_single_folder(tmp_path):
     torch.manual_seed(0)
     result = probe_image_folder(tiny_vit(), tmp_path, image_size=32, batch_size=8, k=3)
     # round(6 * 0.2) = 1 test image per class
-    assert result == {"knn_top1": 1.0, "num_train": 15, "num_test": 3, "num_classes": 3,
-                      "bad_images": 0}
+    assert result == {
+        "knn_top1": 1.0,
+        "num_train": 15,
+        "num_test": 3,
+        "num_classes": 3,
+        "bad_images": 0,
+    }
 
 
 def test_hash_split_is_deterministic_disjoint_and_covers_every_class(tmp_path):
@@ -341,11 +379,14 @@ def test_probe_image_folder_errors_name_the_folder(tmp_path):
 
 # --- table -----------------------------------------------------------------------------------
 
+
 def test_format_table_aligns_percentages():
-    table = format_table({
-        "trained": {"dense_miou": 0.4567, "dense_patch_acc": 0.8, "knn_top1": 0.91234},
-        "random init": {"dense_miou": 0.1, "dense_patch_acc": 0.35, "knn_top1": float("nan")},
-    })
+    table = format_table(
+        {
+            "trained": {"dense_miou": 0.4567, "dense_patch_acc": 0.8, "knn_top1": 0.91234},
+            "random init": {"dense_miou": 0.1, "dense_patch_acc": 0.35, "knn_top1": float("nan")},
+        }
+    )
     lines = table.splitlines()
     assert len({len(line) for line in lines}) == 1
     assert "dense mIoU" in lines[0] and "k-NN top-1" in lines[0]

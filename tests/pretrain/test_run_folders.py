@@ -1,5 +1,6 @@
 """The command line around a run: folders, saved settings, resuming and extending, backends,
 real image folders, ResNet-50, and the messages a user sees when something is off."""
+
 from __future__ import annotations
 
 import csv
@@ -14,8 +15,9 @@ from PIL import Image
 
 pytest.importorskip("timm")
 
-import mgc_kernels as mk  # noqa: E402
 from _micro import micro_config, register_micro  # noqa: E402
+
+import mgc_kernels as mk  # noqa: E402
 from mgc_pretrain import cli  # noqa: E402
 from mgc_pretrain.config import FAMILY_METHODS  # noqa: E402
 from mgc_pretrain.train import Schedule, Trainer  # noqa: E402
@@ -63,8 +65,9 @@ def test_resume_takes_the_saved_settings_and_names_what_changed(tmp_path, capsys
     err = train(capsys, "--resume", str(out), "--steps", "3", "--save-minutes", "5")
     assert "changed: --steps 2 -> 3, --save-minutes 10.0 -> 5.0" in err
     resumed = json.loads((out / "config.json").read_text())
-    assert {k: v for k, v in resumed.items() if k not in ("steps", "save_minutes", "resume")} \
-        == {k: v for k, v in saved.items() if k not in ("steps", "save_minutes", "resume")}
+    assert {k: v for k, v in resumed.items() if k not in ("steps", "save_minutes", "resume")} == {
+        k: v for k, v in saved.items() if k not in ("steps", "save_minutes", "resume")
+    }
     assert step_of(out) == 3 and [int(r["step"]) for r in log_rows(out)] == [0, 1, 2]
 
 
@@ -99,11 +102,11 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_step_0(tmp_path, 
 def test_a_new_length_retimes_the_rest_of_the_schedules():
     schedule = Schedule.straight(100)
     assert [schedule.position(s) for s in (0, 40, 100, 130)] == [0, 40, 100, 100]
-    longer = schedule.retimed(40, 200)           # 60 scheduled steps left, stretched over 160
+    longer = schedule.retimed(40, 200)  # 60 scheduled steps left, stretched over 160
     assert longer.position(40) == 40 and longer.position(200) == 100
     assert longer.position(120) == pytest.approx(40 + 60 * 80 / 160)
-    assert longer.retimed(120, 200) is longer    # a resume that keeps the length changes nothing
-    finished = schedule.retimed(100, 150)        # a finished run stays at the end
+    assert longer.retimed(120, 200) is longer  # a resume that keeps the length changes nothing
+    finished = schedule.retimed(100, 150)  # a finished run stays at the end
     assert finished.position(100) == finished.position(150) == 100
     assert mk.cosine_momentum(finished.position(120), finished.length, 0.996) == 1
 
@@ -117,8 +120,8 @@ def test_extending_a_run_continues_its_lr_and_momentum_without_a_jump(tmp_path):
     assert [[r[k] for k in same] for r in short[:2]] == [[r[k] for k in same] for r in long[:2]]
     lrs = [float(r["lr"]) for r in long]
     momenta = [float(r["momentum"]) for r in long]
-    assert lrs[2] == pytest.approx(float(short[2]["lr"]))   # where the short run was at step 2
-    assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))      # then down, smoothly, to the end
+    assert lrs[2] == pytest.approx(float(short[2]["lr"]))  # where the short run was at step 2
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))  # then down, smoothly, to the end
     assert all(a < b for a, b in zip(momenta[1:], momenta[2:]))
     assert float(long[-1]["momentum"]) < 1 and lrs[-1] > 0
 
@@ -126,7 +129,7 @@ def test_extending_a_run_continues_its_lr_and_momentum_without_a_jump(tmp_path):
 def test_help_and_steps_zero(tmp_path, capsys):
     out = tmp_path / "run"
     train(capsys, "--steps", "0", "--epochs", "1", "--batch-size", "16", "--output", str(out))
-    assert step_of(out) == 2                      # 32 images / 16: --steps 0 means --epochs
+    assert step_of(out) == 2  # 32 images / 16: --steps 0 means --epochs
 
 
 def test_short_runs_do_not_print_timms_one_step_cosine_warning(tmp_path, caplog):
@@ -134,11 +137,11 @@ def test_short_runs_do_not_print_timms_one_step_cosine_warning(tmp_path, caplog)
 
     with caplog.at_level(logging.WARNING):
         CosineLRScheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)]), t_initial=1)
-    assert "no effect" in caplog.text           # what timm says for a one-step cosine ...
+    assert "no effect" in caplog.text  # what timm says for a one-step cosine ...
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        Trainer(micro_config(tmp_path, steps=2))   # 1 warm-up step + a one-step cosine
-    assert "no effect" not in caplog.text       # ... and the trainer keeps quiet about
+        Trainer(micro_config(tmp_path, steps=2))  # 1 warm-up step + a one-step cosine
+    assert "no effect" not in caplog.text  # ... and the trainer keeps quiet about
 
 
 def test_backends_that_cannot_run_are_refused_at_start(tmp_path, capsys, monkeypatch):
@@ -182,8 +185,17 @@ def test_an_image_folder_with_bad_files_trains_and_counts_them(tmp_path, capsys)
     _labelled_folder(tmp_path / "images", bad=True)
     out = tmp_path / "run"
     with pytest.warns(UserWarning) as warned:
-        train(capsys, "--data", str(tmp_path / "images"), "--batch-size", "4", "--epochs", "1",
-              "--output", str(out))
+        train(
+            capsys,
+            "--data",
+            str(tmp_path / "images"),
+            "--batch-size",
+            "4",
+            "--epochs",
+            "1",
+            "--output",
+            str(out),
+        )
     messages = " ".join(str(w.message) for w in warned)
     assert "notes.jpg" in messages and "3.jpg" in messages
     rows = log_rows(out)
@@ -195,8 +207,20 @@ def test_eval_and_end_of_run_probes_on_a_labelled_folder(tmp_path, capsys):
     _labelled_folder(tmp_path / "labelled")
     out = tmp_path / "run"
     register_micro()
-    cli.main(["--arch", "micro", "--workers", "0", "--steps", "1", "--output", str(out),
-              "--probe-data", str(tmp_path / "labelled")])
+    cli.main(
+        [
+            "--arch",
+            "micro",
+            "--workers",
+            "0",
+            "--steps",
+            "1",
+            "--output",
+            str(out),
+            "--probe-data",
+            str(tmp_path / "labelled"),
+        ]
+    )
     printed = capsys.readouterr().out
     assert f"k-NN probe on {tmp_path / 'labelled'}" in printed
     results = json.loads((out / "probes.json").read_text())
@@ -207,10 +231,33 @@ def test_eval_and_end_of_run_probes_on_a_labelled_folder(tmp_path, capsys):
 @pytest.mark.parametrize("method", FAMILY_METHODS["cnn"])
 def test_resnet50_trains_every_method_it_is_offered(tmp_path, capsys, method):
     out = tmp_path / method
-    cli.main(["--arch", "resnet50", "--method", method, "--steps", "2", "--batch-size", "2",
-              "--num-images", "4", "--source-size", "240", "--workers", "0", "--no-eval",
-              "--queue-size", "64", "--num-groups", "8", "--bank-size", "16",
-              "--output", str(out)])
+    cli.main(
+        [
+            "--arch",
+            "resnet50",
+            "--method",
+            method,
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--num-images",
+            "4",
+            "--source-size",
+            "240",
+            "--workers",
+            "0",
+            "--no-eval",
+            "--queue-size",
+            "64",
+            "--num-groups",
+            "8",
+            "--bank-size",
+            "16",
+            "--output",
+            str(out),
+        ]
+    )
     rows = log_rows(out)
     assert len(rows) == 2 and all(math.isfinite(float(r["loss"])) for r in rows)
     info = json.loads((out / "backbone.json").read_text())
@@ -221,8 +268,9 @@ def test_resnet50_trains_every_method_it_is_offered(tmp_path, capsys, method):
 
 @pytest.mark.parametrize("method", sorted(set(FAMILY_METHODS["vit"]) - set(FAMILY_METHODS["cnn"])))
 def test_resnet50_refuses_the_vit_methods(tmp_path, capsys, method):
-    err = refused(capsys, "--method", method, "--output", str(tmp_path),
-                  command=["--arch", "resnet50"])
+    err = refused(
+        capsys, "--method", method, "--output", str(tmp_path), command=["--arch", "resnet50"]
+    )
     assert f"--method {method} is not offered with --arch resnet50" in err
 
 
@@ -252,9 +300,9 @@ def test_a_checkpoint_from_before_saved_schedules_resumes_as_a_straight_run(tmp_
 def test_a_log_row_torn_by_a_kill_is_dropped_on_resume(tmp_path):
     Trainer(micro_config(tmp_path, steps=3)).fit(until=2)
     with open(tmp_path / "log.csv", "a") as f:
-        f.write("2,0.25,13.1")   # killed while writing step 2's row ...
+        f.write("2,0.25,13.1")  # killed while writing step 2's row ...
     with open(tmp_path / "log.csv", "a") as f:
-        f.write("\n1")           # ... or with only part of a step number written
+        f.write("\n1")  # ... or with only part of a step number written
     Trainer(micro_config(tmp_path, steps=3, resume="auto")).fit()
     assert [int(r["step"]) for r in log_rows(tmp_path)] == [0, 1, 2]
     assert all(None not in r.values() for r in log_rows(tmp_path))

@@ -1,4 +1,5 @@
 """The reference trainer end to end on CPU: every method, exact resume, timm export, DDP, errors."""
+
 from __future__ import annotations
 
 import csv
@@ -13,6 +14,7 @@ import torch
 timm = pytest.importorskip("timm")
 
 from _micro import micro_config, register_micro  # noqa: E402
+
 import mgc_kernels as mk  # noqa: E402
 from mgc_pretrain import cli  # noqa: E402
 from mgc_pretrain.checkpoint import CheckpointError  # noqa: E402
@@ -64,8 +66,9 @@ def test_resume_is_bit_exact(tmp_path, method):
         assert torch.equal(value, split["model"][key]), key
     for a, b in zip(straight["optimizer"]["state"].values(), split["optimizer"]["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["loss"] for r in read_log(tmp_path / "straight")] == \
-        [r["loss"] for r in read_log(tmp_path / "split")]
+    assert [r["loss"] for r in read_log(tmp_path / "straight")] == [
+        r["loss"] for r in read_log(tmp_path / "split")
+    ]
 
 
 def test_export_loads_in_timm_with_no_missing_or_unexpected_keys(tmp_path):
@@ -73,8 +76,12 @@ def test_export_loads_in_timm_with_no_missing_or_unexpected_keys(tmp_path):
     trainer.fit()
     info = json.loads((tmp_path / "backbone.json").read_text())
     path = str(tmp_path / "backbone.pth")
-    via_overlay = timm.create_model(info["timm_name"], pretrained=True,
-                                    pretrained_cfg_overlay=dict(file=path), **info["timm_kwargs"])
+    via_overlay = timm.create_model(
+        info["timm_name"],
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=path),
+        **info["timm_kwargs"],
+    )
     strict = timm.create_model(info["timm_name"], **info["timm_kwargs"])
     result = strict.load_state_dict(torch.load(path, weights_only=True), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
@@ -89,16 +96,27 @@ def test_export_loads_in_timm_with_no_missing_or_unexpected_keys(tmp_path):
 def test_cli_runs_then_exports_and_evaluates(tmp_path, capsys):
     register_micro()
     out = tmp_path / "run"
-    cli.main(["--arch", "micro", "--steps", "2", "--workers", "0", "--output", str(out),
-              "--no-eval"])
-    for name in ("last.pt", "backbone.pth", "backbone.json", "log.csv", "loss.png",
-                 "correspondences.png"):
+    cli.main(
+        ["--arch", "micro", "--steps", "2", "--workers", "0", "--output", str(out), "--no-eval"]
+    )
+    for name in (
+        "last.pt",
+        "backbone.pth",
+        "backbone.json",
+        "log.csv",
+        "loss.png",
+        "correspondences.png",
+    ):
         assert (out / name).is_file(), name
     assert list((out / "tb").glob("events.out.tfevents.*"))
     cli.main(["export", str(out / "last.pt"), "--out", str(tmp_path / "again.pth")])
-    assert all(torch.equal(a, b) for a, b in zip(
-        torch.load(out / "backbone.pth", weights_only=True).values(),
-        torch.load(tmp_path / "again.pth", weights_only=True).values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(
+            torch.load(out / "backbone.pth", weights_only=True).values(),
+            torch.load(tmp_path / "again.pth", weights_only=True).values(),
+        )
+    )
     cli.main(["eval", str(out), "--num-train", "24", "--num-test", "16"])
     printed = capsys.readouterr().out
     assert "trained" in printed and "random init" in printed
@@ -119,13 +137,16 @@ def test_help_documents_every_flag(capsys):
             assert action.option_strings[0] in text
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--method", "simclr"], "--method: invalid choice"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--lr", "-1"], "--lr must be > 0"),
-    (["--epochs", "two"], "--epochs takes a int"),
-    (["--data", "/no/such/folder"], "/no/such/folder"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "simclr"], "--method: invalid choice"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--lr", "-1"], "--lr must be > 0"),
+        (["--epochs", "two"], "--epochs takes a int"),
+        (["--data", "/no/such/folder"], "/no/such/folder"),
+    ],
+)
 def test_bad_flags_and_data_exit_with_a_clear_message(tmp_path, capsys, argv, message):
     register_micro()
     with pytest.raises(SystemExit) as exit_info:
@@ -138,8 +159,16 @@ def test_empty_image_folder_is_refused(tmp_path, capsys):
     (tmp_path / "images").mkdir()
     register_micro()
     with pytest.raises(SystemExit):
-        cli.main(["--arch", "micro", "--data", str(tmp_path / "images"), "--output",
-                  str(tmp_path / "run")])
+        cli.main(
+            [
+                "--arch",
+                "micro",
+                "--data",
+                str(tmp_path / "images"),
+                "--output",
+                str(tmp_path / "run"),
+            ]
+        )
     assert "no images" in capsys.readouterr().err.lower()
 
 
@@ -168,8 +197,9 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
         Trainer(micro_config(tmp_path / "x", resume=str(tmp_path / "partial.pt")))
 
 
-def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path,
-                                                                              monkeypatch):
+def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, monkeypatch
+):
     trainer = Trainer(micro_config(tmp_path, steps=4, save_every=1))
     forward = type(trainer.method).forward
 
@@ -198,8 +228,10 @@ def _train_on_ranks(rank, world_size, output, method):
     register_micro()
     trainer = Trainer(micro_config(Path(output), method=method, steps=2))
     trainer.fit()
-    return {"backbone": trainer.method.backbone.state_dict(),
-            "buffers": dict(trainer.method.criterion.named_buffers())}
+    return {
+        "backbone": trainer.method.backbone.state_dict(),
+        "buffers": dict(trainer.method.criterion.named_buffers()),
+    }
 
 
 @pytest.mark.parametrize("method", ["densecl", "mgc"])
