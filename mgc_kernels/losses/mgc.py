@@ -14,8 +14,7 @@ from ..ops.geometric_info_nce import geometric_info_nce
 from ..ops.info_nce import info_nce
 from ..ops.region_boxes import region_boxes
 from ..ops.sample_pairs import Pairs, sample_pairs
-from ..reference.correspondence import METRICS
-from ..reference.sample_pairs import METHODS
+from ..options import METRICS, SAMPLE_METHODS
 
 TINY = torch.finfo(torch.float32).tiny  # a sum of weights below this is no weight at all
 
@@ -95,7 +94,7 @@ class MGCLoss(nn.Module):
                 "granularity_weights", granularity_weights, len(self.cells), "cell"
             )
         )
-        _checks.choice("sample_method", sample_method, METHODS)
+        _checks.choice("sample_method", sample_method, SAMPLE_METHODS)
         self.sample_method = sample_method
         self.gather_distributed = bool(gather_distributed)
         self.backend = backend

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, backends
+from ..options import METRICS
 from ..reference import correspondence as reference
 from .region_boxes import check_view
 
@@ -61,7 +62,7 @@ def correspondence(
     ``"ioa"`` (``|a & b| / |a|``, ``a`` the view-1 region); areas are in source pixels.
     """
     n = _checks.grid_cell(grid, cell)
-    _checks.choice("metric", metric, reference.METRICS)
+    _checks.choice("metric", metric, METRICS)
     check_views(boxes1, flips1, boxes2, flips2)
     backend = backends.resolve("correspondence", backend, boxes1.device, boxes1.dtype)
     return _correspondence(boxes1, flips1, boxes2, flips2, n, metric, backend)

@@ -6,7 +6,7 @@ import torch
 
 from .. import _checks, backends
 from .._dtypes import accumulate
-from ..reference import correspondence as geometry
+from ..options import METRICS
 from ..reference import geometric_info_nce as reference
 from .info_nce import (
     REDUCTIONS,
@@ -189,7 +189,7 @@ def geometric_info_nce(
     """
     check_embeddings(q, k)
     temperature = check_temperature(temperature)
-    _checks.choice("metric", metric, geometry.METRICS)
+    _checks.choice("metric", metric, METRICS)
     _checks.choice("reduction", reduction, REDUCTIONS)
     check_regions("q_regions", q_regions, len(q), q.device)
     check_regions("k_regions", k_regions, len(k), q.device)

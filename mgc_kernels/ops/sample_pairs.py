@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 
 from .. import _checks, backends
+from ..options import SAMPLE_METHODS
 from ..reference import sample_pairs as reference
 from .correspondence import check_views
 
@@ -140,7 +141,7 @@ def sample_pairs(
         :class:`Pairs` ``(idx1, idx2, weight)``, each ``[B, k]``.
     """
     n = _checks.grid_cell(grid, cell)
-    _checks.choice("method", method, reference.METHODS)
+    _checks.choice("method", method, SAMPLE_METHODS)
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
     view_size = view_size_float32(view_size)

@@ -6,8 +6,6 @@ import torch
 
 from .region_boxes import region_corners
 
-METRICS = ("mgc", "iou", "ioa")
-
 
 def box_metric(
     a: tuple[torch.Tensor, ...],

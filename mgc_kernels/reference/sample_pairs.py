@@ -23,8 +23,6 @@ from .._dtypes import accumulate
 from .correspondence import correspondence
 from .region_boxes import cell_columns
 
-METHODS = ("mgc", "topk", "all")
-
 
 def overlap_span(lo1, hi1, lo2, hi2, view_size: float, n: int):
     """First and last view-1 cell (unflipped) touched by the crops' overlap along one axis.
