@@ -1,9 +1,11 @@
-// The "native" backend's entry points (C++ on CPU, CUDA on GPU) and the small geometry helpers
-// that the CPU sources share. Every function computes exactly what the torch reference in
+// What the kernel sources of the "native" backend share: torch's op registration (each source
+// registers its kernels for the ops that bindings.cpp declares) and the small geometry helpers of
+// the CPU sources. Every kernel computes exactly what the torch reference in
 // mgc_kernels/reference/ computes; the Python op wrappers have already validated the user's input.
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 #include <torch/types.h>
 
 #include <algorithm>
@@ -13,42 +15,6 @@
 #include <vector>
 
 namespace mgc {
-
-// [B, n*n, n*n]: `metric` ("mgc" | "iou" | "ioa") between every region of view 1 and of view 2.
-torch::Tensor correspondence_cpu(const torch::Tensor& boxes1, const torch::Tensor& flips1,
-                                 const torch::Tensor& boxes2, const torch::Tensor& flips2,
-                                 int64_t n, const std::string& metric);
-
-// (idx1 long [B, k], idx2 long [B, k], weight [B, k]): the best positive pairs, padded (0, 0, 0).
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sample_pairs_cpu(
-    const torch::Tensor& boxes1, const torch::Tensor& flips1, const torch::Tensor& boxes2,
-    const torch::Tensor& flips2, int64_t n, int64_t k, const std::string& method,
-    double view_size, const std::vector<double>& row_rule, const std::vector<double>& col_rule);
-
-// One [B, (grid/c)^2, C] mean-pooled tensor per cell c of tokens [B, grid*grid, C].
-std::vector<torch::Tensor> multigrain_pool_cpu(const torch::Tensor& tokens, int64_t grid,
-                                               const std::vector<int64_t>& cells);
-
-// [B, grid*grid, C]: the gradient of the tokens given one gradient per pooled output.
-torch::Tensor multigrain_pool_backward_cpu(const std::vector<torch::Tensor>& grads, int64_t grid,
-                                           const std::vector<int64_t>& cells);
-
-#ifdef WITH_CUDA
-torch::Tensor correspondence_cuda(const torch::Tensor& boxes1, const torch::Tensor& flips1,
-                                  const torch::Tensor& boxes2, const torch::Tensor& flips2,
-                                  int64_t n, const std::string& metric);
-
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sample_pairs_cuda(
-    const torch::Tensor& boxes1, const torch::Tensor& flips1, const torch::Tensor& boxes2,
-    const torch::Tensor& flips2, int64_t n, int64_t k, const std::string& method,
-    double view_size, const std::vector<double>& row_rule, const std::vector<double>& col_rule);
-
-std::vector<torch::Tensor> multigrain_pool_cuda(const torch::Tensor& tokens, int64_t grid,
-                                                const std::vector<int64_t>& cells);
-
-torch::Tensor multigrain_pool_backward_cuda(const std::vector<torch::Tensor>& grads,
-                                            int64_t grid, const std::vector<int64_t>& cells);
-#endif
 
 // Helpers shared by cpu/correspondence.cpp and cpu/sample_pairs.cpp. They repeat the reference's
 // operations in the same order and type, so (built without FMA contraction) the results are the

@@ -1,5 +1,5 @@
-"""Input validation shared by the ops: every message names the argument, what it got and what
-was expected.
+"""Argument checks shared by the whole library: every message names the argument, what it got
+and what was expected.
 
 Shape, dtype and device checks are free and always run. Checks of tensor *values* (finite boxes,
 target indices in range) need one host sync per op call; they run in eager mode unless switched
@@ -16,6 +16,7 @@ import os
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -74,9 +75,11 @@ def on_device(name: str, x: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} must be on {device} like the other inputs, got {describe(x)}")
 
 
-def same_dtype(name: str, x: torch.Tensor, dtype: torch.dtype) -> None:
-    if x.dtype != dtype:
-        raise TypeError(f"{name} must have the dtype of q ({dtype}), got {describe(x)}")
+def same_dtype(name: str, x: torch.Tensor, other_name: str, other: torch.Tensor) -> None:
+    if x.dtype != other.dtype:
+        raise TypeError(
+            f"{name} must have the dtype of {other_name} ({other.dtype}), got {describe(x)}"
+        )
 
 
 def dim_size(name: str, x: torch.Tensor, dim: int, expected: int, what: str) -> None:
@@ -93,7 +96,8 @@ def integer(name: str, value, low: int | None = None, high: int | None = None) -
     except TypeError:
         number = None
     if number is None or isinstance(value, bool) or not _inside(number, low, high):
-        raise ValueError(f"{name} must be an int {_interval(low, high)}, got {value!r}")
+        where = _interval(low, high)
+        raise ValueError(f"{name} must be an int{' ' + where if where else ''}, got {value!r}")
     return number
 
 
@@ -128,9 +132,32 @@ def positive(name: str, value) -> float:
     return real(name, value, 0, low_open=True)
 
 
+def positive_range(name: str, value) -> tuple[float, float]:
+    """A pair ``(low, high)`` of finite numbers with ``0 < low <= high``; returns it as floats."""
+    try:
+        low, high = value
+    except (TypeError, ValueError):
+        low = high = None
+    both_numbers = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (low, high))
+    if not (both_numbers and 0 < low <= high < math.inf):
+        raise ValueError(
+            f"{name} must be a pair (low, high) of numbers with 0 < low <= high < inf, "
+            f"got {value!r}"
+        )
+    return float(low), float(high)
+
+
 def flag(name: str, value) -> bool:
+    # a ValueError like every other hyperparameter check: the caller gave a wrong value for a
+    # switch, and 0/1 are refused rather than read as False/True
     if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def module(name: str, value) -> nn.Module:
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(value).__name__}")
     return value
 
 
@@ -159,16 +186,16 @@ def per_item(name: str, values, count: int, what: str) -> list:
     return list(values)
 
 
-def positive_ints(name: str, values) -> tuple[int, ...]:
-    """A non-empty sequence of positive ints."""
+def positive_ints(name: str, values, min_length: int = 1) -> tuple[int, ...]:
+    """A sequence of at least ``min_length`` ints >= 1; a bad entry is named ``name[i]``."""
     if (
-        isinstance(values, int)
+        isinstance(values, (str, bytes))
         or not isinstance(values, Sequence)
-        or not values
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+        or len(values) < min_length
     ):
-        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {values!r}")
-    return tuple(values)
+        size = "non-empty sequence of" if min_length == 1 else f"sequence of at least {min_length}"
+        raise ValueError(f"{name} must be a {size} positive ints, got {values!r}")
+    return tuple(integer(f"{name}[{i}]", v, 1) for i, v in enumerate(values))
 
 
 def mixing_weights(name: str, weights, count: int, what: str) -> tuple[float, ...]:
@@ -236,10 +263,35 @@ def boxes_values(name: str, b: torch.Tensor) -> torch.Tensor:
     return b
 
 
-def flips(name: str, f, batch: int) -> torch.Tensor:
+def flip_flags(name: str, f, batch: int) -> torch.Tensor:
     tensor(name, f, ndim=1, dtypes=(torch.bool,), kind=" ([B] bool flags)")
     dim_size(name, f, 0, batch, "the batch size of the boxes")
     return f
+
+
+def view(
+    boxes_name: str,
+    boxes,
+    flips_name: str,
+    flips,
+    *,
+    batch: int | None = None,
+    device: torch.device | None = None,
+) -> None:
+    """One view's ``[B, 4]`` boxes and ``[B]`` flips, on one device (``device`` if given)."""
+    boxes_shape(boxes_name, boxes, batch)
+    flip_flags(flips_name, flips, boxes.shape[0])
+    device = boxes.device if device is None else device
+    on_device(boxes_name, boxes, device)
+    on_device(flips_name, flips, device)
+    boxes_values(boxes_name, boxes)
+
+
+def views(boxes1, flips1, boxes2, flips2) -> None:
+    """Two views of the same ``B`` images, all on one device, boxes of one dtype."""
+    view("boxes1", boxes1, "flips1", flips1)
+    view("boxes2", boxes2, "flips2", flips2, batch=boxes1.shape[0], device=boxes1.device)
+    same_dtype("boxes2", boxes2, "boxes1", boxes1)
 
 
 def index_range(name: str, idx: torch.Tensor, upper: int, what: str) -> None:
@@ -260,3 +312,56 @@ def nonnegative_finite(name: str, x: torch.Tensor) -> None:
                 f"{name} must be finite and >= 0, got {describe(x)} with "
                 "negative or non-finite entries"
             )
+
+
+def embeddings(q, k) -> None:
+    """Queries ``[N, D]`` and keys ``[M, D]`` of one float dtype, on one device."""
+    float_tensor("q", q, ndim=2, kind=" ([N, D] queries)")
+    float_tensor("k", k, ndim=2, kind=" ([M, D] keys)")
+    dim_size("k", k, 1, q.shape[1], "the feature width D of q")
+    same_dtype("k", k, "q", q)
+    same_device(q=q, k=k)
+
+
+def targets(targets, rows: int, keys: int, device: torch.device, dtype: torch.dtype):
+    """``(index [N, P] long, weight [N, P] dtype)`` from hard targets (a ``[N]`` index tensor) or
+    sparse soft ones (a pair ``(index, weight)``), each row's weights summing to 1 or 0."""
+    if isinstance(targets, torch.Tensor):
+        tensor(
+            "targets", targets, ndim=1, dtypes=(torch.int64, torch.int32), kind=" ([N] key indices)"
+        )
+        dim_size("targets", targets, 0, rows, "one target per row of q")
+        index = targets.long()[:, None]
+        weight = torch.ones(rows, 1, device=targets.device, dtype=dtype)
+    elif isinstance(targets, (tuple, list)) and len(targets) == 2:
+        index, weight = targets
+        tensor(
+            "targets[0]",
+            index,
+            ndim=2,
+            dtypes=(torch.int64, torch.int32),
+            kind=" ([N, P] key indices)",
+        )
+        float_tensor("targets[1]", weight, ndim=2, kind=" ([N, P] target weights)")
+        if index.shape != weight.shape or index.shape[0] != rows:
+            raise ValueError(
+                f"targets index and weight must both be [N={rows}, P], got "
+                f"{tuple(index.shape)} and {tuple(weight.shape)}"
+            )
+        on_device("targets[1]", weight, device)
+        nonnegative_finite("targets[1]", weight)
+        # scale by the row maximum first so that a sum of huge finite weights cannot overflow
+        weight = weight.to(dtype)
+        peak = weight.amax(1, keepdim=True)
+        weight = torch.where(peak > 0, weight / peak, 0.0)
+        total = weight.sum(1, keepdim=True)
+        index, weight = index.long(), torch.where(total > 0, weight / total, 0.0)
+    else:
+        got = repr(targets) if isinstance(targets, str) else type(targets).__name__
+        raise TypeError(
+            "targets must be a LongTensor [N], a tuple (index [N, P], weight [N, P]) "
+            f"or 'paired', got {got}"
+        )
+    on_device("targets", index, device)
+    index_range("targets", index, keys, "the rows of k")
+    return index.contiguous(), weight.contiguous()

@@ -1,11 +1,12 @@
 """Which implementation of an op runs: ``"auto"`` | ``"torch"`` | ``"triton"`` | ``"native"``.
 
-Every op has a plain-PyTorch reference (``torch``), registered here by ``reference/``; faster
-backends register their kernels the same way. ``auto`` (the default, or ``MGC_KERNELS_BACKEND``)
-picks, for CUDA tensors, Triton when it imports and has the op, else the reference, warning once
-when a CUDA tensor falls back to the slower reference; for CPU tensors, the native C++ kernels
-when the op has them and the extension loads without compiling (built ahead of time, or an
-earlier build in the cache: ``python -m mgc_kernels.env --build-native``), else the reference.
+Every op has a plain-PyTorch reference (``torch``); each op's module in ``ops/`` registers it
+here, and its Triton and native kernels the same way (by name, imported on first use). ``auto``
+(the default, or ``MGC_KERNELS_BACKEND``) picks, for CUDA tensors, Triton when it imports and has
+the op, else the reference, warning once when a CUDA tensor falls back to the slower reference;
+for CPU tensors, the native C++ kernels when the op has them and the extension loads without
+compiling (built ahead of time, or an earlier build in the cache:
+``python -m mgc_kernels.env --build-native``), else the reference.
 A backend asked for by name that cannot run raises a ``RuntimeError`` that says why.
 """
 
@@ -19,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import native
+from . import _checks, native
 
 BACKENDS = ("auto", "torch", "triton", "native")
 ENV_VAR = "MGC_KERNELS_BACKEND"
@@ -30,8 +31,7 @@ _warned_fallback: set[str] = set()
 
 def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     """Decorator: ``fn`` implements ``op`` for ``backend``."""
-    if backend not in BACKENDS[1:]:
-        raise ValueError(f"backend must be one of {BACKENDS[1:]}, got {backend!r}")
+    _checks.choice("backend", backend, BACKENDS[1:])
 
     def wrap(fn: Callable) -> Callable:
         _IMPLS[(op, backend)] = fn
@@ -151,8 +151,7 @@ def resolve(
     Triton kernels compute in fp32 at most: float64 inputs go to the reference under ``auto``
     and are refused by an explicit ``"triton"``."""
     requested = default_backend() if backend is None else backend
-    if requested not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
+    _checks.choice("backend", requested, BACKENDS)
     if requested == "auto":
         return "torch" if dtype == torch.float64 else _auto(op, device)
     if requested == "triton" and dtype == torch.float64:
@@ -180,25 +179,32 @@ def resolve(
     return requested
 
 
-def _auto(op: str, device: torch.device) -> str:
+def auto_pick(op: str, device: torch.device) -> tuple[str, str]:
+    """``(backend, fallback)``: the backend ``auto`` picks for ``op`` on ``device`` (float64
+    inputs aside, which always run the reference) and, when CUDA tensors fall back to the
+    reference, why (else ``""``). It never warns; :func:`resolve` warns once per op."""
     if device.type == "cpu":
         native_runs = (op, "native") in _IMPLS and native.status(build=False)[0]
-        return "native" if native_runs else "torch"
+        return ("native" if native_runs else "torch"), ""
     if device.type != "cuda":
-        return "torch"
+        return "torch", ""
     loads, why = backend_status("triton")
     if loads and (op, "triton") in _IMPLS:
-        return "triton"
-    if op not in _warned_fallback:
+        return "triton", ""
+    return "torch", why if not loads else "this op has no Triton kernel yet"
+
+
+def _auto(op: str, device: torch.device) -> str:
+    backend, fallback = auto_pick(op, device)
+    if fallback and op not in _warned_fallback:
         _warned_fallback.add(op)
-        reason = why if not loads else "this op has no Triton kernel yet"
         warnings.warn(
-            f"{op}: no Triton kernel can run here ({reason}); "
+            f"{op}: no Triton kernel can run here ({fallback}); "
             "using the slower torch reference on CUDA",
             RuntimeWarning,
             stacklevel=4,
         )
-    return "torch"
+    return backend
 
 
 # Settled at import, not at the first call: torch.compile traces ``auto``, but not a file probe.

@@ -7,8 +7,9 @@ receives for its input is then ``d(sum_r L_r)/dx_r``, and DDP's gradient averagi
 parameter gradient into that of ``mean_r L_r``.
 
 When ``torch.distributed`` is unavailable or not initialised, or the world size is 1, every
-function here is a cheap local no-op (no collective, no copy for ``gather``). Nothing here syncs
-with the host, so the functions are safe inside a forward or backward pass.
+function here runs locally without a collective (and ``gather`` without a copy), so
+``global_mean`` is then the plain mean ``total / count``. Nothing here syncs with the host, so the
+functions are safe inside a forward or backward pass.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather", "all_reduce_sum", "rank", "world_size"]
+__all__ = ["all_reduce_sum", "all_reduce_sums", "gather", "global_mean", "rank", "world_size"]
+
+_TINY = torch.finfo(torch.float32).tiny  # a count below this is no count at all
 
 
 def _active() -> bool:
@@ -84,3 +87,25 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if _active():
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+@torch.no_grad()
+def all_reduce_sums(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`all_reduce_sum` of several tensors of one dtype and device in a single collective,
+    returned by name with their own shapes (detached, like its result)."""
+    total = all_reduce_sum(torch.cat([t.reshape(-1) for t in tensors.values()]))
+    parts = total.split([t.numel() for t in tensors.values()])
+    return {name: part.view_as(t) for (name, t), part in zip(tensors.items(), parts)}
+
+
+def global_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """This rank's share of a mean over the rows of every rank, times ``world_size``:
+    ``world_size * total / (sum over ranks of count)``, for a ``total`` and ``count`` over this
+    rank's rows.
+
+    The mean over ranks of the results (what DDP's gradient averaging optimises) is then the mean
+    of one process over the whole batch, also when the ranks hold different counts. The count is
+    summed without gradient (see :func:`all_reduce_sum`) and an all-zero count divides by the
+    smallest normal float32 instead of zero, so no rows anywhere give 0, not NaN.
+    """
+    return world_size() * total / all_reduce_sum(count).clamp_min(_TINY)

@@ -15,7 +15,6 @@ import importlib.util
 import os
 import platform
 import sys
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -89,7 +88,7 @@ def _auto_picks() -> list[tuple[str, str]]:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     rows = [("op", "cpu     cuda")]
     for op in ops:
-        picks = [_try(lambda d=d, op=op: backends.resolve(op, "auto", d)) for d in (cpu, cuda)]
+        picks = [_try(lambda d=d, op=op: backends.auto_pick(op, d)[0]) for d in (cpu, cuda)]
         rows.append((op, f"{picks[0]:<7} {picks[1]}"))
     return rows
 
@@ -134,18 +133,9 @@ def report() -> str:
         [(b, _try(lambda b=b: _backend_status(b))) for b in backends.BACKENDS[1:]], "  "
     )
     lines.append("auto picks:")
-    # resolve() warns once per op when CUDA falls back to torch; keep the report silent and leave
-    # those one-time warnings for the caller's real calls.
-    seen = set(backends._warned_fallback)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            lines += _table(_try_rows(_auto_picks), "  ")
-            lines.append("auto, because:")
-            lines += _table(_try_rows(_auto_reasons), "  ")
-    finally:
-        backends._warned_fallback.clear()
-        backends._warned_fallback.update(seen)
+    lines += _table(_try_rows(_auto_picks), "  ")
+    lines.append("auto, because:")
+    lines += _table(_try_rows(_auto_reasons), "  ")
     return "\n".join(lines)
 
 

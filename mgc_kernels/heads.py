@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _checks
+
 __all__ = [
     "DINOHead",
     "DenseCLDenseHead",
@@ -44,12 +46,6 @@ __all__ = [
 ]
 
 _ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
-
-
-def _width(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class MLP(nn.Sequential):
@@ -67,12 +63,8 @@ class MLP(nn.Sequential):
 def _layers(
     dims: Sequence[int], batch_norm: bool, last_batch_norm: bool, activation: str
 ) -> list[nn.Module]:
-    if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence) or len(dims) < 2:
-        raise ValueError(f"dims must be a sequence of at least two widths, got {dims!r}")
-    for i, d in enumerate(dims):
-        _width(f"dims[{i}]", d)
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+    dims = _checks.positive_ints("dims", dims, min_length=2)
+    _checks.choice("activation", activation, tuple(_ACTIVATIONS))
     layers: list[nn.Module] = []
     for d_in, d_out in zip(dims[:-2], dims[1:-1]):
         layers.append(nn.Linear(d_in, d_out, bias=not batch_norm))
@@ -112,15 +104,17 @@ def mgc_projector(
 ) -> MLP:
     """MGC's (and MoCo v3's) projector: ``num_layers`` Linears without bias, BN + ReLU after
     each hidden one, an affine-free BN after the last: ``in -> 4096 -> 4096 -> 128``."""
-    _width("in_dim", in_dim), _width("hidden_dim", hidden_dim), _width("out_dim", out_dim)
-    if _width("num_layers", num_layers) < 2:
-        raise ValueError(f"num_layers must be at least 2, got {num_layers}")
+    in_dim = _checks.integer("in_dim", in_dim, 1)
+    hidden_dim = _checks.integer("hidden_dim", hidden_dim, 1)
+    out_dim = _checks.integer("out_dim", out_dim, 1)
+    num_layers = _checks.integer("num_layers", num_layers, 2)
     return mlp([in_dim, *[hidden_dim] * (num_layers - 1), out_dim], last_batch_norm=True)
 
 
 def mgc_predictor(dim: int = 128, hidden_dim: int = 4096) -> MLP:
     """MGC's (and MoCo v3's) predictor: ``dim -> 4096`` (no bias, BN, ReLU) ``-> dim`` (bias)."""
-    _width("dim", dim), _width("hidden_dim", hidden_dim)
+    dim = _checks.integer("dim", dim, 1)
+    hidden_dim = _checks.integer("hidden_dim", hidden_dim, 1)
     return mlp([dim, hidden_dim, dim])
 
 
@@ -145,22 +139,15 @@ class MGCHeads(nn.Module):
         out_dim: int = 128,
     ):
         super().__init__()
-        if isinstance(cells, int) or len(cells) == 0:
-            raise ValueError(f"cells must be a non-empty sequence of cell sizes, got {cells!r}")
-        self.cells = tuple(_width(f"cells[{i}]", c) for i, c in enumerate(cells))
+        self.cells = _checks.positive_ints("cells", cells)
         self.projectors = nn.ModuleList(
             mgc_projector(in_dim, hidden_dim, out_dim) for _ in self.cells
         )
         self.predictors = nn.ModuleList(mgc_predictor(out_dim, hidden_dim) for _ in self.cells)
 
     def _level(self, level: int) -> int:
-        if (
-            isinstance(level, bool)
-            or not isinstance(level, int)
-            or not -len(self.cells) <= level < len(self.cells)
-        ):
-            raise ValueError(f"level must be an int index into cells {self.cells}, got {level!r}")
-        return level
+        """``level`` as an index into ``cells`` (negative ones count from the end)."""
+        return _checks.integer("level", level, -len(self.cells), len(self.cells) - 1)
 
     def project(self, x: torch.Tensor, level: int) -> torch.Tensor:
         """``[..., in_dim] -> [..., out_dim]``: the projector of granularity ``level``."""
@@ -201,7 +188,12 @@ class SMoGHeads(nn.Module):
 
 
 def _dense_dims(in_dim: int, hidden_dim: int, out_dim: int) -> list[int]:
-    return [_width("in_dim", in_dim), _width("hidden_dim", hidden_dim), _width("out_dim", out_dim)]
+    """DenseCL's widths, each checked under its own name (``mlp`` would say ``dims[i]``)."""
+    return [
+        _checks.integer("in_dim", in_dim, 1),
+        _checks.integer("hidden_dim", hidden_dim, 1),
+        _checks.integer("out_dim", out_dim, 1),
+    ]
 
 
 class DenseCLGlobalHead(MLP):
@@ -270,8 +262,10 @@ class DINOHead(nn.Module):
         num_prototypes: int = 65536,
     ):
         super().__init__()
-        _width("in_dim", in_dim), _width("hidden_dim", hidden_dim)
-        _width("bottleneck_dim", bottleneck_dim), _width("num_prototypes", num_prototypes)
+        in_dim = _checks.integer("in_dim", in_dim, 1)
+        hidden_dim = _checks.integer("hidden_dim", hidden_dim, 1)
+        bottleneck_dim = _checks.integer("bottleneck_dim", bottleneck_dim, 1)
+        num_prototypes = _checks.integer("num_prototypes", num_prototypes, 1)
         self.mlp = mlp(
             [in_dim, hidden_dim, hidden_dim, bottleneck_dim], batch_norm=False, activation="gelu"
         )

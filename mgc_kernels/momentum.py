@@ -12,37 +12,22 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 
 import torch
 from torch import nn
+
+from . import _checks
 
 __all__ = ["cosine_momentum", "momentum_copy", "update_momentum"]
 
 _BUFFERS = ("keep", "copy")
 
 
-def _module(name: str, value) -> nn.Module:
-    if not isinstance(value, nn.Module):
-        raise TypeError(f"{name} must be a torch.nn.Module, got {type(value).__name__}")
-    return value
-
-
-def _real(name: str, value, lo: float | None = None, hi: float | None = None) -> float:
-    """``value`` as a float: a finite real number in ``[lo, hi]``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        where = f"in [{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be {where}, got {value!r}")
-    return float(value)
-
-
 def momentum_copy(module: nn.Module) -> nn.Module:
     """A deep copy of ``module`` for the momentum branch: the same weights and buffers, every
     parameter with ``requires_grad=False`` and no ``.grad``. Update it with
     :func:`update_momentum`; run it under ``torch.no_grad()``."""
-    ema = copy.deepcopy(_module("module", module))
+    ema = copy.deepcopy(_checks.module("module", module))
     for p in ema.parameters():
         p.requires_grad_(False)
         p.grad = None
@@ -98,10 +83,10 @@ def update_momentum(
             running statistics come from its own forwards, as in MoCo v3, MGC and the reference
             trainer); ``"copy"``: copy online's buffers into it (names and shapes must agree).
     """
-    _module("online", online), _module("momentum", momentum)
-    weight = 1.0 - _real("m", m, 0.0, 1.0)
-    if buffers not in _BUFFERS:
-        raise ValueError(f"buffers must be one of {_BUFFERS}, got {buffers!r}")
+    _checks.module("online", online)
+    _checks.module("momentum", momentum)
+    weight = 1.0 - _checks.real("m", m, 0, 1, finite=True)
+    _checks.choice("buffers", buffers, _BUFFERS)
     pairs = _matched(
         "parameters", list(online.named_parameters()), list(momentum.named_parameters())
     )
@@ -130,10 +115,9 @@ def cosine_momentum(
 
     ``step`` may be fractional; steps past ``total_steps`` keep ``end``.
     """
-    step = _real("step", step, 0.0)
-    total_steps = _real("total_steps", total_steps)
-    if total_steps <= 0:
-        raise ValueError(f"total_steps must be > 0, got {total_steps!r}")
-    start, end = _real("start", start, 0.0, 1.0), _real("end", end, 0.0, 1.0)
+    step = _checks.real("step", step, 0, finite=True)
+    total_steps = _checks.real("total_steps", total_steps, 0, low_open=True, finite=True)
+    start = _checks.real("start", start, 0, 1, finite=True)
+    end = _checks.real("end", end, 0, 1, finite=True)
     step = min(step, total_steps)
     return end - (end - start) * (math.cos(math.pi * step / total_steps) + 1) / 2

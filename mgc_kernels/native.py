@@ -17,8 +17,15 @@ another torch, gives one warning; the backend then reports itself unavailable wi
 (``python -m mgc_kernels.env``) and explicit requests raise that reason. A plain ``pip install``
 never needs a compiler.
 
+Loading the extension registers its ops with PyTorch's dispatcher as
+``torch.ops.mgc_kernels_native.<op>`` (``TORCH_LIBRARY`` in ``csrc/bindings.cpp``, the kernels of
+each device by ``TORCH_LIBRARY_IMPL`` in ``csrc/cpu/`` and ``csrc/cuda/``), and the dispatcher runs
+the CPU or the CUDA kernel by the tensors' device. A process holds one build: torch aborts on a
+second library of the same op namespace.
+
 The functions at the bottom take exactly the arguments of the reference functions they stand
-beside (``reference/<op>.py``) and are registered as the ``native`` implementations of the ops.
+beside (``reference/<op>.py``), call those ops and are registered as the ``native``
+implementations of the ops.
 """
 
 from __future__ import annotations
@@ -173,10 +180,16 @@ def extension() -> ModuleType:
 
 def build() -> tuple[bool, str]:
     """Compile the extension now, unless the build wanted here (CUDA included where a GPU and
-    nvcc are present) is already loaded: the one-time ``--build-native`` step."""
+    nvcc are present) is already loaded: the one-time ``--build-native`` step. A process that has
+    loaded a build without CUDA cannot load another one, so there it fails and says so."""
     module, why = _extension(build=False)
     if module is not None and (module.with_cuda or not _cuda_wanted()):
         return True, why
+    if module is not None:
+        return False, (
+            f"this process has loaded a build without CUDA ({why}) and can hold only one build; "
+            f"remove that build and run {BUILD_COMMAND} again to build the CUDA kernels"
+        )
     _build_failed.clear()
     module, why = _build()
     if module is None:
@@ -287,8 +300,21 @@ def _first_line(err: BaseException) -> str:
 # --- the ops, with the reference functions' arguments -------------------------------------------
 
 
+def _op(name: str, first: torch.Tensor):
+    """``torch.ops.mgc_kernels_native.<name>``, registered by loading the extension. A build
+    without CUDA has no CUDA kernels, and the dispatcher's error for a CUDA tensor would not say
+    why: ``first``, the op's first tensor, is checked here."""
+    built_with_cuda = extension().with_cuda  # loading the extension registers the ops
+    if first.is_cuda and not built_with_cuda:
+        raise RuntimeError(
+            f"mgc_kernels native: {name} got CUDA tensors but the extension was built without "
+            "CUDA; rebuild it where the CUDA toolkit is found, or pass CPU tensors"
+        )
+    return getattr(torch.ops.mgc_kernels_native, name)
+
+
 def correspondence(boxes1, flips1, boxes2, flips2, n: int, metric: str) -> torch.Tensor:
-    return extension().correspondence(boxes1, flips1, boxes2, flips2, n, metric)
+    return _op("correspondence", boxes1)(boxes1, flips1, boxes2, flips2, n, metric)
 
 
 def sample_pairs(
@@ -303,16 +329,19 @@ def sample_pairs(
     row_rule,
     col_rule,
 ):
-    return tuple(
-        extension().sample_pairs(
-            boxes1, flips1, boxes2, flips2, n, k, method, view_size, list(row_rule), list(col_rule)
-        )
+    return _op("sample_pairs", boxes1)(
+        boxes1, flips1, boxes2, flips2, n, k, method, view_size, list(row_rule), list(col_rule)
     )
 
 
 def multigrain_pool(tokens: torch.Tensor, grid: int, cells) -> list[torch.Tensor]:
-    return list(extension().multigrain_pool(tokens, grid, list(cells)))
+    return _op("multigrain_pool", tokens)(tokens, grid, list(cells))
 
 
 def multigrain_pool_backward(grads, grid: int, cells) -> torch.Tensor:
-    return extension().multigrain_pool_backward(list(grads), grid, list(cells))
+    grads = list(grads)
+    if not grads:
+        raise RuntimeError(
+            "mgc_kernels native: multigrain_pool_backward needs grads, one per cell; got none"
+        )
+    return _op("multigrain_pool_backward", grads[0])(grads, grid, list(cells))

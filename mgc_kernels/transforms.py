@@ -17,13 +17,14 @@ torchvision, which is imported only when a transform that uses it is built.
 from __future__ import annotations
 
 import math
-import operator
 import sys
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import _checks
 
 __all__ = ["random_resized_crop_box", "box_iou", "sample_view_boxes", "TwoViewTransform", "montage"]
 
@@ -39,37 +40,9 @@ _VIEW_RECIPES = ((1.0, 0.0), (0.1, 0.2))
 # --- argument checks -------------------------------------------------------------------------
 
 
-def _positive_int(name: str, value: Any) -> int:
-    """Accept Python and numpy integers (not bools) >= 1; shapes and sizes come in both."""
-    try:
-        number = operator.index(value)
-    except TypeError:
-        number = None
-    if number is None or isinstance(value, bool) or number < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return number
-
-
-def _ordered_range(name: str, value: Any) -> tuple[float, float]:
-    """Scale and ratio are (low, high) ranges with 0 < low <= high, both finite."""
-    try:
-        low, high = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a pair (low, high) of numbers, got {value!r}") from None
-    if not (0.0 < low <= high < math.inf):
-        raise ValueError(f"{name} must satisfy 0 < low <= high < inf, got {value!r}")
-    return low, high
-
-
-def _unit_interval(name: str, value: Any) -> float:
+def _min_iou(value: Any) -> float:
     """min_iou lives in [0, 1): the overlap test is strict, so 1 could never be met."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not (0.0 <= number < 1.0):
-        raise ValueError(f"{name} must be a number with 0 <= {name} < 1, got {value!r}")
-    return number
+    return _checks.real("min_iou", value, 0, 1, high_open=True)
 
 
 def _cpu_generator(generator: Any) -> torch.Generator | None:
@@ -157,8 +130,8 @@ def random_resized_crop_box(
     ``generator`` (a CPU ``torch.Generator``) makes the draw reproducible; None uses torch's
     global RNG.
     """
-    height, width = _positive_int("height", height), _positive_int("width", width)
-    scale, ratio = _ordered_range("scale", scale), _ordered_range("ratio", ratio)
+    height, width = _checks.integer("height", height, 1), _checks.integer("width", width, 1)
+    scale, ratio = _checks.positive_range("scale", scale), _checks.positive_range("ratio", ratio)
     generator = _cpu_generator(generator)
     return _as_box_tensor(_draw_box(height, width, scale, ratio, generator))
 
@@ -218,10 +191,10 @@ def sample_view_boxes(
 
     Returns ``(box1, box2)``, float32 tensors ``[4]`` as ``(x0, y0, x1, y1)`` in pixels.
     """
-    height, width = _positive_int("height", height), _positive_int("width", width)
-    scale, ratio = _ordered_range("scale", scale), _ordered_range("ratio", ratio)
-    min_iou = _unit_interval("min_iou", min_iou)
-    max_tries = _positive_int("max_tries", max_tries)
+    height, width = _checks.integer("height", height, 1), _checks.integer("width", width, 1)
+    scale, ratio = _checks.positive_range("scale", scale), _checks.positive_range("ratio", ratio)
+    min_iou = _min_iou(min_iou)
+    max_tries = _checks.integer("max_tries", max_tries, 1)
     generator = _cpu_generator(generator)
     box1, box2 = _draw_view_boxes(height, width, scale, ratio, min_iou, max_tries, generator)
     return _as_box_tensor(box1), _as_box_tensor(box2)
@@ -355,13 +328,18 @@ class TwoViewTransform:
         photometric: bool = True,
         generator: torch.Generator | None = None,
     ) -> None:
-        self.size = _positive_int("size", size)
-        self.scale = _ordered_range("scale", scale)
-        self.ratio = _ordered_range("ratio", ratio)
-        self.min_iou = _unit_interval("min_iou", min_iou)
-        self.max_tries = _positive_int("max_tries", max_tries)
+        self.size = _checks.integer("size", size, 1)
+        self.scale = _checks.positive_range("scale", scale)
+        self.ratio = _checks.positive_range("ratio", ratio)
+        self.min_iou = _min_iou(min_iou)
+        self.max_tries = _checks.integer("max_tries", max_tries, 1)
         self.generator = _cpu_generator(generator)
         self._pipelines = _photometric_pipelines(self.size) if photometric else None
+
+    @property
+    def photometric(self) -> bool:
+        """Whether the views get the photometric augmentations."""
+        return self._pipelines is not None
 
     def __call__(self, img: Any) -> dict[str, Any]:
         height, width = _image_size(img)
@@ -456,9 +434,8 @@ def montage(
         )
     if images.dtype != torch.uint8 and not images.is_floating_point():
         raise TypeError(f"images must be a uint8 or floating tensor, got dtype {images.dtype}")
-    ratio = _positive_int("ratio", ratio)
-    if resize is not None and not (isinstance(resize, str) and resize in _RESIZES):
-        raise ValueError(f"resize must be 'nearest', 'bilinear' or None, got {resize!r}")
+    ratio = _checks.integer("ratio", ratio, 1)
+    _checks.choice("resize", resize, _RESIZES)
     batch, channels, height, width = images.shape
     if resize is not None and (height % ratio or width % ratio):
         raise ValueError(
@@ -466,7 +443,7 @@ def montage(
             f"shape {tuple(images.shape)} (H={height}, W={width})"
         )
     slots = ratio * ratio
-    count = -(-batch // slots) if count is None else _positive_int("count", count)
+    count = -(-batch // slots) if count is None else _checks.integer("count", count, 1)
     generator = _cpu_generator(generator)
     if ratio == 1 and count == batch:
         return images.clone(), torch.arange(batch, device=images.device)[:, None]

@@ -7,11 +7,7 @@ import pytest
 import torch
 
 import mgc_kernels as mk
-from benchmarks.gpu_check.rule import (
-    UNIT_ROUNDOFF,  # noqa: F401 (re-exported)
-    grad_tol,
-    pool_tol,
-)
+from benchmarks.gpu_check.rule import grad_tol, pool_tol
 from mgc_kernels import backends
 
 TRITON_LOADS, TRITON_WHY = backends.backend_status("triton")

@@ -7,19 +7,12 @@ default; bounded examples so the suite fits a 2-core machine) and ``thorough``
 """
 
 import os
-import sys
-from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # benchmarks/ is a folder of the repo, not an installed package
-    sys.path.insert(0, str(REPO))
+from hypothesis import HealthCheck, settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "ci",

@@ -10,12 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _distributed import run_ranks
 from mgc_kernels.losses.adclr import ADCLRLoss, query_attention_mask
-
-try:
-    from ._distributed import run_ranks
-except ImportError:
-    from _distributed import run_ranks
 
 K, D, DT, B, Q, V = 11, 6, 5, 3, 4, 4
 

@@ -4,12 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _distributed import run_ranks
 from mgc_kernels.losses.densecl import DenseCLLoss, dense_argmax_match
-
-try:
-    from ._distributed import run_ranks
-except ImportError:
-    from _distributed import run_ranks
 
 TAU = 0.2
 

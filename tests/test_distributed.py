@@ -4,12 +4,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from _distributed import run_ranks
 from mgc_kernels import distributed as mkd
-
-try:
-    from ._distributed import run_ranks
-except ImportError:
-    from _distributed import run_ranks
 
 ROWS, COLS = 3, 4  # rows per rank
 

@@ -15,12 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mgc_kernels as mk
-
-try:
-    from ._helpers import FP32_TOL, FP64_TOL, assert_compile_matches_eager, l2n, leaf, rand
-except ImportError:
-    from _helpers import FP32_TOL, FP64_TOL, assert_compile_matches_eager, l2n, leaf, rand
 import mgc_kernels.reference.geometric_info_nce as geometric_reference
+from _helpers import FP32_TOL, FP64_TOL, assert_compile_matches_eager, l2n, leaf, rand
 
 METRICS = ["mgc", "iou", "ioa"]
 

@@ -16,11 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mgc_kernels as mk
-
-try:
-    from ._helpers import FP32_TOL, FP64_TOL, assert_compile_matches_eager, l2n, leaf, rand
-except ImportError:
-    from _helpers import FP32_TOL, FP64_TOL, assert_compile_matches_eager, l2n, leaf, rand
+from _helpers import FP32_TOL, FP64_TOL, assert_compile_matches_eager, l2n, leaf, rand
 
 
 def loss_dtype(dtype: torch.dtype) -> torch.dtype:

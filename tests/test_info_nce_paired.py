@@ -8,12 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mgc_kernels as mk
+from _helpers import TRITON_LOADS, assert_close_to_exact, leaf, rand
 from mgc_kernels.ops.info_nce import _info_nce
-
-try:
-    from ._helpers import TRITON_LOADS, assert_close_to_exact, leaf, rand
-except ImportError:
-    from _helpers import TRITON_LOADS, assert_close_to_exact, leaf, rand
 
 BACKENDS = ["torch"] + (["triton"] if TRITON_LOADS else [])
 

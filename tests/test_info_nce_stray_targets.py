@@ -6,11 +6,7 @@ import pytest
 import torch
 
 import mgc_kernels as mk
-
-try:
-    from ._helpers import leaf, requires_triton
-except ImportError:
-    from _helpers import leaf, requires_triton
+from _helpers import leaf, requires_triton
 
 N, M, QUEUE, D = 6, 5, 4, 16
 BACKENDS = ["torch", pytest.param("triton", marks=requires_triton)]

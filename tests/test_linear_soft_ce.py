@@ -8,13 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _helpers import assert_compile_matches_eager, leaf, rand
 from mgc_kernels.ops.linear_soft_ce import linear_soft_ce
 from mgc_kernels.reference import linear_soft_ce as reference
-
-try:
-    from ._helpers import assert_compile_matches_eager, leaf, rand
-except ImportError:
-    from _helpers import assert_compile_matches_eager, leaf, rand
 
 
 def direct(x, w, teacher, teacher_weight, center, tau_s, tau_t):

@@ -10,13 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mgc_kernels as mk
+from _distributed import run_ranks
 from mgc_kernels.losses.mcl import MCLLoss, default_level_weights
 from mgc_kernels.transforms import montage
-
-try:
-    from ._distributed import run_ranks
-except ImportError:
-    from _distributed import run_ranks
 
 
 def leaf(*shape, gen, dtype=torch.float64):

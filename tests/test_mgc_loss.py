@@ -5,11 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import mgc_kernels as mk
-
-try:
-    from ._distributed import run_ranks
-except ImportError:
-    from _distributed import run_ranks
+from _distributed import run_ranks
 
 TAU = 0.1
 

@@ -107,8 +107,8 @@ def test_update_momentum_rejects_mismatched_modules():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(m=-0.1), ValueError, "m must be in"),
-        (dict(m=1.5), ValueError, "m must be in"),
+        (dict(m=-0.1), ValueError, r"m must be a finite number in \[0, 1\]"),
+        (dict(m=1.5), ValueError, r"m must be a finite number in \[0, 1\]"),
         (dict(m=float("nan")), ValueError, "m must be a finite"),
         (dict(m="0.9"), ValueError, "m must be a finite"),
         (dict(m=True), ValueError, "m must"),
@@ -191,13 +191,13 @@ def test_cosine_momentum_closed_form():
 @pytest.mark.parametrize(
     "args, match",
     [
-        ((-1, 100), "step must be >= 0"),
+        ((-1, 100), "step must be a finite number >= 0"),
         ((float("inf"), 100), "step must be a finite"),
-        ((0, 0), "total_steps must be > 0"),
-        ((0, -5), "total_steps must be > 0"),
-        ((0, "100"), "total_steps must be a finite"),
-        ((0, 100, 1.2), "start must be in"),
-        ((0, 100, 0.996, -0.1), "end must be in"),
+        ((0, 0), "total_steps must be a positive finite number"),
+        ((0, -5), "total_steps must be a positive finite number"),
+        ((0, "100"), "total_steps must be a positive finite number"),
+        ((0, 100, 1.2), r"start must be a finite number in \[0, 1\]"),
+        ((0, 100, 0.996, -0.1), r"end must be a finite number in \[0, 1\]"),
         ((None, 100), "step must be a finite"),
     ],
 )

@@ -9,20 +9,10 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import mgc_kernels as mk
+from _geometry import SMALL_GRIDS, collapsed_crop, crop_pairs, float_views, same
+from _helpers import FP32_TOL, assert_close_to_exact, assert_compile_matches_eager
 from benchmarks.cases.base import view_boxes
-
-try:
-    from ._helpers import FP32_TOL, assert_close_to_exact, assert_compile_matches_eager
-    from .test_geometry import collapsed_crop, crop_pairs
-    from .test_triton_geometry import SMALL_GRIDS, same
-    from .test_triton_geometry import views as float_views
-    from .test_triton_multigrain_pool import forward_backward, problems
-except ImportError:
-    from _helpers import FP32_TOL, assert_close_to_exact, assert_compile_matches_eager
-    from test_geometry import collapsed_crop, crop_pairs
-    from test_triton_geometry import SMALL_GRIDS, same
-    from test_triton_geometry import views as float_views
-    from test_triton_multigrain_pool import forward_backward, problems
+from test_triton_multigrain_pool import forward_backward, problems
 
 NATIVE_LOADS, NATIVE_WHY = mk.backends.backend_status("native")
 pytestmark = pytest.mark.skipif(not NATIVE_LOADS, reason=f"native backend: {NATIVE_WHY}")
@@ -53,7 +43,7 @@ def relate(boxes1, boxes2, relation: str):
 
 @st.composite
 def adversarial_views(draw, dtypes=EXACT_DTYPES):
-    """Random integer crops (test_geometry.crop_pairs, flips included) of which view 2 may be
+    """Random integer crops (_geometry.crop_pairs, flips included) of which view 2 may be
     identical to view 1, touch it, lie inside it or contain it; in one of ``dtypes``."""
     (b1, f1), (b2, f2) = draw(crop_pairs())
     b2 = relate(
@@ -74,7 +64,7 @@ def in_dtype(v, dtype):
 
 
 def any_views():
-    """Fractional or integer fp32 crops (test_triton_geometry.views) or adversarial ones."""
+    """Fractional or integer fp32 crops (_geometry.float_views) or adversarial ones."""
     return float_views() | adversarial_views()
 
 

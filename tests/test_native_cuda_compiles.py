@@ -1,8 +1,9 @@
 """The native backend's ahead-of-time CUDA build works without a GPU: ``setup.py build_ext`` with
 ``MGC_KERNELS_BUILD_EXT=1`` and ``TORCH_CUDA_ARCH_LIST=9.0`` (H100/H200) compiles every csrc/
 source, the .cu files with nvcc and torch's own flags, links ``mgc_kernels._native``, and the
-module loads, says it has CUDA kernels and runs its C++ path. A CUDA build break fails here, in CI,
-before any GPU sees it. Skipped where there is no nvcc or the installed torch has no CUDA.
+module loads, says it has CUDA kernels, registers a CPU and a CUDA kernel of every op with the
+dispatcher and runs its C++ path. A CUDA build break fails here, in CI, before any GPU sees it.
+Skipped where there is no nvcc or the installed torch has no CUDA.
 
 The toolkit is found from ``CUDA_HOME``, ``/usr/local/cuda`` or ``PATH`` (resolved through
 wrappers, which torch's own guess does not do), and handed to the build as ``CUDA_HOME``.
@@ -50,11 +51,15 @@ spec = importlib.util.spec_from_file_location("mgc_kernels._native", sys.argv[1]
 native = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(native)
 assert native.with_cuda, "built without the CUDA kernels"
+ops = torch.ops.mgc_kernels_native
+for op in ("correspondence", "sample_pairs", "multigrain_pool", "multigrain_pool_backward"):
+    for device in ("CPU", "CUDA"):
+        assert getattr(ops, op).default.has_kernel_for_dispatch_key(device), (op, device)
 import mgc_kernels as mk
 boxes = torch.tensor([[0.0, 0, 224, 224], [10, 20, 200, 210]])
 flips = torch.tensor([False, True])
 want = mk.correspondence(boxes, flips, boxes.flip(0), flips, 14, 2, backend="torch")
-assert torch.equal(native.correspondence(boxes, flips, boxes.flip(0), flips, 7, "mgc"), want)
+assert torch.equal(ops.correspondence(boxes, flips, boxes.flip(0), flips, 7, "mgc"), want)
 """
 
 
@@ -94,9 +99,11 @@ def test_setup_py_builds_the_cuda_extension(tmp_path):
         "csrc/cuda/sample_pairs.o",
     ]
     (module,) = (tmp_path / "lib" / "mgc_kernels").glob("_native*.so")
+    # an empty extension cache: a process holds one build of the ops, and that is the one here
     run = subprocess.run(
         [sys.executable, "-c", LOAD_AND_RUN, str(module)],
         cwd=tmp_path,
+        env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")},
         capture_output=True,
         text=True,
         timeout=300,

@@ -10,13 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _distributed import run_ranks
 from mgc_kernels.losses import smog
 from mgc_kernels.losses.smog import FeatureBank, SMoGGroups, SMoGLoss, spherical_kmeans
-
-try:
-    from ._distributed import run_ranks
-except ImportError:
-    from _distributed import run_ranks
 
 
 def unit(x):
@@ -196,7 +192,7 @@ def test_lightly_variant_initial_groups_are_torch_rand():
     crit = SMoGLoss(dim=5, num_groups=7, variant="lightly", seed=3)
     expected = torch.rand(7, 5, generator=torch.Generator().manual_seed(3))
     assert torch.equal(crit.group_features, expected)
-    assert torch.equal(SMoGGroups(7, 5, seed=3, init="uniform").groups, expected)
+    assert torch.equal(SMoGGroups(7, dim=5, seed=3, init="uniform").groups, expected)
     default = SMoGLoss(dim=5, num_groups=7)
     assert crit.grouping.init == "uniform" and default.grouping.init == "normal"
     assert not crit.symmetric and default.symmetric
@@ -273,7 +269,7 @@ def test_bad_lightly_inputs():
     with pytest.raises(ValueError, match="proj1 is only used with variant='lightly'"):
         smog_default(x, x, proj1=x)
     with pytest.raises(ValueError, match="init must be one of"):
-        SMoGGroups(3, 4, init="rand")
+        SMoGGroups(3, dim=4, init="rand")
 
 
 # ----------------------------------------------------------------------------- the groups
@@ -326,7 +322,7 @@ def test_momentum_update_random_against_loop():
 
 
 def test_feature_bank_is_a_ring_of_the_last_rows():
-    bank = FeatureBank(5, 2).double()
+    bank = FeatureBank(5, dim=2).double()
     rows = unit(torch.randn(8, 2, generator=torch.Generator().manual_seed(6)).double())
     bank.push(rows[:3] * 7)
     torch.testing.assert_close(bank.valid(), rows[:3])

@@ -21,10 +21,7 @@ from pathlib import Path
 
 import pytest
 
-try:
-    from ._helpers import requires_triton
-except ImportError:
-    from _helpers import requires_triton
+from _helpers import requires_triton
 
 SCRIPT = Path(__file__).with_name("triton_aot.py")
 ROOT = SCRIPT.parents[1]

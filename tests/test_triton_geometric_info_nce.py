@@ -14,47 +14,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mgc_kernels as mk
+from _helpers import INTERPRETER_DTYPES, geometric_info_nce_op, leaf, rand, requires_triton
+from benchmarks.gpu_check.rule import unit_rows
 from mgc_kernels.reference import geometric_info_nce as reference
 from mgc_kernels.transforms import sample_view_boxes
-
-try:
-    from ._helpers import (
-        INTERPRETER_DTYPES,
-        geometric_info_nce_op,
-        leaf,
-        rand,
-        requires_triton,
-        unit_rows,
-    )
-    from .test_geometric_info_nce import METRICS, random_boxes
-    from .test_triton_info_nce import (
-        assert_obeys_rule,
-        assert_op_results,
-        autotuned,
-        cotangent,
-        error_scales,
-        small_blocks,
-        tiles,
-    )
-except ImportError:
-    from _helpers import (
-        INTERPRETER_DTYPES,
-        geometric_info_nce_op,
-        leaf,
-        rand,
-        requires_triton,
-        unit_rows,
-    )
-    from test_geometric_info_nce import METRICS, random_boxes
-    from test_triton_info_nce import (
-        assert_obeys_rule,
-        assert_op_results,
-        autotuned,
-        cotangent,
-        error_scales,
-        small_blocks,
-        tiles,
-    )
+from test_geometric_info_nce import METRICS, random_boxes
+from test_triton_info_nce import (
+    assert_obeys_rule,
+    assert_op_results,
+    autotuned,
+    cotangent,
+    error_scales,
+    small_blocks,
+    tiles,
+)
 
 pytestmark = requires_triton
 

@@ -25,36 +25,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mgc_kernels as mk
+from _helpers import (
+    INTERPRETER_DTYPES,
+    assert_close_to_exact,
+    info_nce_op,
+    l2n,
+    leaf,
+    rand,
+    requires_triton,
+)
+from benchmarks.gpu_check.rule import GRAD_SLACK, representable, ulp_tol, unit_rows
 from mgc_kernels._dtypes import accumulate
-
-try:
-    from ._helpers import (
-        GRAD_SLACK,
-        INTERPRETER_DTYPES,
-        assert_close_to_exact,
-        info_nce_op,
-        l2n,
-        leaf,
-        rand,
-        representable,
-        requires_triton,
-        ulp_tol,
-        unit_rows,
-    )
-except ImportError:
-    from _helpers import (
-        GRAD_SLACK,
-        INTERPRETER_DTYPES,
-        assert_close_to_exact,
-        info_nce_op,
-        l2n,
-        leaf,
-        rand,
-        representable,
-        requires_triton,
-        ulp_tol,
-        unit_rows,
-    )
 
 # Slack on top of the reference's own error, in units of the inherent fp32 error scale: with
 # L = max |logit| + log(keys) bounding |logit| and |lse|, a loss row is good to about eps * L and
@@ -67,27 +48,27 @@ pytestmark = requires_triton
 
 def small_blocks(enabled: bool = True):
     """Tiles of 16 rows and 16 keys (the smallest ``tl.dot`` takes)."""
-    import mgc_kernels.triton.info_nce as kernels
+    import mgc_kernels.triton.tiles as plans
 
-    return tiles(16) if enabled else tiles(kernels.MAX_ROWS, kernels.MAX_COLS)
+    return tiles(16) if enabled else tiles(plans.MAX_ROWS, plans.MAX_COLS)
 
 
 def tiles(rows: int, cols: int | None = None):
     """Tiles of at most ``rows`` own rows and ``cols`` looped-over rows. Large ones keep runs
     over thousands of keys quick in the interpreter, whose cost is per operation, not per
     element (and which has no register file to fit)."""
-    import mgc_kernels.triton.info_nce as kernels
+    import mgc_kernels.triton.tiles as plans
 
-    return mock.patch.multiple(kernels, MAX_ROWS=rows, MAX_COLS=cols or rows)
+    return mock.patch.multiple(plans, MAX_ROWS=rows, MAX_COLS=cols or rows)
 
 
 def autotuned(rows: int = 32, cols: int = 16, band_rows: int = 16):
     """CUDA's launch path, through Triton's autotuner, on the CPU: one candidate (so nothing is
     timed) of ``rows x cols`` tiles, band groups of ``band_rows`` (two per block by default)."""
-    import mgc_kernels.triton.info_nce as kernels
+    import mgc_kernels.triton.tiles as plans
 
     return mock.patch.multiple(
-        kernels, TUNED=((rows, cols, 4, 1),), TUNED_BAND_R=band_rows, tunes=lambda *args: True
+        plans, TUNED=((rows, cols, 4, 1),), TUNED_BAND_R=band_rows, tunes=lambda *args: True
     )
 
 

@@ -20,34 +20,16 @@ from unittest import mock
 import pytest
 import torch
 
+from _helpers import (
+    INTERPRETER_DTYPES,
+    assert_close_to_exact,
+    l2n,
+    leaf,
+    rand,
+    requires_triton,
+)
+from benchmarks.gpu_check.rule import GRAD_SLACK, representable, ulp_tol, unit_rows
 from mgc_kernels.ops.linear_soft_ce import linear_soft_ce
-
-try:
-    from ._helpers import (
-        GRAD_SLACK,
-        INTERPRETER_DTYPES,
-        assert_close_to_exact,
-        l2n,
-        leaf,
-        rand,
-        representable,
-        requires_triton,
-        ulp_tol,
-        unit_rows,
-    )
-except ImportError:
-    from _helpers import (
-        GRAD_SLACK,
-        INTERPRETER_DTYPES,
-        assert_close_to_exact,
-        l2n,
-        leaf,
-        rand,
-        representable,
-        requires_triton,
-        ulp_tol,
-        unit_rows,
-    )
 
 pytestmark = requires_triton
 

@@ -16,26 +16,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mgc_kernels as mk
+from _helpers import (
+    FP32_TOL,
+    INTERPRETER_DTYPES,
+    assert_compile_matches_eager,
+    check_pool_backward,
+    check_pool_forward,
+    requires_triton,
+)
 from mgc_kernels import backends
-
-try:
-    from ._helpers import (
-        FP32_TOL,
-        INTERPRETER_DTYPES,
-        assert_compile_matches_eager,
-        check_pool_backward,
-        check_pool_forward,
-        requires_triton,
-    )
-except ImportError:
-    from _helpers import (
-        FP32_TOL,
-        INTERPRETER_DTYPES,
-        assert_compile_matches_eager,
-        check_pool_backward,
-        check_pool_forward,
-        requires_triton,
-    )
 
 GRIDS = [(14, (1, 2, 7, 14)), (6, (2, 3)), (5, (1, 5)), (4, (4,)), (12, (1, 2, 3, 4, 6, 12))]
 

@@ -464,10 +464,10 @@ def record(modes: tuple) -> list[Launch]:
 
 def with_tuned_tiles(launches: list[Launch]) -> list[Launch]:
     """``launches`` and, for each InfoNCE launch that CUDA hands to Triton's autotuner, one per
-    candidate tile config (``info_nce.TUNED``). The recordings run on meta tensors, which take
+    candidate tile config (``tiles.TUNED``). The recordings run on meta tensors, which take
     the fixed-tile path; the candidates are compiled in bf16 for metric ``mgc`` (fp16 and the
     other metrics compile to the same loops)."""
-    from mgc_kernels.triton import info_nce
+    from mgc_kernels.triton import tiles
 
     out = list(launches)
     for launch in launches:
@@ -477,12 +477,12 @@ def with_tuned_tiles(launches: list[Launch]) -> list[Launch]:
             and launch.kwargs["BLOCK_D"] <= 128
             and "metric=i" not in launch.case
         ):
-            for rows, cols, warps, stages in info_nce.TUNED:
+            for rows, cols, warps, stages in tiles.TUNED:
                 kwargs = dict(
                     launch.kwargs,
                     BLOCK_R=rows,
                     BLOCK_C=cols,
-                    BAND_R=info_nce.TUNED_BAND_R,
+                    BAND_R=tiles.TUNED_BAND_R,
                     num_warps=warps,
                     num_stages=stages,
                 )

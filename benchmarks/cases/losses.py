@@ -66,7 +66,8 @@ def loss_mgc(batch: int, mode: str, dtype, device) -> Problem:
         for s in range(4)
     )
     criterion = per_backend(
-        lambda backend: mk.MGCLoss(MGC_CELLS, MGC_PAIRS, mode=mode, backend=backend), device
+        lambda backend: mk.MGCLoss(MGC_CELLS, num_pairs=MGC_PAIRS, mode=mode, backend=backend),
+        device,
     )
 
     def op(backend):
@@ -113,7 +114,9 @@ def loss_densecl(batch: int, queue: int, dtype, device) -> Problem:
         device=device,
         seed=0,
     )
-    criterion = per_backend(lambda backend: mk.DenseCLLoss(DIM, queue, backend=backend), device)
+    criterion = per_backend(
+        lambda backend: mk.DenseCLLoss(DIM, queue_size=queue, backend=backend), device
+    )
 
     def op(backend):
         return criterion(backend)(q_global, k_global, q_dense, k_dense, f1, f2)
@@ -143,7 +146,7 @@ def loss_smog(batch: int, groups: int, dtype, device) -> Problem:
     p1, z2 = leaves((batch, DIM), (batch, DIM), dtype=dtype, device=device, seed=0)
 
     def make(backend):
-        return mk.SMoGLoss(DIM, groups, reset_every=0, symmetric=False, backend=backend)
+        return mk.SMoGLoss(DIM, num_groups=groups, reset_every=0, symmetric=False, backend=backend)
 
     criterion = per_backend(make, device)
     initial_groups = make("torch").group_features.to(device, dtype)

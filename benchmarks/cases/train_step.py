@@ -128,7 +128,9 @@ def _loss_only(batch: int, dim: int, dtype, device):
 
     def op(backend):
         if backend not in criteria:
-            criteria[backend] = mk.MGCLoss(MGC_CELLS, MGC_PAIRS, grid=GRID, backend=backend)
+            criteria[backend] = mk.MGCLoss(
+                MGC_CELLS, num_pairs=MGC_PAIRS, grid=GRID, backend=backend
+            )
         criterion = criteria[backend]
         criterion(q1, q2, k1, k2, criterion.sample_pairs(*views)).backward()
         for q in (*q1, *q2):

@@ -106,8 +106,6 @@ void correspondence_kernel(const torch::Tensor& boxes1, const torch::Tensor& fli
   }
 }
 
-}  // namespace
-
 torch::Tensor correspondence_cpu(const torch::Tensor& boxes1, const torch::Tensor& flips1,
                                  const torch::Tensor& boxes2, const torch::Tensor& flips2,
                                  int64_t n, const std::string& metric) {
@@ -124,6 +122,12 @@ torch::Tensor correspondence_cpu(const torch::Tensor& boxes1, const torch::Tenso
       at::kHalf, at::kBFloat16, b1.scalar_type(), "correspondence_cpu",
       [&] { correspondence_kernel<scalar_t>(b1, f1, b2, f2, n, parsed, out); });
   return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mgc_kernels_native, CPU, m) {
+  m.impl("correspondence", &correspondence_cpu);
 }
 
 }  // namespace mgc

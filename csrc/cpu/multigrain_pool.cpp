@@ -109,8 +109,6 @@ void pool_backward(const std::vector<torch::Tensor>& grads_acc, int64_t grid,
   }
 }
 
-}  // namespace
-
 std::vector<torch::Tensor> multigrain_pool_cpu(const torch::Tensor& tokens, int64_t grid,
                                                const std::vector<int64_t>& cells) {
   TORCH_CHECK(tokens.device().is_cpu(), "mgc_kernels native: expected CPU tokens");
@@ -152,6 +150,13 @@ torch::Tensor multigrain_pool_backward_cpu(const std::vector<torch::Tensor>& gra
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multigrain_pool_backward_cpu",
                                   [&] { pool_backward<scalar_t>(grads_acc, grid, cells, out); });
   return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mgc_kernels_native, CPU, m) {
+  m.impl("multigrain_pool", &multigrain_pool_cpu);
+  m.impl("multigrain_pool_backward", &multigrain_pool_backward_cpu);
 }
 
 }  // namespace mgc

@@ -340,8 +340,6 @@ Result sample_all(const Views& v, const Problem& p) {
   return out;
 }
 
-}  // namespace
-
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sample_pairs_cpu(
     const torch::Tensor& boxes1, const torch::Tensor& flips1, const torch::Tensor& boxes2,
     const torch::Tensor& flips2, int64_t n, int64_t k, const std::string& method,
@@ -362,6 +360,12 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sample_pairs_cpu(
     out = p.method == Method::all ? sample_all<scalar_t>(v, p) : sample_fixed_k<scalar_t>(v, p, k);
   });
   return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mgc_kernels_native, CPU, m) {
+  m.impl("sample_pairs", &sample_pairs_cpu);
 }
 
 }  // namespace mgc

@@ -3,8 +3,9 @@
 //
 // The result is bit-identical to reference/correspondence.py computed on the CPU: each value is
 // computed in the accumulation type (fp32, fp64 for fp64 boxes) with geometry.cuh's
-// correctly-rounded operations in the reference's order. (The torch reference run on CUDA tensors is not the spec here: its `tensor / n` multiplies by
-// a rounded reciprocal and may differ from a true division in the last bit.)
+// correctly-rounded operations in the reference's order. (The torch reference run on CUDA
+// tensors is not the spec here: its `tensor / n` multiplies by a rounded reciprocal and may differ
+// from a true division in the last bit.)
 #include "geometry.cuh"
 
 #include <ATen/AccumulateType.h>
@@ -49,8 +50,6 @@ __global__ void correspondence_kernel(const scalar_t* __restrict__ boxes1,
   }
 }
 
-}  // namespace
-
 torch::Tensor correspondence_cuda(const torch::Tensor& boxes1, const torch::Tensor& flips1,
                                   const torch::Tensor& boxes2, const torch::Tensor& flips2,
                                   int64_t n, const std::string& metric) {
@@ -79,6 +78,12 @@ torch::Tensor correspondence_cuda(const torch::Tensor& boxes1, const torch::Tens
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mgc_kernels_native, CUDA, m) {
+  m.impl("correspondence", &correspondence_cuda);
 }
 
 }  // namespace mgc

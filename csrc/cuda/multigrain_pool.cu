@@ -235,8 +235,6 @@ torch::Tensor launch_backward(const std::vector<torch::Tensor>& grads, int64_t g
   return sum.to(first.scalar_type());
 }
 
-}  // namespace
-
 std::vector<torch::Tensor> multigrain_pool_cuda(const torch::Tensor& tokens, int64_t grid,
                                                 const std::vector<int64_t>& cells) {
   check_cells(grid, cells);
@@ -301,6 +299,13 @@ torch::Tensor multigrain_pool_backward_cuda(const std::vector<torch::Tensor>& gr
                    : launch_backward<scalar_t, acc_t, 1>(gs, grid, cells);
       });
   return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mgc_kernels_native, CUDA, m) {
+  m.impl("multigrain_pool", &multigrain_pool_cuda);
+  m.impl("multigrain_pool_backward", &multigrain_pool_backward_cuda);
 }
 
 }  // namespace mgc

@@ -213,8 +213,6 @@ int64_t most_positive(const torch::Tensor& candidates) {
   return positive.sum(1).max().item<int64_t>();
 }
 
-}  // namespace
-
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sample_pairs_cuda(
     const torch::Tensor& boxes1, const torch::Tensor& flips1, const torch::Tensor& boxes2,
     const torch::Tensor& flips2, int64_t n, int64_t k, const std::string& method,
@@ -282,6 +280,12 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> sample_pairs_cuda(
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return {idx1, idx2, weight};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mgc_kernels_native, CUDA, m) {
+  m.impl("sample_pairs", &sample_pairs_cuda);
 }
 
 }  // namespace mgc

@@ -3,6 +3,8 @@ ICLR 2023, arXiv:2306.13337)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -10,6 +12,15 @@ from .. import _checks, distributed
 from ..ops.linear_soft_ce import linear_soft_ce
 
 QUERY_PAIRS = ("cross", "same")
+
+
+class _Term(NamedTuple):
+    """One cross-entropy term of a step on this rank."""
+
+    loss_sum: torch.Tensor  # sum of H over the student rows, with gradient
+    teacher_logits: torch.Tensor  # [K] sum of the raw teacher logits over the teacher rows
+    student_rows: int
+    teacher_rows: int  # distinct teacher rows: the CLS term pairs each with several students
 
 
 class ADCLRLoss(nn.Module):
@@ -61,6 +72,7 @@ class ADCLRLoss(nn.Module):
     def __init__(
         self,
         num_prototypes: int = 65536,
+        *,
         student_temperature: float = 0.1,
         teacher_temperature: float = 0.07,
         warmup_teacher_temperature: float = 0.04,
@@ -72,45 +84,23 @@ class ADCLRLoss(nn.Module):
         backend: str | None = None,
     ):
         super().__init__()
-        if (
-            not isinstance(num_prototypes, int)
-            or isinstance(num_prototypes, bool)
-            or num_prototypes < 1
-        ):
-            raise ValueError(f"num_prototypes must be a positive int, got {num_prototypes!r}")
-        self.num_prototypes = num_prototypes
+        self.num_prototypes = _checks.integer("num_prototypes", num_prototypes, 1)
         self.student_temperature = _checks.positive("student_temperature", student_temperature)
         self.teacher_temperature = _checks.positive("teacher_temperature", teacher_temperature)
         self.warmup_teacher_temperature = _checks.positive(
             "warmup_teacher_temperature", warmup_teacher_temperature
         )
-        epochs = warmup_teacher_temperature_epochs
-        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
-            raise ValueError(
-                f"warmup_teacher_temperature_epochs must be an int >= 0, got {epochs!r}"
-            )
-        self.warmup_teacher_temperature_epochs = epochs
-        if (
-            not isinstance(center_momentum, (int, float))
-            or isinstance(center_momentum, bool)
-            or not 0 <= center_momentum <= 1
-        ):
-            raise ValueError(f"center_momentum must be a number in [0, 1], got {center_momentum!r}")
-        self.center_momentum = float(center_momentum)
-        if (
-            not isinstance(query_weight, (int, float))
-            or isinstance(query_weight, bool)
-            or not query_weight >= 0
-            or query_weight == float("inf")
-        ):
-            raise ValueError(f"query_weight must be a finite number >= 0, got {query_weight!r}")
-        self.query_weight = float(query_weight)
+        self.warmup_teacher_temperature_epochs = _checks.integer(
+            "warmup_teacher_temperature_epochs", warmup_teacher_temperature_epochs, 0
+        )
+        self.center_momentum = _checks.real("center_momentum", center_momentum, 0, 1)
+        self.query_weight = _checks.real("query_weight", query_weight, 0, finite=True)
         _checks.choice("query_pairs", query_pairs, QUERY_PAIRS)
         self.query_pairs = query_pairs
         self.gather_distributed = bool(gather_distributed)
         self.backend = backend
-        self.register_buffer("center_cls", torch.zeros(num_prototypes))
-        self.register_buffer("center_query", torch.zeros(num_prototypes))
+        self.register_buffer("center_cls", torch.zeros(self.num_prototypes))
+        self.register_buffer("center_query", torch.zeros(self.num_prototypes))
 
     def extra_repr(self) -> str:
         return (
@@ -124,8 +114,7 @@ class ADCLRLoss(nn.Module):
 
     def teacher_temperature_at(self, epoch: float) -> float:
         """``tau_t`` at ``epoch``: DINO's linear warm-up, then constant."""
-        if not isinstance(epoch, (int, float)) or isinstance(epoch, bool) or not epoch >= 0:
-            raise ValueError(f"epoch must be a number >= 0, got {epoch!r}")
+        _checks.real("epoch", epoch, 0)
         warmup = self.warmup_teacher_temperature_epochs
         if epoch >= warmup:
             return self.teacher_temperature
@@ -161,72 +150,66 @@ class ADCLRLoss(nn.Module):
             epoch: the current (possibly fractional) epoch, for the temperature warm-up.
         """
         tau_t = self.teacher_temperature_at(epoch)
-        self._check(
+        self._check_inputs(
             student_cls, teacher_cls, student_query, teacher_query, student_weight, teacher_weight
         )
-        views = len(student_cls)
+        views, batch = student_cls.shape[:2]
         pairs = [(a, b) for a in range(2) for b in range(views) if b != a]
-        s_rows = torch.cat([student_cls[b] for _, b in pairs])
-        t_rows = torch.cat([teacher_cls[a] for a, _ in pairs])
-        cls_sum, cls_mean = linear_soft_ce(
-            s_rows,
+        student_rows = torch.cat([student_cls[b] for _, b in pairs])
+        teacher_rows = torch.cat([teacher_cls[a] for a, _ in pairs])
+        inputs = {"cls": (student_rows, teacher_rows, 2 * batch, self.center_cls)}
+        if student_query is not None:
+            order = (1, 0) if self.query_pairs == "cross" else (0, 1)
+            student_rows = torch.cat([student_query[b] for b in order]).flatten(0, -2)
+            teacher_rows = teacher_query.flatten(0, -2)
+            inputs["query"] = (student_rows, teacher_rows, len(teacher_rows), self.center_query)
+        terms = {
+            name: self._term(*rows_and_center, student_weight, teacher_weight, tau_t)
+            for name, rows_and_center in inputs.items()
+        }
+        local = _statistics(terms)
+        # the centres move by the mean over all ranks; the loss needs it only when gathering
+        needs_reduce = self.gather_distributed or self.training
+        total = distributed.all_reduce_sums(local) if needs_reduce else local
+        # gathering, each rank returns world_size x its share of the mean over every rank's rows
+        ranks, counts = (
+            (distributed.world_size(), total) if self.gather_distributed else (1.0, local)
+        )
+        loss = terms["cls"].loss_sum * (ranks / counts["cls_student_rows"])
+        if "query" in terms:
+            scale = ranks / counts["query_student_rows"]
+            loss = loss + self.query_weight * terms["query"].loss_sum * scale
+        if self.training:
+            self._update_centers(total)
+        return loss
+
+    def _term(
+        self, student, teacher, teacher_rows, center, student_weight, teacher_weight, tau_t
+    ) -> _Term:
+        """``H`` of the ``student`` rows against the ``teacher`` rows, of which ``teacher_rows``
+        are distinct."""
+        loss_sum, teacher_mean = linear_soft_ce(
+            student,
             student_weight,
-            t_rows,
+            teacher,
             teacher_weight,
             student_temperature=self.student_temperature,
             teacher_temperature=tau_t,
-            center=self.center_cls,
+            center=center,
             reduction="sum",
             backend=self.backend,
         )
-        counts = [len(s_rows), 2 * teacher_cls.shape[1]]
-        sums = [cls_mean * counts[1]]
-        terms = [cls_sum]
-        if student_query is not None:
-            order = (1, 0) if self.query_pairs == "cross" else (0, 1)
-            s_rows = torch.cat([student_query[b] for b in order]).flatten(0, -2)
-            t_rows = teacher_query.flatten(0, -2)
-            query_sum, query_mean = linear_soft_ce(
-                s_rows,
-                student_weight,
-                t_rows,
-                teacher_weight,
-                student_temperature=self.student_temperature,
-                teacher_temperature=tau_t,
-                center=self.center_query,
-                reduction="sum",
-                backend=self.backend,
-            )
-            counts += [len(s_rows), len(t_rows)]
-            sums.append(query_mean * counts[3])
-            terms.append(query_sum)
-        acc = cls_sum.dtype
-        local = torch.cat(
-            [*(s.to(acc) for s in sums), torch.tensor(counts, dtype=acc, device=cls_sum.device)]
-        )
-        needs_reduce = self.gather_distributed or self.training
-        total = distributed.all_reduce_sum(local) if needs_reduce else local
-        k = self.num_prototypes
-        global_counts = total[len(sums) * k :]
-        if self.gather_distributed:
-            scale = distributed.world_size() / global_counts[0::2]
-        else:
-            scale = 1.0 / torch.tensor(counts[0::2], dtype=acc, device=cls_sum.device)
-        loss = terms[0] * scale[0]
-        if len(terms) > 1:
-            loss = loss + self.query_weight * terms[1] * scale[1]
-        if self.training:
-            self._update_centers(total, global_counts)
-        return loss
+        return _Term(loss_sum, teacher_mean * teacher_rows, len(student), teacher_rows)
 
     @torch.no_grad()
-    def _update_centers(self, total: torch.Tensor, global_counts: torch.Tensor) -> None:
-        m, k = self.center_momentum, self.num_prototypes
-        for i, center in enumerate((self.center_cls, self.center_query)[: len(global_counts) // 2]):
-            mean = total[i * k : (i + 1) * k] / global_counts[2 * i + 1]
-            center.mul_(m).add_(mean.to(center.dtype), alpha=1 - m)
+    def _update_centers(self, total: dict[str, torch.Tensor]) -> None:
+        m = self.center_momentum
+        for name, center in (("cls", self.center_cls), ("query", self.center_query)):
+            if f"{name}_teacher_logits" in total:
+                mean = total[f"{name}_teacher_logits"] / total[f"{name}_teacher_rows"]
+                center.mul_(m).add_(mean.to(center.dtype), alpha=1 - m)
 
-    def _check(
+    def _check_inputs(
         self, student_cls, teacher_cls, student_query, teacher_query, student_weight, teacher_weight
     ) -> None:
         k = self.num_prototypes
@@ -288,11 +271,8 @@ def query_attention_mask(
     allowed, ``-inf`` where not (for attention code that adds the mask to the scores). The mask
     broadcasts over batch and heads (``[L, L]`` against ``[B, H, L, L]``).
     """
-    for name, v in (("n_global", n_global), ("n_query", n_query)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
-    if n_global < 1:
-        raise ValueError(f"n_global must be >= 1 (at least the CLS token), got {n_global}")
+    n_global = _checks.integer("n_global", n_global, 1)  # at least the CLS token
+    n_query = _checks.integer("n_query", n_query, 0)
     if dtype != torch.bool and not dtype.is_floating_point:
         raise TypeError(f"dtype must be torch.bool or a floating dtype, got {dtype}")
     length = n_global + n_query
@@ -302,3 +282,19 @@ def query_attention_mask(
         return allowed
     mask = torch.zeros(length, length, dtype=dtype, device=device)
     return mask.masked_fill_(~allowed, float("-inf"))
+
+
+def _statistics(terms: dict[str, _Term]) -> dict[str, torch.Tensor]:
+    """What the loss scale and the centres need from each term, by name: ``<term>_teacher_logits``
+    ``[K]``, ``<term>_student_rows`` and ``<term>_teacher_rows``, in the loss's accumulation dtype
+    (the counts copied to the device at once)."""
+    loss_sum = terms["cls"].loss_sum
+    sums = {
+        f"{name}_teacher_logits": t.teacher_logits.to(loss_sum.dtype) for name, t in terms.items()
+    }
+    counts = {}
+    for name, term in terms.items():
+        counts[f"{name}_student_rows"] = term.student_rows
+        counts[f"{name}_teacher_rows"] = term.teacher_rows
+    values = torch.tensor(list(counts.values()), dtype=loss_sum.dtype, device=loss_sum.device)
+    return sums | dict(zip(counts, values))

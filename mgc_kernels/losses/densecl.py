@@ -126,6 +126,7 @@ class DenseCLLoss(nn.Module):
     def __init__(
         self,
         dim: int = 128,
+        *,
         queue_size: int = 65536,
         temperature: float = 0.2,
         loss_lambda: float = 0.5,
@@ -133,16 +134,10 @@ class DenseCLLoss(nn.Module):
         backend: str | None = None,
     ):
         super().__init__()
-        self.dim = _checks.integer("dim", dim)
-        self.queue_size = _checks.integer("queue_size", queue_size)
+        self.dim = _checks.integer("dim", dim, 1)
+        self.queue_size = _checks.integer("queue_size", queue_size, 1)
         self.temperature = _checks.positive("temperature", temperature)
-        if (
-            not isinstance(loss_lambda, (int, float))
-            or isinstance(loss_lambda, bool)
-            or not 0 <= loss_lambda <= 1
-        ):
-            raise ValueError(f"loss_lambda must be a number in [0, 1], got {loss_lambda!r}")
-        self.loss_lambda = float(loss_lambda)
+        self.loss_lambda = _checks.real("loss_lambda", loss_lambda, 0, 1)
         self.gather_distributed = bool(gather_distributed)
         self.backend = backend
         for name in ("global_queue", "dense_queue"):
@@ -181,48 +176,7 @@ class DenseCLLoss(nn.Module):
             update: enqueue this step's keys; ``None`` (default) enqueues in training mode only.
             return_terms: also return the detached ``(L_global, L_dense)`` for logging.
         """
-        _checks.float_tensor("q_global", q_global, ndim=2, kind=" ([B, dim] global queries)")
-        batch = len(q_global)
-        _same_size("q_global", q_global, 1, self.dim, f"features in dimension 1 (dim={self.dim})")
-        _checks.float_tensor("k_global", k_global, ndim=2, kind=" ([B, dim] global keys)")
-        if tuple(k_global.shape) != tuple(q_global.shape):
-            raise ValueError(
-                f"k_global must be [B, dim] = {tuple(q_global.shape)} like q_global, "
-                f"got {_checks.describe(k_global)}"
-            )
-        dq = _tokens("q_dense", q_dense, "dense queries")
-        dk = _tokens("k_dense", k_dense, "dense keys")
-        t1 = _tokens("f1", f1, "backbone tokens")
-        t2 = _tokens("f2", f2, "backbone tokens")
-        for name, x, shown in (
-            ("q_dense", dq, q_dense),
-            ("k_dense", dk, k_dense),
-            ("f1", t1, f1),
-            ("f2", t2, f2),
-        ):
-            _same_size(name, x, 0, batch, f"images (the batch size of q_global, {batch})", shown)
-        for name, x, shown in (("q_dense", dq, q_dense), ("k_dense", dk, k_dense)):
-            _same_size(name, x, 2, self.dim, f"features per position (dim={self.dim})", shown)
-        _same_size(
-            "q_dense",
-            dq,
-            1,
-            t1.shape[1],
-            f"positions (the positions of f1, {t1.shape[1]})",
-            q_dense,
-        )
-        _same_size(
-            "k_dense",
-            dk,
-            1,
-            t2.shape[1],
-            f"positions (the positions of f2, {t2.shape[1]})",
-            k_dense,
-        )
-        _checks.same_device(
-            q_global=q_global, k_global=k_global, q_dense=q_dense, k_dense=k_dense, f1=f1, f2=f2
-        )
-
+        dq, dk, t1, t2 = self._check_inputs(q_global, k_global, q_dense, k_dense, f1, f2)
         k_global, dk = k_global.detach(), dk.detach()
         match = dense_argmax_match(t1, t2)  # [B, S1]
         dk_matched = dk.gather(1, match[..., None].expand(-1, -1, self.dim))  # [B, S1, dim]
@@ -249,6 +203,43 @@ class DenseCLLoss(nn.Module):
         if return_terms:
             return loss, loss_global.detach(), loss_dense.detach()
         return loss
+
+    def _check_inputs(self, q_global, k_global, q_dense, k_dense, f1, f2):
+        """Checks the shapes and devices of :meth:`forward`'s inputs; returns ``q_dense``,
+        ``k_dense``, ``f1`` and ``f2`` as ``[B, S, C]`` tokens."""
+        _checks.float_tensor("q_global", q_global, ndim=2, kind=" ([B, dim] global queries)")
+        batch = len(q_global)
+        _same_size("q_global", q_global, 1, self.dim, f"features in dimension 1 (dim={self.dim})")
+        _checks.float_tensor("k_global", k_global, ndim=2, kind=" ([B, dim] global keys)")
+        if tuple(k_global.shape) != tuple(q_global.shape):
+            raise ValueError(
+                f"k_global must be [B, dim] = {tuple(q_global.shape)} like q_global, "
+                f"got {_checks.describe(k_global)}"
+            )
+        dq = _tokens("q_dense", q_dense, "dense queries")
+        dk = _tokens("k_dense", k_dense, "dense keys")
+        t1 = _tokens("f1", f1, "backbone tokens")
+        t2 = _tokens("f2", f2, "backbone tokens")
+        for name, x, shown in (
+            ("q_dense", dq, q_dense),
+            ("k_dense", dk, k_dense),
+            ("f1", t1, f1),
+            ("f2", t2, f2),
+        ):
+            _same_size(name, x, 0, batch, f"images (the batch size of q_global, {batch})", shown)
+        for name, x, shown in (("q_dense", dq, q_dense), ("k_dense", dk, k_dense)):
+            _same_size(name, x, 2, self.dim, f"features per position (dim={self.dim})", shown)
+        for name, x, shown, source, tokens in (
+            ("q_dense", dq, q_dense, "f1", t1),
+            ("k_dense", dk, k_dense, "f2", t2),
+        ):
+            positions = tokens.shape[1]
+            what = f"positions (the positions of {source}, {positions})"
+            _same_size(name, x, 1, positions, what, shown)
+        _checks.same_device(
+            q_global=q_global, k_global=k_global, q_dense=q_dense, k_dense=k_dense, f1=f1, f2=f2
+        )
+        return dq, dk, t1, t2
 
     @torch.no_grad()
     def enqueue(self, k_global: torch.Tensor, k_dense_pooled: torch.Tensor) -> None:

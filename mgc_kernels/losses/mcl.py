@@ -4,7 +4,6 @@ Dense Prediction Task", arXiv:2304.02010)."""
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Sequence
 
 import torch
@@ -126,6 +125,7 @@ class MCLLoss(nn.Module):
     def __init__(
         self,
         ratios: Sequence[int] = (1, 2, 7),
+        *,
         level_weights: Sequence[float] | None = None,
         temperature: float = 1.0,
         grid: int = 14,
@@ -134,10 +134,8 @@ class MCLLoss(nn.Module):
         loss_scale: float | None = None,
     ):
         super().__init__()
-        if not isinstance(grid, int) or isinstance(grid, bool) or grid < 1:
-            raise ValueError(f"grid must be a positive int, got {grid!r}")
-        self.grid = grid
-        self.ratios = _ratios(ratios, grid)
+        self.grid = _checks.integer("grid", grid, 1)
+        self.ratios = _ratios(ratios, self.grid)
         self.level_weights = (
             default_level_weights(len(self.ratios))
             if level_weights is None
@@ -146,17 +144,11 @@ class MCLLoss(nn.Module):
             )
         )
         self.temperature = _checks.positive("temperature", temperature)
-        if loss_scale is not None and not (
-            isinstance(loss_scale, (int, float))
-            and not isinstance(loss_scale, bool)
-            and math.isfinite(loss_scale)
-            and loss_scale > 0
-        ):
-            raise ValueError(
-                f"loss_scale must be a finite positive number or None (2 * "
-                f"temperature), got {loss_scale!r}"
-            )
-        self.loss_scale = 2.0 * self.temperature if loss_scale is None else float(loss_scale)
+        self.loss_scale = (
+            2.0 * self.temperature
+            if loss_scale is None
+            else _checks.real("loss_scale", loss_scale, 0, low_open=True, finite=True)
+        )
         self.gather_distributed = bool(gather_distributed)
         self.backend = backend
 
@@ -192,33 +184,14 @@ class MCLLoss(nn.Module):
                 :func:`mgc_kernels.transforms.montage` for the montages of view 1 / view 2 (the
                 ``M_l`` of the matching ``q``): indices into this rank's batch.
         """
-        levels = len(self.ratios)
-        what = "level of ratios"
-        q1, q2 = _checks.per_item("q1", q1, levels, what), _checks.per_item("q2", q2, levels, what)
-        sources1 = _checks.per_item("sources1", sources1, levels, what)
-        sources2 = _checks.per_item("sources2", sources2, levels, what)
-        for name, k in (("k1", k1), ("k2", k2)):
-            _checks.float_tensor(name, k, ndim=2, kind=" ([B, D] momentum embeddings)")
-        if k2.shape != k1.shape:
-            raise ValueError(
-                f"k2 must have the shape of k1 {tuple(k1.shape)}, got {_checks.describe(k2)}"
-            )
+        self._check_inputs(q1, q2, k1, k2, sources1, sources2)
         batch, dim = k1.shape
         keys1, keys2 = self._gather(k1.detach()), self._gather(k2.detach())
         offset = distributed.rank() * batch if self.gather_distributed else 0
         total = 0.0
-        for level, (r, w) in enumerate(zip(self.ratios, self.level_weights)):
+        for level, w in enumerate(self.level_weights):
             term = 0.0
-            for view, q, s, keys in ((1, q1, sources1, keys2), (2, q2, sources2, keys1)):
-                _check_queries(f"q{view}[{level}]", q[level], r, dim, k1)
-                _check_sources(
-                    f"sources{view}[{level}]",
-                    s[level],
-                    q[level].shape[:2],
-                    r,
-                    batch,
-                    q[level].device,
-                )
+            for q, s, keys in ((q1, sources1, keys2), (q2, sources2, keys1)):
                 targets = s[level].reshape(-1) + offset
                 term = term + info_nce(
                     q[level].reshape(-1, dim), keys, targets, self.temperature, backend=self.backend
@@ -226,30 +199,40 @@ class MCLLoss(nn.Module):
             total = total + w * term
         return total * (self.loss_scale / sum(self.level_weights))
 
+    def _check_inputs(self, q1, q2, k1, k2, sources1, sources2) -> None:
+        levels = len(self.ratios)
+        for name, x in (("q1", q1), ("q2", q2), ("sources1", sources1), ("sources2", sources2)):
+            _checks.per_item(name, x, levels, "level of ratios")
+        for name, k in (("k1", k1), ("k2", k2)):
+            _checks.float_tensor(name, k, ndim=2, kind=" ([B, D] momentum embeddings)")
+        if k2.shape != k1.shape:
+            raise ValueError(
+                f"k2 must have the shape of k1 {tuple(k1.shape)}, got {_checks.describe(k2)}"
+            )
+        batch, dim = k1.shape
+        for level, r in enumerate(self.ratios):
+            for view, q, s in ((1, q1[level], sources1[level]), (2, q2[level], sources2[level])):
+                _check_queries(f"q{view}[{level}]", q, r, dim, k1)
+                _check_sources(f"sources{view}[{level}]", s, q.shape[:2], r, batch, q.device)
+
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         return distributed.gather(x) if self.gather_distributed else x
 
 
 def _ratios(ratios, grid: int) -> tuple[int, ...]:
-    if (
-        isinstance(ratios, int)
-        or not isinstance(ratios, Sequence)
-        or not ratios
-        or not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ratios)
-    ):
-        raise ValueError(f"ratios must be a non-empty sequence of positive ints, got {ratios!r}")
-    if any(b <= a for a, b in itertools.pairwise(ratios)):
+    levels = _checks.positive_ints("ratios", ratios)
+    if any(b <= a for a, b in itertools.pairwise(levels)):
         raise ValueError(
             f"ratios must be strictly increasing (coarsest level first, finest "
             f"last), got {ratios!r}"
         )
-    bad = [r for r in ratios if grid % r]
+    bad = [r for r in levels if grid % r]
     if bad:
         raise ValueError(
             f"ratios must each divide grid={grid} (a sub-image must be a whole "
             f"cell of tokens), got {ratios!r}; {bad} do not"
         )
-    return tuple(ratios)
+    return levels
 
 
 def _check_queries(name: str, q, ratio: int, dim: int, k: torch.Tensor) -> None:

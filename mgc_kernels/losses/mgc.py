@@ -63,6 +63,7 @@ class MGCLoss(nn.Module):
     def __init__(
         self,
         cells: Sequence[int] = (1, 2, 7),
+        *,
         num_pairs: Sequence[int] = (10, 10, 2),
         temperature: float = 0.1,
         grid: int = 14,
@@ -141,28 +142,37 @@ class MGCLoss(nn.Module):
             pairs: sparse mode: the output of :meth:`sample_pairs`.
             boxes: dense mode: ``(boxes1, flips1, boxes2, flips2)`` of the two views.
         """
-        features = [
+        self._check_inputs(q1, q2, k1, k2, pairs, boxes)
+        features = zip(q1, q2, k1, k2)
+        if self.mode == "sparse":
+            terms = [self._sparse(*f, p) for f, p in zip(features, pairs)]
+        else:
+            terms = [self._dense(c, *f, *boxes) for c, f in zip(self.cells, features)]
+        weights = self.granularity_weights
+        return sum(w * t for w, t in zip(weights, terms)) / sum(weights)
+
+    def _check_inputs(self, q1, q2, k1, k2, pairs, boxes) -> None:
+        features = {"q1": q1, "q2": q2, "k1": k1, "k2": k2}
+        for name, x in features.items():
             _checks.per_item(name, x, len(self.cells), "cell")
-            for name, x in (("q1", q1), ("q2", q2), ("k1", k1), ("k2", k2))
-        ]
         if self.mode == "sparse":
             if pairs is None:
                 raise ValueError(
                     "pairs is required in sparse mode: pass criterion.sample_pairs(...)"
                 )
-            pairs = _checks.per_item("pairs", pairs, len(self.cells), "cell")
-            terms = [self._sparse(i, *f, pairs[i]) for i, f in enumerate(zip(*features))]
+            _checks.per_item("pairs", pairs, len(self.cells), "cell")
+            shapes = [tuple(p.weight.shape) for p in pairs]
+            expected = [f"[B, K] = {s} like pairs[{i}]" for i, s in enumerate(shapes)]
         else:
             if boxes is None or len(boxes) != 4:
                 raise ValueError("boxes=(boxes1, flips1, boxes2, flips2) is required in dense mode")
-            terms = [self._dense(i, *f, *boxes) for i, f in enumerate(zip(*features))]
-        weights = self.granularity_weights
-        return sum(w * t for w, t in zip(weights, terms)) / sum(weights)
+            shapes = [(len(boxes[0]), (self.grid // c) ** 2) for c in self.cells]
+            expected = [f"[B, (grid // cell)**2] = {s}" for s in shapes]
+        for i, (shape, what) in enumerate(zip(shapes, expected)):
+            for name, x in features.items():
+                _check_rows(f"{name}[{i}]", x[i], shape, what)
 
-    def _sparse(self, i, q1, q2, k1, k2, pairs: Pairs) -> torch.Tensor:
-        shape = tuple(pairs.weight.shape)
-        for name, x in (("q1", q1), ("q2", q2), ("k1", k1), ("k2", k2)):
-            _check_rows(f"{name}[{i}]", x, shape, f"[B, K] = {shape} like pairs[{i}]")
+    def _sparse(self, q1, q2, k1, k2, pairs: Pairs) -> torch.Tensor:
         w = pairs.weight.reshape(-1).to(accumulate(q1.dtype))
         row_weights = w if self.weighting == "overlap" else (w > 0).to(w.dtype)
         return self._contrast(q1, k2, row_weights) + self._contrast(q2, k1, row_weights)
@@ -187,26 +197,23 @@ class MGCLoss(nn.Module):
         )
         return self._normalise(total, row_weights.sum())
 
-    def _dense(self, i, q1, q2, k1, k2, boxes1, flips1, boxes2, flips2) -> torch.Tensor:
-        c, regions = self.cells[i], (self.grid // self.cells[i]) ** 2
-        shape = (len(boxes1), regions)
-        for name, x in (("q1", q1), ("q2", q2), ("k1", k1), ("k2", k2)):
-            _check_rows(f"{name}[{i}]", x, shape, f"[B, (grid // cell)**2] = {shape}")
-        r1 = region_boxes(boxes1, flips1, self.grid, c, backend=self.backend).reshape(-1, 4)
-        r2 = region_boxes(boxes2, flips2, self.grid, c, backend=self.backend).reshape(-1, 4)
+    def _dense(self, cell, q1, q2, k1, k2, boxes1, flips1, boxes2, flips2) -> torch.Tensor:
+        regions = (self.grid // cell) ** 2
+        r1 = region_boxes(boxes1, flips1, self.grid, cell, backend=self.backend).reshape(-1, 4)
+        r2 = region_boxes(boxes2, flips2, self.grid, cell, backend=self.backend).reshape(-1, 4)
         offset = distributed.rank() * len(boxes1) if self.gather_distributed else 0
         image = torch.arange(len(boxes1), device=boxes1.device).repeat_interleave(regions) + offset
         acc = accumulate(q1.dtype)
         rho12 = (
             correspondence(
-                boxes1, flips1, boxes2, flips2, self.grid, c, self.metric, backend=self.backend
+                boxes1, flips1, boxes2, flips2, self.grid, cell, self.metric, backend=self.backend
             )
             .to(acc)
             .sum()
         )
         rho21 = (
             correspondence(
-                boxes2, flips2, boxes1, flips1, self.grid, c, self.metric, backend=self.backend
+                boxes2, flips2, boxes1, flips1, self.grid, cell, self.metric, backend=self.backend
             )
             .to(acc)
             .sum()
@@ -236,10 +243,9 @@ class MGCLoss(nn.Module):
 
     def _normalise(self, total: torch.Tensor, weight_sum: torch.Tensor) -> torch.Tensor:
         """``total / sum of weights`` over the whole gathered batch (see the class docstring)."""
-        if not self.gather_distributed:
-            return total / weight_sum.clamp_min(TINY)
-        global_sum = distributed.all_reduce_sum(weight_sum)
-        return distributed.world_size() * total / global_sum.clamp_min(TINY)
+        if self.gather_distributed:
+            return distributed.global_mean(total, weight_sum)
+        return total / weight_sum.clamp_min(TINY)
 
 
 def _weighting(mode: str, weighting: str | None) -> str:

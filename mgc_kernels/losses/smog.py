@@ -30,7 +30,6 @@ from ..ops.info_nce import info_nce
 
 __all__ = ["FeatureBank", "SMoGGroups", "SMoGLoss", "spherical_kmeans"]
 
-TINY = torch.finfo(torch.float32).tiny
 _CHUNK_ELEMENTS = 1 << 24  # similarity entries per chunk when matching many features to groups
 VARIANTS = ("smog", "lightly")
 GROUP_INITS = ("normal", "uniform")
@@ -40,12 +39,6 @@ _LIGHTLY_ASSIGN_TEMPERATURE = 0.1
 
 
 # ----------------------------------------------------------------------------- validation
-
-
-def _beta(value) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
-        raise ValueError(f"beta must be a number in [0, 1), got {value!r}")
-    return float(value)
 
 
 def _features(name: str, x, dim: int, kind: str) -> torch.Tensor:
@@ -132,7 +125,7 @@ def spherical_kmeans(
     ``2**24`` entries. Returns ``(centres [K, D], assignments [N])`` (centres unit-norm).
     """
     _checks.float_tensor("features", features, ndim=2, kind=" ([N, D] features to cluster)")
-    num_clusters = _checks.integer("num_clusters", num_clusters)
+    num_clusters = _checks.integer("num_clusters", num_clusters, 1)
     iters = _checks.integer("iters", iters, 0)
     if len(features) < num_clusters:
         raise ValueError(
@@ -203,28 +196,26 @@ class SMoGGroups(nn.Module):
     def __init__(
         self,
         num_groups: int = 3000,
+        *,
         dim: int = 128,
         beta: float = 0.99,
         gather_distributed: bool = False,
         seed: int = 0,
-        *,
         init: str = "normal",
     ):
         super().__init__()
-        self.num_groups = _checks.integer("num_groups", num_groups)
-        self.dim = _checks.integer("dim", dim)
-        self.beta = _beta(beta)
+        self.num_groups = _checks.integer("num_groups", num_groups, 1)
+        self.dim = _checks.integer("dim", dim, 1)
+        self.beta = _checks.real("beta", beta, 0, 1, high_open=True)
         self.gather_distributed = bool(gather_distributed)
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        if not isinstance(init, str) or init not in GROUP_INITS:
-            raise ValueError(f"init must be one of {GROUP_INITS}, got {init!r}")
+        seed = _checks.integer("seed", seed)
+        _checks.choice("init", init, GROUP_INITS)
         self.init = init
         generator = torch.Generator().manual_seed(seed)
         if init == "normal":
-            groups = _l2n(torch.randn(num_groups, dim, generator=generator))
+            groups = _l2n(torch.randn(self.num_groups, self.dim, generator=generator))
         else:
-            groups = torch.rand(num_groups, dim, generator=generator)
+            groups = torch.rand(self.num_groups, self.dim, generator=generator)
         self.register_buffer("groups", groups)
 
     def extra_repr(self) -> str:
@@ -311,11 +302,11 @@ class FeatureBank(nn.Module):
     returns the filled rows (one sync to read ``count``).
     """
 
-    def __init__(self, size: int, dim: int):
+    def __init__(self, size: int, *, dim: int):
         super().__init__()
-        self.size = _checks.integer("bank_size", size)
-        self.dim = _checks.integer("dim", dim)
-        self.register_buffer("features", torch.zeros(size, dim))
+        self.size = _checks.integer("bank_size", size, 1)
+        self.dim = _checks.integer("dim", dim, 1)
+        self.register_buffer("features", torch.zeros(self.size, self.dim))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
 
@@ -478,6 +469,7 @@ class SMoGLoss(nn.Module):
     def __init__(
         self,
         dim: int = 128,
+        *,
         num_groups: int = 3000,
         temperature: float = 0.1,
         beta: float = 0.99,
@@ -488,16 +480,14 @@ class SMoGLoss(nn.Module):
         gather_distributed: bool = False,
         seed: int = 0,
         backend: str | None = None,
-        *,
         variant: str = "smog",
     ):
         super().__init__()
-        if not isinstance(variant, str) or variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        num_groups = _checks.integer("num_groups", num_groups)
+        _checks.choice("variant", variant, VARIANTS)
+        num_groups = _checks.integer("num_groups", num_groups, 1)
         self.temperature = _checks.positive("temperature", temperature)
         self.reset_every = _checks.integer("reset_every", reset_every, 0)
-        self.kmeans_iters = _checks.integer("kmeans_iters", kmeans_iters)
+        self.kmeans_iters = _checks.integer("kmeans_iters", kmeans_iters, 1)
         bank_size = _checks.integer("bank_size", bank_size, 0)
         if self.reset_every and bank_size < num_groups:
             raise ValueError(
@@ -506,8 +496,7 @@ class SMoGLoss(nn.Module):
             )
         if symmetric is None:
             symmetric = variant == "smog"
-        if not isinstance(symmetric, bool):
-            raise ValueError(f"symmetric must be a bool (or None), got {symmetric!r}")
+        _checks.flag("symmetric", symmetric)
         if variant == "lightly" and symmetric:
             raise ValueError(
                 "variant='lightly' is one direction per step (lightly's SMoG example "
@@ -522,17 +511,17 @@ class SMoGLoss(nn.Module):
         self.variant = variant
         self.symmetric = symmetric
         self.gather_distributed = bool(gather_distributed)
-        self.seed = seed
+        self.seed = _checks.integer("seed", seed)
         self.backend = backend
         self.grouping = SMoGGroups(
             num_groups,
-            dim,
-            beta,
-            self.gather_distributed,
-            seed,
+            dim=dim,
+            beta=beta,
+            gather_distributed=self.gather_distributed,
+            seed=self.seed,
             init="uniform" if variant == "lightly" else "normal",
         )
-        self.bank = FeatureBank(bank_size, dim) if bank_size else None
+        self.bank = FeatureBank(bank_size, dim=dim) if bank_size else None
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         self._iteration = 0  # host mirror of `iteration`: the schedule needs no device sync
         self.register_load_state_dict_post_hook(_sync_iteration)
@@ -590,17 +579,38 @@ class SMoGLoss(nn.Module):
             proj1: ``variant="lightly"`` only: online projections of view 1, ``[N, D]`` (they
                 move the groups, with gradient); required in training mode.
         """
-        pairs = [("p1", p1, "z2", z2)]
+        directions = self._check_inputs(p1, z2, p2, z1, proj1)
+        if self.variant == "lightly":
+            return self._lightly_step(p1, z2, proj1)
+        targets = [self.grouping.assign(z) for _, z in directions]
+        if self.training:
+            self.grouping.update(torch.cat([p for p, _ in directions]), torch.cat(targets))
+        groups = self.grouping.groups.detach()
+        total = sum(
+            info_nce(
+                p, groups.to(p.dtype), t, self.temperature, reduction="sum", backend=self.backend
+            )
+            for (p, _), t in zip(directions, targets)
+        )
+        loss = self._normalise(total, len(directions) * len(p1))
+        if self.training:
+            self._advance([z for _, z in directions])
+        return loss
+
+    def _check_inputs(self, p1, z2, p2, z1, proj1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Checks :meth:`forward`'s inputs; returns the directions it contrasts, ``(p1, z2)``
+        and, when symmetric, ``(p2, z1)``."""
+        directions = [("p1", p1, "z2", z2)]
         if self.symmetric:
             if p2 is None or z1 is None:
                 raise ValueError(
                     "p2 and z1 are required with symmetric=True (or build the loss "
                     "with symmetric=False)"
                 )
-            pairs.append(("p2", p2, "z1", z1))
+            directions.append(("p2", p2, "z1", z1))
         elif p2 is not None or z1 is not None:
             raise ValueError("p2 and z1 are only used with symmetric=True")
-        for pn, p, zn, z in pairs:
+        for pn, p, zn, z in directions:
             _features(pn, p, self.dim, "online predictions")
             _features(zn, z, self.dim, "momentum features")
             if z.shape != p.shape:
@@ -615,28 +625,13 @@ class SMoGLoss(nn.Module):
             _on_module_device(pn, p, self.grouping.groups)
             _checks.same_device(**{pn: p, zn: z})
         if self.variant == "lightly":
-            return self._lightly_step(p1, z2, proj1)
-        if proj1 is not None:
+            self._check_projections(p1, proj1)
+        elif proj1 is not None:
             raise ValueError("proj1 is only used with variant='lightly'")
-        targets = [self.grouping.assign(z) for _, _, _, z in pairs]
-        if self.training:
-            self.grouping.update(torch.cat([p for _, p, _, _ in pairs]), torch.cat(targets))
-        groups = self.grouping.groups.detach()
-        total = sum(
-            info_nce(
-                p, groups.to(p.dtype), t, self.temperature, reduction="sum", backend=self.backend
-            )
-            for (_, p, _, _), t in zip(pairs, targets)
-        )
-        loss = self._normalise(total, len(pairs) * len(p1), p1.device)
-        if self.training:
-            self._advance([z for _, _, _, z in pairs])
-        return loss
+        return [(p, z) for _, p, _, z in directions]
 
-    def _lightly_step(
-        self, p1: torch.Tensor, z2: torch.Tensor, proj1: torch.Tensor | None
-    ) -> torch.Tensor:
-        """``variant="lightly"`` (see the class docstring)."""
+    def _check_projections(self, p1: torch.Tensor, proj1: torch.Tensor | None) -> None:
+        """``variant="lightly"``: ``proj1`` is like ``p1``, and required in training mode."""
         if proj1 is None:
             if self.training:
                 raise ValueError(
@@ -644,14 +639,18 @@ class SMoGLoss(nn.Module):
                     "view 1 that move the groups (lightly's x0_encoded; pass "
                     "proj1=p1 if there is no predictor)"
                 )
-        else:
-            _features("proj1", proj1, self.dim, "online projections")
-            if proj1.shape != p1.shape:
-                raise ValueError(
-                    f"proj1 must have the shape of p1 {tuple(p1.shape)}, got "
-                    f"{_checks.describe(proj1)}"
-                )
-            _checks.same_device(p1=p1, proj1=proj1)
+            return
+        _features("proj1", proj1, self.dim, "online projections")
+        if proj1.shape != p1.shape:
+            raise ValueError(
+                f"proj1 must have the shape of p1 {tuple(p1.shape)}, got {_checks.describe(proj1)}"
+            )
+        _checks.same_device(p1=p1, proj1=proj1)
+
+    def _lightly_step(
+        self, p1: torch.Tensor, z2: torch.Tensor, proj1: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``variant="lightly"`` (see the class docstring)."""
         dtype = torch.promote_types(accumulate(p1.dtype), self.grouping.groups.dtype)
         groups = self.grouping.groups.detach().to(dtype, copy=True)
         with torch.no_grad():
@@ -665,12 +664,11 @@ class SMoGLoss(nn.Module):
             self._advance([proj1])
         return loss
 
-    def _normalise(self, total: torch.Tensor, rows: int, device) -> torch.Tensor:
+    def _normalise(self, total: torch.Tensor, rows: int) -> torch.Tensor:
         """``total / rows`` over the whole gathered batch (see the class docstring)."""
         if not self.gather_distributed or distributed.world_size() == 1:
             return total / rows
-        count = distributed.all_reduce_sum(torch.tensor(float(rows), device=device))
-        return distributed.world_size() * total / count.to(total.dtype)
+        return distributed.global_mean(total, total.new_tensor(float(rows)))
 
     @torch.no_grad()
     def _advance(self, banked: list[torch.Tensor]) -> None:

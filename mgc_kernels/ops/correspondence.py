@@ -7,7 +7,6 @@ import torch
 from .. import _checks, backends
 from ..options import METRICS
 from ..reference import correspondence as reference
-from .region_boxes import check_view
 
 backends.register("correspondence", "torch")(reference.correspondence)
 backends.register_lazy(
@@ -22,26 +21,19 @@ def _correspondence(
     flips1: torch.Tensor,
     boxes2: torch.Tensor,
     flips2: torch.Tensor,
-    n: int,
+    per_side: int,
     metric: str,
     backend: str,
 ) -> torch.Tensor:
-    return backends.call("correspondence", backend, boxes1, flips1, boxes2, flips2, n, metric)
+    return backends.call(
+        "correspondence", backend, boxes1, flips1, boxes2, flips2, per_side, metric
+    )
 
 
 @_correspondence.register_fake
-def _(boxes1, flips1, boxes2, flips2, n, metric, backend):
-    return boxes1.new_empty(boxes1.shape[0], n * n, n * n)
-
-
-def check_views(boxes1, flips1, boxes2, flips2) -> None:
-    """Two views of the same ``B`` images, all on one device."""
-    check_view(boxes1, flips1, "boxes1", "flips1")
-    check_view(boxes2, flips2, "boxes2", "flips2", batch=boxes1.shape[0], device=boxes1.device)
-    if boxes2.dtype != boxes1.dtype:
-        raise TypeError(
-            f"boxes2 must have the dtype of boxes1 ({boxes1.dtype}), got {_checks.describe(boxes2)}"
-        )
+def _(boxes1, flips1, boxes2, flips2, per_side, metric, backend):
+    regions = per_side * per_side
+    return boxes1.new_empty(boxes1.shape[0], regions, regions)
 
 
 def correspondence(
@@ -55,14 +47,14 @@ def correspondence(
     *,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """``[B, n, n]`` weights between region ``i`` of view 1 and region ``j`` of view 2.
+    """``[B, R, R]`` weights between region ``i`` of view 1 and region ``j`` of view 2.
 
-    ``n = (grid // cell)**2``; regions are ordered as in :func:`region_boxes` (flip-aware).
+    ``R = (grid // cell)**2`` regions per view, ordered as in :func:`region_boxes` (flip-aware).
     ``metric`` is ``"mgc"`` (``|a & b| / (|a| + |b|)``, MGC's weight, in [0, 0.5]), ``"iou"`` or
     ``"ioa"`` (``|a & b| / |a|``, ``a`` the view-1 region); areas are in source pixels.
     """
-    n = _checks.grid_cell(grid, cell)
+    per_side = _checks.grid_cell(grid, cell)
     _checks.choice("metric", metric, METRICS)
-    check_views(boxes1, flips1, boxes2, flips2)
+    _checks.views(boxes1, flips1, boxes2, flips2)
     backend = backends.resolve("correspondence", backend, boxes1.device, boxes1.dtype)
-    return _correspondence(boxes1, flips1, boxes2, flips2, n, metric, backend)
+    return _correspondence(boxes1, flips1, boxes2, flips2, per_side, metric, backend)

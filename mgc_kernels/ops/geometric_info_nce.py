@@ -6,16 +6,9 @@ import torch
 
 from .. import _checks, backends
 from .._dtypes import accumulate
-from ..options import METRICS
+from ..options import METRICS, REDUCTIONS
 from ..reference import geometric_info_nce as reference
-from .info_nce import (
-    REDUCTIONS,
-    check_embeddings,
-    check_temperature,
-    l2_normalize,
-    needs_grad,
-    reduce_rows,
-)
+from .info_nce import l2_normalize, needs_grad, reduce_rows
 
 backends.register("geometric_info_nce", "torch")(reference.geometric_info_nce)
 backends.register("geometric_info_nce_backward", "torch")(reference.geometric_info_nce_backward)
@@ -187,8 +180,8 @@ def geometric_info_nce(
     ``"none"`` the ``[N]`` values ``rho_i CE_i``. Region boxes are (x0, y0, x1, y1) in source
     pixels, comparable only within one image.
     """
-    check_embeddings(q, k)
-    temperature = check_temperature(temperature)
+    _checks.embeddings(q, k)
+    temperature = _checks.positive("temperature", temperature)
     _checks.choice("metric", metric, METRICS)
     _checks.choice("reduction", reduction, REDUCTIONS)
     check_regions("q_regions", q_regions, len(q), q.device)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from .. import _checks, backends
 from .._dtypes import accumulate
+from ..options import REDUCTIONS
 from ..reference import info_nce as reference
 
 backends.register("info_nce", "torch")(reference.info_nce)
@@ -15,8 +16,6 @@ backends.register_lazy("info_nce", "triton", "mgc_kernels.triton.info_nce:info_n
 backends.register_lazy(
     "info_nce_backward", "triton", "mgc_kernels.triton.info_nce:info_nce_backward"
 )
-
-REDUCTIONS = ("mean", "sum", "none")
 
 
 @torch.library.custom_op("mgc_kernels::info_nce", mutates_args=())
@@ -129,60 +128,9 @@ def query_grad(
     return (coef[:, None] * attention - g[:, None] * picked) / temperature
 
 
-def parse_targets(targets, n: int, m: int, device: torch.device, dtype: torch.dtype):
-    """``(index [N, P] long, weight [N, P] dtype)`` with each row's weights summing to 1 or 0."""
-    if isinstance(targets, torch.Tensor):
-        _checks.tensor(
-            "targets", targets, ndim=1, dtypes=(torch.int64, torch.int32), kind=" ([N] key indices)"
-        )
-        _checks.dim_size("targets", targets, 0, n, "one target per row of q")
-        index, weight = (
-            targets.long()[:, None],
-            torch.ones(n, 1, device=targets.device, dtype=dtype),
-        )
-    elif isinstance(targets, (tuple, list)) and len(targets) == 2:
-        index, weight = targets
-        _checks.tensor(
-            "targets[0]",
-            index,
-            ndim=2,
-            dtypes=(torch.int64, torch.int32),
-            kind=" ([N, P] key indices)",
-        )
-        _checks.float_tensor("targets[1]", weight, ndim=2, kind=" ([N, P] target weights)")
-        if index.shape != weight.shape or index.shape[0] != n:
-            raise ValueError(
-                f"targets index and weight must both be [N={n}, P], got "
-                f"{tuple(index.shape)} and {tuple(weight.shape)}"
-            )
-        _checks.on_device("targets[1]", weight, device)
-        _checks.nonnegative_finite("targets[1]", weight)
-        # scale by the row maximum first so that a sum of huge finite weights cannot overflow
-        weight = weight.to(dtype)
-        peak = weight.amax(1, keepdim=True)
-        weight = torch.where(peak > 0, weight / peak, 0.0)
-        total = weight.sum(1, keepdim=True)
-        index, weight = index.long(), torch.where(total > 0, weight / total, 0.0)
-    else:
-        raise TypeError(
-            "targets must be a LongTensor [N], a tuple (index [N, P], weight [N, P]) "
-            f"or 'paired', got {targets!r}"
-            if isinstance(targets, str)
-            else "targets must be a LongTensor [N], a tuple (index [N, P], weight [N, P]) "
-            f"or 'paired', got {type(targets).__name__}"
-        )
-    _checks.on_device("targets", index, device)
-    _checks.index_range("targets", index, m, "the rows of k")
-    return index.contiguous(), weight.contiguous()
-
-
 def needs_grad(q: torch.Tensor) -> bool:
     """Whether the forward must save what ``dq`` needs (autograd will ask for it)."""
     return torch.is_grad_enabled() and q.requires_grad
-
-
-def check_temperature(temperature) -> float:
-    return _checks.positive("temperature", temperature)
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
@@ -214,14 +162,6 @@ def check_row_weights(row_weights, n: int, device) -> None:
     _checks.nonnegative_finite("row_weights", row_weights)
 
 
-def check_embeddings(q, k) -> None:
-    _checks.float_tensor("q", q, ndim=2, kind=" ([N, D] queries)")
-    _checks.float_tensor("k", k, ndim=2, kind=" ([M, D] keys)")
-    _checks.dim_size("k", k, 1, q.shape[1], "the feature width D of q")
-    _checks.same_dtype("k", k, q.dtype)
-    _checks.same_device(q=q, k=k)
-
-
 def info_nce(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -248,20 +188,20 @@ def info_nce(
     Returns (fp32) ``sum_i w_i CE_i / sum_i w_i`` for ``reduction="mean"`` (``w`` = ``row_weights``,
     default 1), the sum for ``"sum"``, and the ``[N]`` values ``w_i CE_i`` for ``"none"``.
     """
-    check_embeddings(q, k)
-    temperature = check_temperature(temperature)
+    _checks.embeddings(q, k)
+    temperature = _checks.positive("temperature", temperature)
     _checks.choice("reduction", reduction, REDUCTIONS)
     if queue is not None:
         _checks.float_tensor("queue", queue, ndim=2, kind=" ([Q, D] negative keys)")
         _checks.dim_size("queue", queue, 1, q.shape[1], "the feature width D of q")
-        _checks.same_dtype("queue", queue, q.dtype)
+        _checks.same_dtype("queue", queue, "q", q)
         _checks.same_device(q=q, queue=queue)
         queue = queue.detach()
     paired = isinstance(targets, str) and targets == "paired"
     if paired:
         check_paired(k, queue, len(q))
     else:
-        index, weight = parse_targets(targets, len(q), len(k), q.device, accumulate(q.dtype))
+        index, weight = _checks.targets(targets, len(q), len(k), q.device, accumulate(q.dtype))
         index, weight, stray_rows = drop_stray_targets(index, weight, len(k))
     check_row_weights(row_weights, len(q), q.device)
     if normalize:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, backends
+from ..options import REDUCTIONS
 from ..reference import linear_soft_ce as reference
 
 backends.register("linear_soft_ce", "torch")(reference.linear_soft_ce)
@@ -16,8 +17,6 @@ backends.register_lazy(
 backends.register_lazy(
     "linear_soft_ce_backward", "triton", "mgc_kernels.triton.linear_soft_ce:linear_soft_ce_backward"
 )
-
-REDUCTIONS = ("mean", "sum", "none")
 
 
 @torch.library.custom_op("mgc_kernels::linear_soft_ce", mutates_args=())
@@ -137,13 +136,6 @@ def _backward(ctx, grad_row_loss, grad_lse, grad_teacher_lse, grad_teacher_mean)
 _linear_soft_ce.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _same_dtype(name: str, x: torch.Tensor, other: str, dtype: torch.dtype) -> None:
-    if x.dtype != dtype:
-        raise TypeError(
-            f"{name} must have the dtype of {other} ({dtype}), got {_checks.describe(x)}"
-        )
-
-
 def check_inputs(student, student_weight, teacher, teacher_weight, center) -> None:
     """Shapes, dtypes and devices of the op's tensors (see :func:`linear_soft_ce`)."""
     _checks.float_tensor("student", student, ndim=2, kind=" ([N, D] student features)")
@@ -153,7 +145,7 @@ def check_inputs(student, student_weight, teacher, teacher_weight, center) -> No
     _checks.dim_size(
         "student_weight", student_weight, 1, student.shape[1], "the feature width D of student"
     )
-    _same_dtype("student_weight", student_weight, "student", student.dtype)
+    _checks.same_dtype("student_weight", student_weight, "student", student)
     n, k = student.shape[0], student_weight.shape[0]
     if n < 1 or k < 1:
         raise ValueError(
@@ -187,7 +179,7 @@ def check_inputs(student, student_weight, teacher, teacher_weight, center) -> No
             teacher.shape[1],
             "the feature width D_t of teacher",
         )
-        _same_dtype("teacher_weight", teacher_weight, "teacher", teacher.dtype)
+        _checks.same_dtype("teacher_weight", teacher_weight, "teacher", teacher)
     if center is not None:
         _checks.float_tensor("center", center, ndim=1, kind=" ([K] teacher centre)")
         _checks.dim_size("center", center, 0, k, "the number of prototypes K")

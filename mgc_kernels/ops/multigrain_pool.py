@@ -75,10 +75,9 @@ def multigrain_pool(
     (region ``r * (grid // c) + col``), in the tokens' dtype (accumulated in fp32).
     """
     _checks.float_tensor("tokens", tokens, ndim=3, kind=" ([B, grid*grid, C] patch tokens)")
-    if isinstance(cells, int) or not isinstance(cells, Sequence) or not cells:
-        raise ValueError(f"cells must be a non-empty sequence of ints, got {cells!r}")
-    for c in cells:
-        _checks.grid_cell(grid, c)
+    cells = _checks.positive_ints("cells", cells)
+    for cell in cells:
+        _checks.grid_cell(grid, cell)
     _checks.dim_size("tokens", tokens, 1, grid * grid, f"grid*grid tokens for grid={grid}")
     backend = backends.resolve("multigrain_pool", backend, tokens.device, tokens.dtype)
     return _multigrain_pool(tokens.contiguous(), grid, list(cells), backend)

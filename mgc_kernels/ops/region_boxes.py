@@ -12,30 +12,15 @@ backends.register_lazy("region_boxes", "triton", "mgc_kernels.triton.region_boxe
 
 
 @torch.library.custom_op("mgc_kernels::region_boxes", mutates_args=())
-def _region_boxes(boxes: torch.Tensor, flips: torch.Tensor, n: int, backend: str) -> torch.Tensor:
-    return backends.call("region_boxes", backend, boxes, flips, n)
+def _region_boxes(
+    boxes: torch.Tensor, flips: torch.Tensor, per_side: int, backend: str
+) -> torch.Tensor:
+    return backends.call("region_boxes", backend, boxes, flips, per_side)
 
 
 @_region_boxes.register_fake
-def _(boxes, flips, n, backend):
-    return boxes.new_empty(boxes.shape[0], n * n, 4)
-
-
-def check_view(
-    boxes,
-    flips,
-    boxes_name: str = "boxes",
-    flips_name: str = "flips",
-    batch: int | None = None,
-    device: torch.device | None = None,
-) -> None:
-    """One view's ``[B, 4]`` boxes and ``[B]`` flips, on one device (``device`` if given)."""
-    _checks.boxes_shape(boxes_name, boxes, batch)
-    _checks.flips(flips_name, flips, boxes.shape[0])
-    device = boxes.device if device is None else device
-    _checks.on_device(boxes_name, boxes, device)
-    _checks.on_device(flips_name, flips, device)
-    _checks.boxes_values(boxes_name, boxes)
+def _(boxes, flips, per_side, backend):
+    return boxes.new_empty(boxes.shape[0], per_side * per_side, 4)
 
 
 def region_boxes(
@@ -57,7 +42,7 @@ def region_boxes(
         grid: tokens per side of the backbone's patch grid.
         cell: side of the square pooling block in tokens; must divide ``grid``.
     """
-    n = _checks.grid_cell(grid, cell)
-    check_view(boxes, flips)
+    per_side = _checks.grid_cell(grid, cell)
+    _checks.view("boxes", boxes, "flips", flips)
     backend = backends.resolve("region_boxes", backend, boxes.device, boxes.dtype)
-    return _region_boxes(boxes, flips, n, backend)
+    return _region_boxes(boxes, flips, per_side, backend)

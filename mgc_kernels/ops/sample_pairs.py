@@ -10,7 +10,6 @@ import torch
 from .. import _checks, backends
 from ..options import SAMPLE_METHODS
 from ..reference import sample_pairs as reference
-from .correspondence import check_views
 
 backends.register("sample_pairs", "torch")(reference.sample_pairs)
 backends.register_lazy("sample_pairs", "triton", "mgc_kernels.triton.sample_pairs:sample_pairs")
@@ -33,12 +32,13 @@ class Pairs(NamedTuple):
 
     def gather(self, regions1: torch.Tensor, regions2: torch.Tensor):
         """``(regions1[b, idx1[b]], regions2[b, idx2[b]])``: the paired rows of two
-        ``[B, n, C]`` region tensors (e.g. pooled tokens), each ``[B, k, C]``."""
+        ``[B, R, C]`` region tensors (``R`` regions per view, e.g. pooled tokens), each
+        ``[B, k, C]``."""
         return take(regions1, self.idx1, "regions1"), take(regions2, self.idx2, "regions2")
 
 
 def take(regions: torch.Tensor, idx: torch.Tensor, name: str) -> torch.Tensor:
-    _checks.tensor(name, regions, ndim=3, kind=" ([B, n, C] region features)")
+    _checks.tensor(name, regions, ndim=3, kind=" ([B, R, C] region features)")
     _checks.dim_size(name, regions, 0, idx.shape[0], "the batch size of the pairs")
     return regions.gather(1, idx[:, :, None].expand(-1, -1, regions.shape[2]))
 
@@ -49,7 +49,7 @@ def _sample_pairs(
     flips1: torch.Tensor,
     boxes2: torch.Tensor,
     flips2: torch.Tensor,
-    n: int,
+    per_side: int,
     k: int,
     method: str,
     view_size: float,
@@ -63,7 +63,7 @@ def _sample_pairs(
         flips1,
         boxes2,
         flips2,
-        n,
+        per_side,
         k,
         method,
         view_size,
@@ -73,7 +73,7 @@ def _sample_pairs(
 
 
 @_sample_pairs.register_fake
-def _(boxes1, flips1, boxes2, flips2, n, k, method, view_size, strides, backend):
+def _(boxes1, flips1, boxes2, flips2, per_side, k, method, view_size, strides, backend):
     if method == "all":
         k = torch.library.get_ctx().new_dynamic_size()
     b = boxes1.shape[0]
@@ -82,25 +82,31 @@ def _(boxes1, flips1, boxes2, flips2, n, k, method, view_size, strides, backend)
 
 
 def check_strides(strides) -> list[float]:
-    """Flatten a ``((ratio, min, max), (ratio, min, max))`` rule for rows and columns."""
+    """Flatten a ``((ratio, min, max), (ratio, min, max))`` rule for rows and columns, with
+    integer bounds ``1 <= min <= max``."""
     try:
-        (rr, rlo, rhi), (cr, clo, chi) = strides
+        (row_ratio, row_min, row_max), (col_ratio, col_min, col_max) = strides
     except (TypeError, ValueError):
         raise ValueError(
             "strides must be ((row_ratio, row_min, row_max), (col_ratio, col_min, "
             f"col_max)), got {strides!r}"
         ) from None
-    for lo, hi in ((rlo, rhi), (clo, chi)):
-        if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
-            raise ValueError(f"strides must have integer bounds 1 <= min <= max, got {strides!r}")
-    return [float(v) for v in (rr, rlo, rhi, cr, clo, chi)]
+    row_min = _checks.integer("strides row_min", row_min, 1)
+    col_min = _checks.integer("strides col_min", col_min, 1)
+    return [
+        _checks.real("strides row_ratio", row_ratio),
+        float(row_min),
+        float(_checks.integer("strides row_max", row_max, row_min)),
+        _checks.real("strides col_ratio", col_ratio),
+        float(col_min),
+        float(_checks.integer("strides col_max", col_max, col_min)),
+    ]
 
 
 def view_size_float32(view_size) -> float:
     """The view size as the released code's float32 tensors hold it; every backend uses it."""
-    _checks.positive("view_size", view_size)
-    if not view_size <= torch.finfo(torch.float32).max:
-        raise ValueError(f"view_size must be a finite float32 number, got {view_size!r}")
+    largest = torch.finfo(torch.float32).max
+    view_size = _checks.real("view_size", view_size, 0, largest, low_open=True)
     return struct.unpack("f", struct.pack("f", view_size))[0]
 
 
@@ -140,14 +146,14 @@ def sample_pairs(
     Returns:
         :class:`Pairs` ``(idx1, idx2, weight)``, each ``[B, k]``.
     """
-    n = _checks.grid_cell(grid, cell)
+    per_side = _checks.grid_cell(grid, cell)
     _checks.choice("method", method, SAMPLE_METHODS)
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    k = _checks.integer("k", k, 1)
     view_size = view_size_float32(view_size)
     rule = check_strides(OFFICIAL_STRIDES.get(cell, EVERY_REGION) if strides is None else strides)
-    check_views(boxes1, flips1, boxes2, flips2)
+    _checks.views(boxes1, flips1, boxes2, flips2)
     backend = backends.resolve("sample_pairs", backend, boxes1.device, boxes1.dtype)
-    return Pairs(
-        *_sample_pairs(boxes1, flips1, boxes2, flips2, n, k, method, view_size, rule, backend)
+    pairs = _sample_pairs(
+        boxes1, flips1, boxes2, flips2, per_side, k, method, view_size, rule, backend
     )
+    return Pairs(*pairs)

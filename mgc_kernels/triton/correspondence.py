@@ -1,5 +1,5 @@
 """Overlap weights between every region of one view and every region of the other, one launch
-for the whole batch; bit-identical to the torch reference (see triton/region_boxes.py)."""
+for the whole batch; bit-identical to the torch reference (see triton/tiles.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .region_boxes import box_metric, geometry_inputs, region_corners
+from .tiles import box_metric, geometry_inputs, region_corners
 
 BLOCK = 32
 

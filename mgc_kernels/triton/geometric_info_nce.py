@@ -12,13 +12,37 @@ from __future__ import annotations
 
 import torch
 
-from .info_nce import dk_plan, forward, forward_plan, geometry, image_band, key_grad
+from .info_nce import forward, key_grad
+from .tiles import dk_plan, forward_plan, tile_band
 
 
 def by_image(image: torch.Tensor):
     """``(order, inverse)`` that sort rows by image id and put them back."""
     order = torch.argsort(image, stable=True)
     return order, torch.argsort(order)
+
+
+def geometry(q_regions, k_regions, q_image, k_image):
+    """Launcher form of the geometric inputs: fp32 contiguous boxes and contiguous ids."""
+    return (
+        q_regions.float().contiguous(),
+        q_image.contiguous(),
+        k_regions.float().contiguous(),
+        k_image.contiguous(),
+    )
+
+
+def image_band(own_image, other_image, cfg: dict) -> torch.Tensor:
+    """For groups of ``cfg["BAND_R"]`` rows of sorted ``own_image``, the range of sorted
+    ``other_image`` with an image of the group (the only entries with geometric targets)."""
+    n = len(own_image)
+    starts = torch.arange(0, n, cfg["BAND_R"], device=own_image.device)
+    ends = torch.clamp(starts + cfg["BAND_R"], max=n) - 1
+    other = other_image.to(torch.int64)
+    own = own_image.to(torch.int64)
+    lo = torch.searchsorted(other, own[starts], side="left")
+    hi = torch.searchsorted(other, own[ends], side="right")
+    return tile_band(lo, hi, cfg["BAND_C"], len(other))
 
 
 def geometric_info_nce(

@@ -1,6 +1,7 @@
 """Fused InfoNCE shaped like attention: the logits live only as register tiles, never in memory.
 
-One kernel family serves ``info_nce`` and ``geometric_info_nce`` (constexpr ``GEOMETRIC``). With
+One kernel family serves ``info_nce`` and ``geometric_info_nce`` (constexpr ``GEOMETRIC``; both
+ops launch it through :func:`forward` and :func:`key_grad`). With
 ``s = q k^T / tau``, ``p = softmax(s)`` over the keys and the queue, row coefficient ``a_i`` (the
 target mass, or ``[rho_i > 0]``) and targets ``t_ij``, the row gradient splits exactly into a dense
 softmax part and a sparse target part: ``dlogit_i = a_i p_i - t_i``. The targets are non-zero only
@@ -34,43 +35,26 @@ cancels exactly against the identically rounded logits it recomputes (a saturate
 p = 1, not 1 - ulp(lse) from converting the lse between bases). fp32 inputs use full-precision dots
 (``input_precision="ieee"``; tf32 would not meet the tolerance rule); fp16/bf16 tiles feed the
 tensor cores with fp32 accumulation. Row offsets are int64 (``rows * D`` passes 2**31 for a large
-queue). On CUDA, 16-bit rows up to 128 wide, Triton's autotuner picks the tiles among ``TUNED``
-once per problem; elsewhere (fp32, wider rows, the interpreter) they are fixed per feature width.
-The band arrays are made before the tiles are known, per group of ``BAND_R`` rows; a block's band
-is the union of its groups'.
+queue). The tiles come from the plans in ``triton/tiles.py``: on CUDA, 16-bit rows up to 128
+wide, Triton's autotuner picks them among ``tiles.TUNED`` once per problem; elsewhere (fp32,
+wider rows, the interpreter) they are fixed per feature width. The band arrays are made before
+the tiles are known, per group of ``BAND_R`` rows; a block's band is the union of its groups'.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .region_boxes import box_metric
+from .tiles import box_metric, dk_plan, forward_plan, launch, load_rows, tile_band
 
-# the largest tiles at D <= 128: a program's own rows, and the rows of the tiles it loops over
-MAX_ROWS, MAX_COLS = 128, 64
-# CUDA, 16-bit rows up to 128 wide: the (BLOCK_R, BLOCK_C, warps, stages) Triton's autotuner
-# picks from once per problem (each compiles for sm_90 without spills, as
-# tests/test_triton_compile.py checks), and the band groups' rows, which divide every BLOCK_R
-TUNED = ((128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2))
-TUNED_BAND_R = 64
 # what a tuned choice holds for: the sizes, the variant, and (Triton adds them) the dtypes
 FORWARD_KEY = ("N", "M", "NU", "P", "D", "GEOMETRIC", "METRIC", "WITH_V")
 DK_KEY = ("N", "M", "P", "D", "GEOMETRIC", "METRIC")
 
 
 # --------------------------------------------------------------------------- device helpers
-
-
-@triton.jit
-def load_rows(X, idx, mask, D, offs_d):
-    """``[len(idx), BLOCK_D]`` rows ``idx`` of the row-major ``[*, D]`` matrix ``X`` (0 where
-    masked or past ``D``)."""
-    ptrs = X + idx.to(tl.int64)[:, None] * D + offs_d[None, :]
-    return tl.load(ptrs, mask=mask[:, None] & (offs_d < D)[None, :], other=0.0)
 
 
 @triton.jit
@@ -520,83 +504,6 @@ def _dk_loop(
 # --------------------------------------------------------------------------- launchers
 
 
-def config(rows: int, cols: int, d: int, dtype: torch.dtype) -> dict:
-    """Fixed tiles for a program owning ``rows`` rows and looping over ``cols``: at most
-    ``MAX_ROWS x MAX_COLS`` at D <= 128, shrunk for wider rows and for fp32 (twice the bytes, no
-    tensor cores) so that the resident block stays in registers; at least 16 (``tl.dot``). The
-    band's tiles (``BAND_C``) are a quarter as wide: their targets hold several more tiles live
-    (at half the width the bf16 forward spills), and they are few."""
-    block_d = max(16, triton.next_power_of_2(d))
-    shrink = max(1, block_d // 128) * (2 if dtype == torch.float32 else 1)
-    block_r = max(16, min(MAX_ROWS // shrink, triton.next_power_of_2(max(rows, 1))))
-    block_c = max(16, min(MAX_COLS // shrink, triton.next_power_of_2(max(cols, 1))))
-    return dict(
-        BLOCK_R=block_r,
-        BLOCK_C=block_c,
-        BAND_R=block_r,
-        BAND_C=max(16, block_c // 4),
-        BLOCK_D=block_d,
-        num_warps=8 if block_r * block_d >= 128 * 128 else 4,
-        PRECISION="ieee" if dtype == torch.float32 else "tf32",
-    )
-
-
-def plan(rows: int, cols: int, d: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """The launch's settings: :func:`config`'s fixed tiles, or on CUDA for 16-bit rows up to 128
-    wide, what the autotuner leaves open (the band groups of ``TUNED_BAND_R`` rows)."""
-    cfg = config(rows, cols, d, dtype)
-    if not tunes(device, dtype, d):
-        return cfg
-    return dict(
-        BAND_R=TUNED_BAND_R,
-        BAND_C=cfg["BAND_C"],
-        BLOCK_D=cfg["BLOCK_D"],
-        PRECISION=cfg["PRECISION"],
-    )
-
-
-def tunes(device: torch.device, dtype: torch.dtype, d: int) -> bool:
-    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and d <= 128
-
-
-@functools.cache
-def autotuned(kernel, configs: tuple, key: tuple):
-    """``kernel`` under Triton's autotuner over ``configs`` (``(BLOCK_R, BLOCK_C, warps,
-    stages)``), tuned once per ``key`` arguments and dtypes."""
-    return triton.autotune(
-        [
-            triton.Config(dict(BLOCK_R=r, BLOCK_C=c), num_warps=w, num_stages=s)
-            for r, c, w, s in configs
-        ],
-        key=list(key),
-    )(kernel)
-
-
-def launch(kernel, key: tuple, cfg: dict, rows: int, *args, **flags):
-    """``kernel`` over blocks of ``rows`` with ``cfg`` from :func:`plan`."""
-    if "BLOCK_R" in cfg:
-        kernel[(triton.cdiv(rows, cfg["BLOCK_R"]),)](*args, **flags, **cfg)
-    else:
-        autotuned(kernel, TUNED, key)[lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]),)](
-            *args, **flags, **cfg
-        )
-
-
-def tile_band(lo: torch.Tensor, hi: torch.Tensor, tile: int, limit: int) -> torch.Tensor:
-    """``[groups, 2]`` int32: each group's ``[lo, hi)`` widened to whole band tiles of ``tile``
-    rows (capped at ``limit``), ``[limit, 0)`` where ``hi <= lo`` (no targets: neutral for the
-    kernels' union over a block's groups), and one more empty group where the count is odd (a
-    block spans at most two). The hot loops around the band start and stop where it does, at any
-    row."""
-    empty = hi <= lo
-    lo = torch.div(lo, tile, rounding_mode="floor") * tile
-    hi = torch.clamp(-torch.div(-hi, tile, rounding_mode="floor") * tile, max=limit)
-    band = torch.stack([torch.where(empty, limit, lo), torch.where(empty, 0, hi)], 1)
-    if len(band) % 2:
-        band = torch.cat([band, band.new_tensor([[limit, 0]])])
-    return band.to(torch.int32).contiguous()
-
-
 def sparse_bands(index, weight, n: int, m: int, cfg: dict, dk_cfg: dict | None):
     """The bands of sparse targets: per group of query rows the keys it targets (forward, groups
     and tiles of ``cfg``), and per group of keys the queries that target it (dk, ``dk_cfg``)."""
@@ -621,34 +528,12 @@ def _group_range(owner, other, valid, owners: int, per_group: int, tile: int, li
     return tile_band(lo[:groups], hi[:groups], tile, limit)
 
 
-def image_band(own_image, other_image, cfg: dict) -> torch.Tensor:
-    """For groups of ``cfg["BAND_R"]`` rows of sorted ``own_image``, the range of sorted
-    ``other_image`` with an image of the group (the only entries with geometric targets)."""
-    n = len(own_image)
-    starts = torch.arange(0, n, cfg["BAND_R"], device=own_image.device)
-    ends = torch.clamp(starts + cfg["BAND_R"], max=n) - 1
-    other = other_image.to(torch.int64)
-    own = own_image.to(torch.int64)
-    lo = torch.searchsorted(other, own[starts], side="left")
-    hi = torch.searchsorted(other, own[ends], side="right")
-    return tile_band(lo, hi, cfg["BAND_C"], len(other))
-
-
-def geometry(q_regions, k_regions, q_image, k_image):
-    """Launcher form of the geometric inputs: fp32 contiguous boxes and contiguous ids."""
-    return (
-        q_regions.float().contiguous(),
-        q_image.contiguous(),
-        k_regions.float().contiguous(),
-        k_image.contiguous(),
-    )
-
-
 def forward(q, k, queue, targets, boxes, band, temperature: float, metric: str, with_v: bool):
     """``(row_loss, lse, rho, v)`` in fp32 (``v`` empty without ``with_v``); ``targets =
-    (index, weight)`` for info_nce, or ``boxes = geometry(...)`` (rows sorted by image) for
-    geometric targets (then ``rho`` is filled); ``band`` from :func:`sparse_bands` or
-    :func:`image_band` with :func:`forward_plan`'s settings."""
+    (index, weight)`` for info_nce, or ``boxes`` from ``geometric_info_nce.geometry`` (rows
+    sorted by image) for geometric targets (then ``rho`` is filled); ``band`` from
+    :func:`sparse_bands` or ``geometric_info_nce.image_band`` with ``tiles.forward_plan``'s
+    settings."""
     q, k = q.contiguous(), k.contiguous()
     queue = k[:0] if queue is None else queue.contiguous()
     n, d = q.shape
@@ -688,18 +573,10 @@ def forward(q, k, queue, targets, boxes, band, temperature: float, metric: str, 
     return row_loss, lse, rho, v
 
 
-def forward_plan(q, k, queue=None) -> dict:
-    cols = len(k) + (0 if queue is None else len(queue))
-    return plan(len(q), cols, q.shape[1], q.dtype, q.device)
-
-
-def dk_plan(q, k) -> dict:
-    return plan(len(k), len(q), q.shape[1], q.dtype, q.device)
-
-
 def key_grad(q, k, targets, boxes, band, lse, coef, tcoef, temperature: float, metric: str = "mgc"):
     """``dk_j = sum_i (coef_i p_ij - tcoef_i t_ij) q_j / tau`` in ``k``'s dtype; ``band`` from
-    :func:`sparse_bands` or :func:`image_band` with :func:`dk_plan`'s settings."""
+    :func:`sparse_bands` or ``geometric_info_nce.image_band`` with ``tiles.dk_plan``'s
+    settings."""
     q, k = q.contiguous(), k.contiguous()
     (n, d), m = q.shape, len(k)
     scale = torch.maximum(coef.abs().amax(), tcoef.abs().amax()) if n else coef.new_ones(())

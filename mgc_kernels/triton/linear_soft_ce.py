@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .info_nce import load_rows
+from .tiles import load_rows
 
 # the largest tiles at D <= 128: a program's own rows, and the rows of the tiles it loops over
 MAX_ROWS, MAX_COLS = 128, 64

@@ -1,11 +1,6 @@
-"""Region boxes of a pooled token grid, and the in-register geometry the other Triton geometry
-kernels share.
-
-Every value is computed with the reference's operations in the reference's order
-(``reference/region_boxes.py``, ``reference/correspondence.py``): cell edges
-``(lo * (n - k) + hi * k) / n`` with a correctly rounded division, then one rounding per
-operation. Kernels are launched with ``enable_fp_fusion=False`` so that no multiply-add is
-contracted into an FMA; the results are then bit-identical to the torch reference.
+"""Region boxes of a pooled token grid: the corners of every region of every view, one launch
+for the whole batch; bit-identical to the torch reference (the region geometry of
+``triton/tiles.py``).
 """
 
 from __future__ import annotations
@@ -14,48 +9,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import geometry_inputs, region_corners
+
 BLOCK = 256
-
-
-@triton.jit
-def cell_edge(lo, hi, k, n):
-    """Edge ``k`` of ``n`` equal cells from ``lo`` to ``hi`` (fp32)."""
-    kf = k.to(tl.float32)
-    return tl.math.div_rn(lo * (n - kf) + hi * kf, tl.cast(n, tl.float32))
-
-
-@triton.jit
-def region_corners(box_ptr, flip_ptr, image, region, n):
-    """(x0, y0, x1, y1) of token-order ``region`` (row-major, flip-aware) of view ``image``."""
-    base = box_ptr + image.to(tl.int64) * 4
-    bx0, by0 = tl.load(base + 0).to(tl.float32), tl.load(base + 1).to(tl.float32)
-    bx1, by1 = tl.load(base + 2).to(tl.float32), tl.load(base + 3).to(tl.float32)
-    flipped = tl.load(flip_ptr + image) != 0
-    row, col = region // n, region % n
-    col = tl.where(flipped, n - 1 - col, col)  # the crop column a flipped token shows
-    return (
-        cell_edge(bx0, bx1, col, n),
-        cell_edge(by0, by1, row, n),
-        cell_edge(bx0, bx1, col + 1, n),
-        cell_edge(by0, by1, row + 1, n),
-    )
-
-
-@triton.jit
-def box_metric(ax0, ay0, ax1, ay1, bx0, by0, bx1, by1, METRIC: tl.constexpr):
-    """``"mgc"``: |a&b| / (|a|+|b|); ``"iou"``; ``"ioa"``: |a&b| / |a|, for boxes that broadcast
-    against each other (``reference/correspondence.py::box_metric``, divisions correctly
-    rounded)."""
-    w = tl.maximum(tl.minimum(ax1, bx1) - tl.maximum(ax0, bx0), 0.0)
-    h = tl.maximum(tl.minimum(ay1, by1) - tl.maximum(ay0, by0), 0.0)
-    inter = w * h
-    area_a = (ax1 - ax0) * (ay1 - ay0)
-    if METRIC == "ioa":
-        return tl.math.div_rn(inter, tl.broadcast_to(area_a, inter.shape))
-    areas = area_a + (bx1 - bx0) * (by1 - by0)
-    if METRIC == "iou":
-        areas = areas - inter
-    return tl.math.div_rn(inter, areas)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -69,11 +25,6 @@ def region_boxes_kernel(box_ptr, flip_ptr, out_ptr, n, total, BLOCK: tl.constexp
     tl.store(out + 1, y0, mask=inside)
     tl.store(out + 2, x1, mask=inside)
     tl.store(out + 3, y1, mask=inside)
-
-
-def geometry_inputs(boxes: torch.Tensor, flips: torch.Tensor):
-    """Contiguous fp32 boxes and int8 flips, as the kernels read them."""
-    return boxes.float().contiguous(), flips.to(torch.int8).contiguous()
 
 
 def region_boxes(boxes: torch.Tensor, flips: torch.Tensor, n: int) -> torch.Tensor:

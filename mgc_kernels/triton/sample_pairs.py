@@ -17,7 +17,7 @@ import triton.language as tl
 
 from ..reference.sample_pairs import select_pairs, unflipped_scores
 from .correspondence import correspondence
-from .region_boxes import box_metric, cell_edge, geometry_inputs
+from .tiles import box_metric, cell_edge, geometry_inputs
 
 BLOCK = 1024
 METHOD_IDS = {"mgc": 0, "topk": 1}

@@ -8,10 +8,11 @@ import sys
 from collections.abc import Callable
 
 try:
-    from .config import METHODS, PRESETS, Config
+    from .config import PRESETS, Config
+    from .methods import PRETRAIN_METHODS
     from .models import ARCHS
 except ModuleNotFoundError as err:  # mgc_kernels installed without its train extra
-    if err.name not in ("timm", "torchvision", "tqdm", "matplotlib", "tensorboard"):
+    if err.name not in ("timm", "torchvision", "PIL", "tqdm", "matplotlib", "tensorboard"):
         raise
     raise SystemExit(
         f"mgc-pretrain needs the 'train' extra of mgc_kernels ({err.name} is not "
@@ -68,7 +69,9 @@ def train_parser() -> argparse.ArgumentParser:
     )
     d = Config()
     run = p.add_argument_group("run")
-    run.add_argument("--method", choices=METHODS, default=d.method, help="the SSL method")
+    run.add_argument(
+        "--method", choices=tuple(PRETRAIN_METHODS), default=d.method, help="the SSL method"
+    )
     run.add_argument(
         "--arch",
         choices=tuple(ARCHS),

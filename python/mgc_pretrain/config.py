@@ -8,9 +8,8 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .methods import methods_for
 from .models import ARCHS, Arch
-
-METHODS = ("mgc", "densecl", "smog", "adclr", "mcl")
 
 # Per-architecture defaults of the fields left at None. "vit_s16" is MGC's published recipe;
 # "tiny" is sized so the whole default run, evaluation included, takes minutes on a 2-core CPU
@@ -66,10 +65,6 @@ PRESETS: dict[str, dict] = {
         bank_size=65536,
     ),
 }
-
-# The methods each backbone family is offered for: MGC and ADCLR were published on ViTs (ADCLR's
-# query tokens need one); DenseCL, SMoG and MCL on ResNet-50.
-FAMILY_METHODS = {"vit": METHODS, "cnn": ("densecl", "smog", "mcl")}
 
 # What a resumed run may change: where and how it runs, how often it saves, its length (the
 # schedules are re-timed, see Trainer) and the evaluation. Everything else shapes the model, its
@@ -147,7 +142,7 @@ class Config:
             raise ValueError(
                 f"--momentum must be in [0, 1] (the EMA momentum at step 0), got {self.momentum}"
             )
-        offered = FAMILY_METHODS[self.architecture.family]
+        offered = methods_for(self.architecture.family)
         if self.method not in offered:
             raise ValueError(
                 f"--method {self.method} is not offered with --arch {self.arch}; "

@@ -76,9 +76,10 @@ class LevelViews:
                 f"level ratios must be ints >= 2 dividing the view size "
                 f"{self.size}, got {self.ratios}"
             )
-        photometric = getattr(transform, "_pipelines", None) is not None
         self.pipelines = (
-            {r: _level_pipelines(self.size // r, r) for r in self.ratios} if photometric else None
+            {r: _level_pipelines(self.size // r, r) for r in self.ratios}
+            if transform.photometric
+            else None
         )
 
     def __call__(self, img: Any) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ Every method maps a batch of two views (``view1``, ``view2`` ``[B, 3, S, S]``, c
 ``box1``/``box2`` ``[B, 4]`` and flips ``flip1``/``flip2`` ``[B]``) to a scalar loss plus a dict
 of detached terms for the log. Momentum copies are EMA targets: no gradient, updated by
 :meth:`Method.update_momentum` before the momentum forward of each step (MGC's order).
+:data:`PRETRAIN_METHODS` names them for ``--method`` and the run's config.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ Batch = dict[str, Any]
 
 class Method(nn.Module):
     """Base: ``backbone`` (online, drop-path) and ``momentum_backbone`` (no drop-path), plus the
-    heads a subclass lists in ``HEADS``; each gets a ``momentum_<name>`` copy."""
+    heads a subclass lists in ``HEADS``; each gets a ``momentum_<name>`` copy. A subclass names
+    in ``FAMILIES`` the backbone families (:attr:`Arch.family`) the trainer offers it with."""
 
     HEADS: tuple[str, ...] = ()
+    FAMILIES: tuple[str, ...]
     level_ratios: tuple[int, ...] = ()  # montage levels the loader makes fresh views for (MCL)
 
     def __init__(self, arch: Arch, drop_path_rate: float):
@@ -73,6 +76,7 @@ class MGC(Method):
     """MGC: per granularity, projector + predictor on the pooled regions (sparse pairs or all)."""
 
     HEADS = ("projectors",)
+    FAMILIES = ("vit",)  # published on ViTs
 
     def __init__(
         self,
@@ -90,11 +94,11 @@ class MGC(Method):
         super().__init__(arch, drop_path_rate)
         self.criterion = mk.MGCLoss(
             cells,
-            num_pairs,
-            temperature,
-            arch.grid,
-            mode,
-            weighting,
+            num_pairs=num_pairs,
+            temperature=temperature,
+            grid=arch.grid,
+            mode=mode,
+            weighting=weighting,
             gather_distributed=gather_distributed,
             backend=backend,
         )
@@ -143,6 +147,7 @@ class DenseCL(Method):
     """DenseCL on a token grid: global head on the mean token, dense head on every token."""
 
     HEADS = ("global_head", "dense_head")
+    FAMILIES = ("vit", "cnn")  # published on ResNet-50
 
     def __init__(
         self,
@@ -157,7 +162,12 @@ class DenseCL(Method):
     ):
         super().__init__(arch, drop_path_rate)
         self.criterion = mk.DenseCLLoss(
-            arch.head_dim, queue_size, temperature, loss_lambda, gather_distributed, backend
+            arch.head_dim,
+            queue_size=queue_size,
+            temperature=temperature,
+            loss_lambda=loss_lambda,
+            gather_distributed=gather_distributed,
+            backend=backend,
         )
         widths = (arch.embed_dim, arch.head_hidden, arch.head_dim)
         self.global_head = mk.heads.DenseCLGlobalHead(*widths)  # mean token -> MLP
@@ -179,6 +189,7 @@ class SMoG(Method):
     predictor, groups updated synchronously."""
 
     HEADS = ("projector",)
+    FAMILIES = ("vit", "cnn")  # published on ResNet-50
 
     def __init__(
         self,
@@ -197,11 +208,11 @@ class SMoG(Method):
         super().__init__(arch, drop_path_rate)
         self.criterion = mk.SMoGLoss(
             arch.head_dim,
-            num_groups,
-            temperature,
-            beta,
-            reset_every,
-            bank_size,
+            num_groups=num_groups,
+            temperature=temperature,
+            beta=beta,
+            reset_every=reset_every,
+            bank_size=bank_size,
             seed=seed,
             gather_distributed=gather_distributed,
             backend=backend,
@@ -294,6 +305,7 @@ class ADCLR(Method):
     """ADCLR: DINO on the CLS token plus query tokens (small crops inside both views)."""
 
     HEADS = ("head",)
+    FAMILIES = ("vit",)  # published on ViTs; its query tokens need one
 
     def __init__(
         self,
@@ -381,6 +393,7 @@ class MCL(Method):
     """
 
     HEADS = ("projector",)
+    FAMILIES = ("vit", "cnn")  # published on ResNet-50
 
     def __init__(
         self,
@@ -465,4 +478,16 @@ class MCL(Method):
         return crit(queries[0], queries[1], k1, k2, sources[0], sources[1]), {}
 
 
-METHODS = {"mgc": MGC, "densecl": DenseCL, "smog": SMoG, "adclr": ADCLR, "mcl": MCL}
+# the trainer's methods by their --method name, in the order the command line lists them
+PRETRAIN_METHODS: dict[str, type[Method]] = {
+    "mgc": MGC,
+    "densecl": DenseCL,
+    "smog": SMoG,
+    "adclr": ADCLR,
+    "mcl": MCL,
+}
+
+
+def methods_for(family: str) -> tuple[str, ...]:
+    """The names of the methods offered with backbones of ``family`` (``"vit"`` or ``"cnn"``)."""
+    return tuple(name for name, method in PRETRAIN_METHODS.items() if family in method.FAMILIES)

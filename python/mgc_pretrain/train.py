@@ -28,7 +28,7 @@ from .config import RESUMABLE_CHANGES, Config
 from .data import build_dataset
 from .export import export_backbone
 from .loader import batches, steps_per_epoch
-from .methods import METHODS, Method
+from .methods import PRETRAIN_METHODS, Method
 from .models import no_weight_decay
 
 
@@ -114,7 +114,7 @@ def build_method(cfg: Config, distributed: bool, schedule_epochs: float) -> Meth
         ),
         "mcl": {},
     }[cfg.method]
-    return METHODS[cfg.method](arch, cfg.drop_path, **options, **common)
+    return PRETRAIN_METHODS[cfg.method](arch, cfg.drop_path, **options, **common)
 
 
 def build_optimizer(cfg: Config, method: Method) -> torch.optim.Optimizer:

@@ -7,18 +7,12 @@ tests/_helpers.py, shared with the interpreter tests), determinism and int64 off
 import torch
 
 import mgc_kernels as mk
+from _helpers import assert_close_to_exact
+from _helpers import check_pool_backward as check_backward  # noqa: F401 (re-exported)
+from _helpers import check_pool_forward as check_forward  # noqa: F401 (re-exported)
+from _helpers import pool_token_grad as token_grad
+from _helpers import pool_tol as tol
 from mgc_kernels import backends
-
-try:
-    from .._helpers import assert_close_to_exact
-    from .._helpers import check_pool_backward as check_backward
-    from .._helpers import check_pool_forward as check_forward
-    from .._helpers import pool_token_grad as token_grad
-    from .._helpers import pool_tol as tol
-except ImportError:
-    from _helpers import assert_close_to_exact
-    from _helpers import pool_token_grad as token_grad
-    from _helpers import pool_tol as tol
 
 B, GRID, C, CELLS = 256, 14, 384, [1, 2, 7, 14]
 

@@ -16,14 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mgc_kernels as mk
+from _geometry import crop_pairs, released_views
 
-try:
-    from ..test_geometry import crop_pairs
-    from .test_triton_geometry import released_views
-except ImportError:
-    from test_geometry import crop_pairs
-
-    from gpu.test_triton_geometry import released_views
 from ._multigrain_pool import (
     CELLS,
     GRID,

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("timm")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pretrain"))
 
 from _micro import micro_config  # noqa: E402
-
-from mgc_pretrain.config import METHODS  # noqa: E402
+from mgc_pretrain.methods import PRETRAIN_METHODS  # noqa: E402
 from mgc_pretrain.train import Trainer  # noqa: E402
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PRETRAIN_METHODS)
 def test_methods_train_on_cuda_with_bf16_and_triton(tmp_path, method):
     trainer = Trainer(
         micro_config(tmp_path, method=method, steps=3, device="cuda", amp="bf16", backend="triton")

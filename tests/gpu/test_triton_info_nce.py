@@ -25,17 +25,19 @@ import pytest
 import torch
 
 import mgc_kernels as mk
+from _helpers import (
+    assert_close_to_exact,
+    assert_grads,
+    geometric_info_nce_op,
+    info_nce_op,
+    leaf,
+)
 from mgc_kernels import backends
 from mgc_kernels.reference import geometric_info_nce as geometric_reference
 from mgc_kernels.reference import info_nce as reference
 from mgc_kernels.transforms import sample_view_boxes
 
-from ._tolerances import assert_grads, unit_rows
-
-try:
-    from .._helpers import assert_close_to_exact, geometric_info_nce_op, info_nce_op, leaf
-except ImportError:
-    from _helpers import assert_close_to_exact, geometric_info_nce_op, info_nce_op, leaf
+from ._inputs import unit_rows
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

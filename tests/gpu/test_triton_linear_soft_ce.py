@@ -23,15 +23,11 @@ import functools
 import pytest
 import torch
 
+from _helpers import assert_close_to_exact, assert_grads, leaf
 from mgc_kernels.ops.linear_soft_ce import linear_soft_ce
 from mgc_kernels.reference import linear_soft_ce as reference
 
-from ._tolerances import assert_grads, representable, unit_rows
-
-try:
-    from .._helpers import assert_close_to_exact, leaf
-except ImportError:
-    from _helpers import assert_close_to_exact, leaf
+from ._inputs import representable, unit_rows
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 N, D, K = 5632, 256, 65536

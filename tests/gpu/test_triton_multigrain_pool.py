@@ -9,11 +9,8 @@ import pytest
 import torch
 
 import mgc_kernels as mk
+from _helpers import requires_triton
 
-try:
-    from .._helpers import requires_triton
-except ImportError:
-    from _helpers import requires_triton
 from ._multigrain_pool import (
     CELLS,
     GRID,

@@ -19,7 +19,6 @@ import torch
 pytest.importorskip("timm")
 
 from _micro import register_micro  # noqa: E402
-
 from mgc_pretrain import checkpoint, cli  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
@@ -31,7 +30,6 @@ ARGS = ["--arch", "micro", "--steps", str(STEPS), "--save-every", "1", "--no-eva
 # KILL_IN_SAVE=n kills it for certain halfway through its n-th write.
 CHILD = """
 import io, os, signal, sys, time
-sys.path.insert(0, {tests!r})
 from _micro import register_micro
 register_micro()
 from mgc_pretrain import checkpoint, cli
@@ -61,7 +59,7 @@ cli.main(sys.argv[1:])
 @pytest.fixture(scope="module")
 def child_script(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("child") / "train.py"
-    path.write_text(CHILD.format(tests=str(TESTS)))
+    path.write_text(CHILD)
     return path
 
 
@@ -78,9 +76,11 @@ def start(script: Path, output: Path, *extra: str, **env: str) -> subprocess.Pop
     """The trainer in its own process group (as a terminal runs it), resuming when the folder
     already holds a run."""
     resume = ["--resume"] if (output / "config.json").exists() else []
+    # the child runs outside pytest: it finds _micro through PYTHONPATH
+    pythonpath = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
     return subprocess.Popen(
         [sys.executable, str(script), *ARGS, "--output", str(output), *resume, *extra],
-        env={**os.environ, **env},
+        env={**os.environ, "PYTHONPATH": pythonpath, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

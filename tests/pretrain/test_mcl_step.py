@@ -11,7 +11,6 @@ import torch
 pytest.importorskip("timm")
 
 from _micro import MICRO, micro_config  # noqa: E402
-
 from mgc_kernels.transforms import TwoViewTransform  # noqa: E402
 from mgc_pretrain.data import SyntheticScenes  # noqa: E402
 from mgc_pretrain.loader import LevelViews, TwoViews, batches, level_key  # noqa: E402

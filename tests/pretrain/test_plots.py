@@ -15,13 +15,12 @@ Rectangle = importlib.import_module("matplotlib.patches").Rectangle
 plots = importlib.import_module("mgc_pretrain.plots")
 figures = importlib.import_module("mgc_pretrain.figures")
 
-from _micro import MICRO  # noqa: E402
-
 import mgc_kernels as mk  # noqa: E402
+from _micro import MICRO  # noqa: E402
 from mgc_kernels.transforms import TwoViewTransform  # noqa: E402
 from mgc_pretrain.data import SyntheticScenes  # noqa: E402
 from mgc_pretrain.loader import TwoViews  # noqa: E402
-from mgc_pretrain.methods import METHODS, query_boxes  # noqa: E402
+from mgc_pretrain.methods import PRETRAIN_METHODS, query_boxes  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SMALL = {
@@ -49,7 +48,7 @@ def batch():
 
 def method(name):
     torch.manual_seed(0)
-    return METHODS[name](MICRO, 0.0, **SMALL[name])
+    return PRETRAIN_METHODS[name](MICRO, 0.0, **SMALL[name])
 
 
 def with_flips(batch, flip1, flip2):
@@ -79,7 +78,7 @@ def test_loss_curve_rejects_mismatched_lengths(tmp_path, steps, losses, lrs):
         plots.plot_loss_curve(steps, losses, tmp_path / "loss.png", lrs=lrs)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("name", sorted(PRETRAIN_METHODS))
 def test_every_method_writes_its_figure(tmp_path, batch, name):
     model = method(name).train()
     rng = torch.get_rng_state()

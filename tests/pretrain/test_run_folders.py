@@ -15,11 +15,10 @@ from PIL import Image
 
 pytest.importorskip("timm")
 
-from _micro import micro_config, register_micro  # noqa: E402
-
 import mgc_kernels as mk  # noqa: E402
+from _micro import micro_config, register_micro  # noqa: E402
 from mgc_pretrain import cli  # noqa: E402
-from mgc_pretrain.config import FAMILY_METHODS  # noqa: E402
+from mgc_pretrain.methods import methods_for  # noqa: E402
 from mgc_pretrain.train import Schedule, Trainer  # noqa: E402
 
 MICRO = ["--arch", "micro", "--workers", "0", "--no-eval"]
@@ -228,7 +227,7 @@ def test_eval_and_end_of_run_probes_on_a_labelled_folder(tmp_path, capsys):
     assert all(0 <= r["knn_top1"] <= 1 and r["num_classes"] == 2 for r in results.values())
 
 
-@pytest.mark.parametrize("method", FAMILY_METHODS["cnn"])
+@pytest.mark.parametrize("method", methods_for("cnn"))
 def test_resnet50_trains_every_method_it_is_offered(tmp_path, capsys, method):
     out = tmp_path / method
     cli.main(
@@ -266,7 +265,7 @@ def test_resnet50_trains_every_method_it_is_offered(tmp_path, capsys, method):
     model.load_state_dict(torch.load(out / "backbone.pth", weights_only=True), strict=True)
 
 
-@pytest.mark.parametrize("method", sorted(set(FAMILY_METHODS["vit"]) - set(FAMILY_METHODS["cnn"])))
+@pytest.mark.parametrize("method", sorted(set(methods_for("vit")) - set(methods_for("cnn"))))
 def test_resnet50_refuses_the_vit_methods(tmp_path, capsys, method):
     err = refused(
         capsys, "--method", method, "--output", str(tmp_path), command=["--arch", "resnet50"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,16 +12,13 @@ import torch
 
 timm = pytest.importorskip("timm")
 
-from _micro import micro_config, register_micro  # noqa: E402
-
 import mgc_kernels as mk  # noqa: E402
+from _distributed import run_ranks  # noqa: E402
+from _micro import micro_config, register_micro  # noqa: E402
 from mgc_pretrain import cli  # noqa: E402
 from mgc_pretrain.checkpoint import CheckpointError  # noqa: E402
-from mgc_pretrain.config import METHODS  # noqa: E402
+from mgc_pretrain.methods import PRETRAIN_METHODS  # noqa: E402
 from mgc_pretrain.train import NonFiniteLoss, Trainer, clip_per_parameter  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _distributed import run_ranks  # noqa: E402
 
 
 def read_log(output: Path) -> list[dict]:
@@ -34,7 +30,7 @@ def final_state(output: Path) -> dict:
     return torch.load(output / "last.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PRETRAIN_METHODS)
 def test_every_method_trains_and_changes_the_backbone(tmp_path, method):
     trainer = Trainer(micro_config(tmp_path, method=method, steps=3))
     before = {k: v.clone() for k, v in trainer.method.backbone.state_dict().items()}
@@ -50,7 +46,7 @@ def test_every_method_trains_and_changes_the_backbone(tmp_path, method):
     assert final_state(tmp_path)["step"] == 3
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PRETRAIN_METHODS)
 def test_resume_is_bit_exact(tmp_path, method):
     """N steps straight == N/2, a new process state from the checkpoint, N/2 more. The second
     half runs with a data-loader worker: the stream must not depend on the worker count."""

@@ -1,23 +1,11 @@
-"""Compiled Triton geometry kernels on CUDA: bit for bit the torch reference (computed on CPU)
+"""Compiled Triton sample_pairs kernel on CUDA: bit for bit the torch reference (computed on CPU)
 at the released sizes (B = 256, grid 14, cells 1, 2, 7)."""
 
 import pytest
 import torch
 
 import mgc_kernels as mk
-from mgc_kernels.transforms import sample_view_boxes
-
-
-def released_views(batch=256, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    boxes = [sample_view_boxes(480, 640, generator=gen) for _ in range(batch)]
-    flips = torch.rand(2, batch, generator=gen) < 0.5
-    return (
-        torch.stack([b[0] for b in boxes]),
-        flips[0],
-        torch.stack([b[1] for b in boxes]),
-        flips[1],
-    )
+from _geometry import released_views
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -30,17 +18,6 @@ def test_sample_pairs_bit_exact_on_cuda(cell, k, method, dtype):
     got = mk.sample_pairs(*[t.cuda() for t in cpu], 14, cell, k, method, backend="triton")
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and torch.equal(g.cpu(), w)
-
-
-@pytest.mark.parametrize("cell", [1, 2, 7, 14])
-@pytest.mark.parametrize("metric", ["mgc", "iou", "ioa"])
-def test_correspondence_and_region_boxes_bit_exact_on_cuda(cell, metric):
-    cpu = released_views(seed=cell)
-    cuda = [t.cuda() for t in cpu]
-    want = mk.correspondence(*cpu, 14, cell, metric, backend="torch")
-    assert torch.equal(mk.correspondence(*cuda, 14, cell, metric, backend="triton").cpu(), want)
-    want = mk.region_boxes(cpu[0], cpu[1], 14, cell, backend="torch")
-    assert torch.equal(mk.region_boxes(cuda[0], cuda[1], 14, cell, backend="triton").cpu(), want)
 
 
 def test_auto_picks_triton_for_cuda_and_is_deterministic():

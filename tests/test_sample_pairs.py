@@ -1,5 +1,7 @@
-"""region_boxes, correspondence and sample_pairs: known answers, properties, and the released
-sampling rule re-implemented independently (benchmarks/released_mgc.py)."""
+"""sample_pairs: known answers, the released sampling rule re-implemented independently
+(benchmarks/released_mgc.py), and bad input (a ValueError/TypeError that names the argument)."""
+
+import math
 
 import pytest
 import torch
@@ -7,88 +9,24 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mgc_kernels as mk
+from _geometry import BAD_TWO_VIEWS, BAD_VIEW_1, FULL, call, collapsed_crop, crop_pairs, views
 from benchmarks import released_mgc as official_mgc
-
-
-def views(*rows):
-    """Boxes and flips of a batch: rows of (x0, y0, x1, y1, flipped)."""
-    boxes = torch.tensor([r[:4] for r in rows], dtype=torch.float64)
-    return boxes, torch.tensor([bool(r[4]) for r in rows])
-
-
-FULL = (0, 0, 224, 224, False)
-
 
 # ----------------------------------------------------------------------------- known answers
 
 
-def test_region_boxes_row_major_and_flipped():
-    boxes, flips = views((10, 20, 110, 220, False), (10, 20, 110, 220, True))
-    r = mk.region_boxes(boxes, flips, grid=14, cell=7)
-    expected = torch.tensor(
-        [[10, 20, 60, 120], [60, 20, 110, 120], [10, 120, 60, 220], [60, 120, 110, 220]],
-        dtype=torch.float64,
-    )
-    assert torch.equal(r[0], expected)
-    assert torch.equal(r[1], expected[[1, 0, 3, 2]])  # columns mirrored, rows kept
-
-
-def test_identical_views_match_region_to_itself():
-    b, f = views(FULL)
-    for metric, diag in (("mgc", 0.5), ("iou", 1.0), ("ioa", 1.0)):
-        w = mk.correspondence(b, f, b, f, grid=14, cell=1, metric=metric)[0]
-        assert torch.allclose(w, diag * torch.eye(196, dtype=w.dtype))
-
-
-def test_identical_views_one_flipped_match_mirrored_region():
-    b, f1 = views(FULL)
-    f2 = torch.tensor([True])
-    w = mk.correspondence(b, f1, b, f2, grid=14, cell=2)[0]
-    n = 7
-    mirror = torch.tensor([r * n + (n - 1 - c) for r in range(n) for c in range(n)])
-    expected = torch.zeros(49, 49, dtype=w.dtype)
-    expected[torch.arange(49), mirror] = 0.5
-    assert torch.allclose(w, expected)
-
-
-def test_disjoint_and_touching_views_have_no_correspondence():
+def test_disjoint_and_touching_views_have_no_pairs():
     b1, f1 = views((0, 0, 100, 100, False), (0, 0, 100, 100, False))
     b2, f2 = views((150, 150, 250, 250, False), (100, 0, 200, 100, True))  # far; touching edge
-    for metric in ("mgc", "iou", "ioa"):
-        assert mk.correspondence(b1, f1, b2, f2, 14, 1, metric).abs().sum() == 0
     pairs = mk.sample_pairs(b1, f1, b2, f2, 14, 1, k=10)
     for t in pairs:
         assert t.abs().sum() == 0  # padding (0, 0, 0) only
-
-
-def test_view_inside_the_other():
-    # view 2 is the top-left quarter of view 1: at cell 7 (2 x 2 regions) view-1 region 0 is
-    # exactly view 2, so it contains all four 56 x 56 view-2 regions.
-    b1, f1 = views(FULL)
-    b2, f2 = views((0, 0, 112, 112, False))
-    # |a & b| = 56*56 = 3136, |a| = 112*112 = 12544, |b| = 3136
-    for metric, value in (
-        ("mgc", 3136 / (12544 + 3136)),
-        ("iou", 3136 / 12544),
-        ("ioa", 3136 / 12544),
-    ):
-        w = mk.correspondence(b1, f1, b2, f2, 14, 7, metric)[0]
-        expected = torch.zeros(4, 4, dtype=w.dtype)
-        expected[0] = value
-        assert torch.allclose(w, expected)
-    # from the small view's side, ioa is over the small region: fully inside, 1
-    w = mk.correspondence(b2, f2, b1, f1, 14, 7, "ioa")[0]
-    assert torch.allclose(w[:, 0], torch.ones(4, dtype=w.dtype)) and w[:, 1:].sum() == 0
 
 
 def test_non_square_crops_half_overlap():
     # 2:1 crops shifted by half their width: view-1 column 1 is view-2 column 0 exactly.
     b1, f1 = views((0, 0, 280, 140, False))
     b2, f2 = views((140, 0, 420, 140, False))
-    w = mk.correspondence(b1, f1, b2, f2, 14, 7)[0]
-    expected = torch.zeros(4, 4, dtype=w.dtype)
-    expected[1, 0] = expected[3, 2] = 0.5
-    assert torch.allclose(w, expected)
     pairs = mk.sample_pairs(b1, f1, b2, f2, 14, 7, k=2)
     assert sorted(zip(pairs.idx1[0].tolist(), pairs.idx2[0].tolist())) == [(1, 0), (3, 2)]
     assert torch.allclose(pairs.weight, torch.full((1, 2), 0.5, dtype=torch.float64))
@@ -112,61 +50,6 @@ def test_topk_and_all_methods():
     every = mk.sample_pairs(b, f, b, f, 14, 2, method="all")
     assert every.idx1.shape == (1, 49) and torch.equal(every.idx1[0], every.idx2[0])
     assert sorted(every.idx1[0].tolist()) == list(range(49))
-
-
-# ----------------------------------------------------------------------------- properties
-
-
-@st.composite
-def crop_pairs(draw, batch=st.integers(1, 4), source=320):
-    """Integer crop boxes (as the two-view transform makes) of a ``source``-pixel image."""
-    rows = []
-    for _ in range(draw(batch)):
-        row = []
-        for _view in range(2):
-            x0, y0 = draw(st.integers(0, source - 8)), draw(st.integers(0, source - 8))
-            x1, y1 = draw(st.integers(x0 + 4, source)), draw(st.integers(y0 + 4, source))
-            row.append((x0, y0, x1, y1, draw(st.booleans())))
-        rows.append(row)
-    return views(*[r[0] for r in rows]), views(*[r[1] for r in rows])
-
-
-CELLS = st.sampled_from([1, 2, 7, 14])
-
-
-@given(crop_pairs(), CELLS)
-def test_correspondence_is_symmetric_and_bounded(v, cell):
-    (b1, f1), (b2, f2) = v
-    for metric in ("mgc", "iou"):
-        w12 = mk.correspondence(b1, f1, b2, f2, 14, cell, metric)
-        w21 = mk.correspondence(b2, f2, b1, f1, 14, cell, metric)
-        assert torch.allclose(w12, w21.transpose(1, 2), rtol=0, atol=1e-12)
-    w = mk.correspondence(b1, f1, b2, f2, 14, cell)
-    assert w.min() >= 0 and w.max() <= 0.5 + 1e-12
-
-
-@given(crop_pairs(), CELLS)
-def test_intersections_sum_to_the_region_inside_the_overlap(v, cell):
-    (b1, f1), (b2, f2) = v
-    n = 14 // cell
-    w = mk.correspondence(b1, f1, b2, f2, 14, cell)
-    area1 = ((b1[:, 2] - b1[:, 0]) * (b1[:, 3] - b1[:, 1]) / n**2)[:, None, None]
-    area2 = ((b2[:, 2] - b2[:, 0]) * (b2[:, 3] - b2[:, 1]) / n**2)[:, None, None]
-    inter = (w * (area1 + area2)).sum(2)  # over all view-2 regions
-    r = mk.region_boxes(b1, f1, 14, cell)
-    dx = torch.minimum(r[..., 2], b2[:, None, 2]) - torch.maximum(r[..., 0], b2[:, None, 0])
-    dy = torch.minimum(r[..., 3], b2[:, None, 3]) - torch.maximum(r[..., 1], b2[:, None, 1])
-    inside = dx.clamp_min(0) * dy.clamp_min(0)
-    assert torch.allclose(inter, inside, rtol=1e-9, atol=1e-6)
-
-
-@given(crop_pairs(), CELLS)
-def test_region_boxes_tile_the_crop(v, cell):
-    (b1, f1), _ = v
-    r = mk.region_boxes(b1, f1, 14, cell)
-    area = ((r[..., 2] - r[..., 0]) * (r[..., 3] - r[..., 1])).sum(1)
-    assert torch.allclose(area, (b1[:, 2] - b1[:, 0]) * (b1[:, 3] - b1[:, 1]))
-    assert torch.all(r[..., 0] >= b1[:, None, 0]) and torch.all(r[..., 2] <= b1[:, None, 2])
 
 
 # ----------------------------------------------------------------------------- the released rule
@@ -264,12 +147,8 @@ def test_pairs_gather_selects_rows():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_geometry_accepts_low_precision_boxes(dtype):
+def test_accepts_low_precision_boxes(dtype):
     b, f = views((0, 0, 128, 96, False), (16, 8, 112, 96, True))
-    w = mk.correspondence(b.to(dtype), f, b.flip(0).to(dtype), f.flip(0), 14, 2)
-    assert w.dtype == dtype
-    exact = mk.correspondence(b, f, b.flip(0), f.flip(0), 14, 2)
-    assert torch.allclose(w.double(), exact, atol=1e-2)
     assert mk.sample_pairs(b.to(dtype), f, b.to(dtype), f, 14, 2).weight.dtype == dtype
 
 
@@ -281,12 +160,6 @@ def test_view_size_is_rounded_to_float32(view_size):
     assert view_size_float32(view_size) == torch.tensor(view_size, dtype=torch.float32).item()
 
 
-def collapsed_crop():
-    """A crop one float32 step wide at x = 1e6: at grid 14 its cells round to zero width except
-    every 14th (rows of one column), whose mgc weight 0/0 is NaN for the collapsed ones."""
-    return torch.tensor([[1e6, 0, 1e6 + 0.0625, 1]]), torch.tensor([False])
-
-
 def test_cells_collapsed_by_rounding_are_not_pairs():
     boxes, flips = collapsed_crop()
     assert mk.correspondence(boxes, flips, boxes, flips, 14, 1).isnan().any()
@@ -294,3 +167,36 @@ def test_cells_collapsed_by_rounding_are_not_pairs():
         pairs = mk.sample_pairs(boxes, flips, boxes, flips, 14, 1, 5, method, backend="torch")
         assert pairs.weight.shape == (1, k) and (pairs.weight == 0.5).all()
         assert torch.equal(pairs.idx1, pairs.idx2)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("bad, error, match", BAD_VIEW_1)
+def test_bad_view(bad, error, match):
+    with pytest.raises(error, match=match):
+        call("sample_pairs", **bad)
+
+
+@pytest.mark.parametrize("bad, error, match", BAD_TWO_VIEWS)
+def test_bad_second_view(bad, error, match):
+    with pytest.raises(error, match=match):
+        call("sample_pairs", **bad)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(k=0), "k must"),
+        (dict(k=2.5), "k must"),
+        (dict(method="random"), "method"),
+        (dict(strides=((12, 0, 8), (8, 2, 6))), "strides"),
+        (dict(strides=(12, 2, 8)), "strides"),
+        (dict(view_size=0), "view_size"),
+        (dict(view_size=math.inf), "view_size"),
+        (dict(view_size=1e39), "view_size"),
+    ],
+)
+def test_bad_sampling_arguments(bad, match):
+    with pytest.raises(ValueError, match=match):
+        call("sample_pairs", **bad)
